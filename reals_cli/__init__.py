@@ -1,0 +1,8 @@
+"""ReaLS: representation-aligned latent spaces for latent diffusion models."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("reals-cli")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+src"

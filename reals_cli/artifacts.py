@@ -1,0 +1,240 @@
+"""Everything subcommands hand each other on disk, read and written in one place.
+
+An artifact is a folder: tensors in safetensors files and a `manifest.json` that
+says what made it (kind, format version, full config, hashes of its inputs and of
+its own files, package version, creation time, metrics). Every file is written
+atomically (temp file, fsync, rename) and the manifest is written last, so a
+folder without a manifest is unfinished and no command mistakes it for a whole one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .errors import UserError
+
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not possible on every platform/filesystem.
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.
+
+    On any exception the temporary file is removed and `path` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def save_weights(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save a flat dict of tensors to safetensors, atomically (shared storage is copied apart)."""
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file not found: {path}")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e}); re-create it or pass another file") from None
+
+
+def torch_load(path: str | os.PathLike, map_location: str = "cpu") -> Any:
+    """`torch.load` restricted to tensors and plain containers: never runs code from the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for bad or unsafe pickles
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load {path} as a plain tensor checkpoint: {first}") from None
+
+
+# -- nested state (checkpoints): tensors in safetensors, structure in its metadata ------------
+
+def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = prefix or "_"
+        tensors[key] = obj
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if not all(isinstance(k, (str, int)) for k in obj):
+            raise TypeError(f"cannot save dict keys of type {[type(k) for k in obj]}")
+        return {"__dict__": [[k, _flatten(v, f"{prefix}/{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        items = [_flatten(v, f"{prefix}/{i}", tensors) for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot save value of type {type(obj).__name__} at {prefix!r}")
+
+
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__tuple__" in obj:
+            return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
+        return {k: _unflatten(v, tensors) for k, v in obj["__dict__"]}
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def save_state(path: str | os.PathLike, state: Any) -> None:
+    """Save nested dicts/lists/tuples of tensors and plain values (a training checkpoint)."""
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _flatten(state, "", tensors)
+    save_weights(path, tensors, metadata={"reals_tree": json.dumps(tree)})
+
+
+def load_state(path: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
+    from safetensors import safe_open
+
+    tensors = load_weights(path, device)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "reals_tree" not in meta:
+        raise UserError(f"{path} is not a reals checkpoint (no state tree in its metadata)")
+    return _unflatten(json.loads(meta["reals_tree"]), tensors)
+
+
+# -- manifests ---------------------------------------------------------------------------------
+
+def describe_input(path: str | os.PathLike) -> dict[str, str]:
+    """How a manifest records one input: an artifact by its manifest id, a file by its sha256."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        m = json.loads((path / MANIFEST).read_text())
+        return {"path": str(path), "kind": m.get("kind", "?"), "id": m.get("id", "?")}
+    if path.is_file():
+        return {"path": str(path), "sha256": sha256_file(path)}
+    return {"path": str(path)}
+
+
+def _identity(kind: str, config: dict, files: dict[str, str]) -> str:
+    canon = json.dumps({"kind": kind, "config": config, "files": files}, sort_keys=True)
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+def write_manifest(
+    directory: str | os.PathLike,
+    kind: str,
+    format_version: int,
+    config: dict,
+    inputs: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    files: list[str] | None = None,
+) -> dict:
+    """Write `manifest.json` last, after the files it lists, which it hashes.
+
+    `id` is a short hash of (kind, config, file hashes): two artifacts with the same id
+    hold the same weights made the same way, which is what later commands compare.
+    """
+    directory = Path(directory)
+    hashes = {name: sha256_file(directory / name) for name in (files or [])}
+    manifest = {
+        "kind": kind,
+        "format_version": format_version,
+        "id": _identity(kind, config, hashes),
+        "config": config,
+        "inputs": inputs or {},
+        "files": hashes,
+        "metrics": metrics or {},
+        "reals_version": __version__,
+        "torch_version": torch.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_json(directory / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(directory: str | os.PathLike, kind: str | None = None, format_version: int | None = None) -> dict:
+    """Read and check an artifact's manifest; every mismatch names both sides and a remedy."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.exists():
+        raise UserError(f"{directory} does not exist")
+    if not path.is_file():
+        raise UserError(
+            f"{directory} has no {MANIFEST}: it is not a reals artifact, or the run that made it did not finish "
+            f"(re-run the command that makes it, with --resume if it supports it)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e}); re-create the artifact") from None
+    if kind is not None and manifest.get("kind") != kind:
+        raise UserError(f"{directory} is a '{manifest.get('kind')}' artifact, but a '{kind}' artifact is needed here")
+    if format_version is not None and manifest.get("format_version") != format_version:
+        raise UserError(
+            f"{directory} has {manifest.get('kind')} format version {manifest.get('format_version')}, "
+            f"this reals reads version {format_version}; re-create it with reals {__version__}"
+        )
+    return manifest
+
+
+def verify_files(directory: str | os.PathLike, manifest: dict) -> None:
+    """Check every file the manifest lists against its recorded sha256."""
+    directory = Path(directory)
+    for name, expected in manifest.get("files", {}).items():
+        f = directory / name
+        if not f.is_file():
+            raise UserError(f"{f} is missing (listed in {directory / MANIFEST}); re-create the artifact")
+        if sha256_file(f) != expected:
+            raise UserError(f"{f} does not match the hash in its manifest (corrupt or replaced); re-create the artifact")

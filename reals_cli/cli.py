@@ -1,0 +1,51 @@
+"""The `reals` command: a click group over the library, with one error convention.
+
+Each subcommand lives in `reals_cli/commands/` as a thin wrapper over a library
+function. A `UserError` anywhere prints one red line and exits 2; `--debug` shows
+the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import __version__
+from .console import console
+from .errors import UserError
+
+
+class RealsGroup(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            console.print(f"[red]error:[/red] {e}", soft_wrap=True)
+            sys.exit(2)
+
+
+@click.group(cls=RealsGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="reals")
+@click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """ReaLS: representation-aligned latent spaces for latent diffusion models.
+
+    Subcommands hand each other artifacts on disk (folders with a manifest.json);
+    chain them in a Makefile: train-vae -> encode -> train-dit -> sample -> eval-fid.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def _register() -> None:
+    from .commands import COMMANDS
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_register()

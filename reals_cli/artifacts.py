@@ -146,9 +146,15 @@ def save_state(path: str | os.PathLike, state: Any) -> None:
 def load_state(path: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
     from safetensors import safe_open
 
-    tensors = load_weights(path, device)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:  # one open: the file may be replaced (atomically) by a newer checkpoint meanwhile
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e}); re-create it or pass another file") from None
     if "reals_tree" not in meta:
         raise UserError(f"{path} is not a reals checkpoint (no state tree in its metadata)")
     return _unflatten(json.loads(meta["reals_tree"]), tensors)

@@ -2,5 +2,6 @@
 
 from .assets import assets
 from .data import data
+from .train_vae import train_vae_command
 
-COMMANDS = [assets, data]
+COMMANDS = [assets, data, train_vae_command]

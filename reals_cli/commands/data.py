@@ -1,0 +1,81 @@
+"""`reals data`: make and check image datasets (class-folder layout)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.group("data")
+def data() -> None:
+    """Make and check image datasets (one sub-folder per class, ImageNet train layout)."""
+
+
+@data.command("fashion-mnist")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--size", default=64, show_default=True, type=click.IntRange(min=1), help="Output image side in pixels.")
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="Keep only the first N images of each split.")
+@click.option(
+    "--source", default=None, type=click.Path(path_type=Path),
+    help="Folder with the four idx .gz files (default: the fetched offline asset, see `reals assets`).",
+)
+@click.option("--workers", default=None, type=click.IntRange(min=1), help="Worker processes [default: all CPUs].")
+def fashion_mnist(out: Path, size: int, limit: int | None, source: Path | None, workers: int | None) -> None:
+    """Export Fashion-MNIST to OUT/{train,test}/<class>/ as RGB PNGs with foreground masks.
+
+    Resumable (files already written are kept); a finished export with the same
+    settings is left as it is.
+    """
+    from ..console import console, print_summary
+    from ..data import export_fashion_mnist
+
+    result = export_fashion_mnist(out, size=size, source=source, limit=limit, progress=True, workers=workers)
+    if result["already"]:
+        console.print(f"{out}: already exported with these settings; nothing to do", soft_wrap=True)
+    print_summary(
+        f"Fashion-MNIST -> {out}",
+        [
+            ("train images", result["train"]),
+            ("test images", result["test"]),
+            ("classes", f"{len(result['classes'])} ({result['classes'][0]} .. {result['classes'][-1]})"),
+            ("size", f"{result['size']}x{result['size']} RGB + mask"),
+            ("written / kept", f"{result['written']} / {result['kept']}"),
+            ("seconds", f"{result['seconds']:.1f}"),
+        ],
+    )
+
+
+@data.command("check")
+@click.argument("directory", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--split", default=None, help="Check only this split (train/test layouts); default: every split.")
+@click.option("--masks", is_flag=True, help="Also check the <stem>.mask.png beside each image.")
+@click.option("--workers", default=None, type=click.IntRange(min=1), help="Worker processes [default: all CPUs].")
+@click.option("--show", default=10, show_default=True, type=click.IntRange(min=0), help="Bad files to list.")
+def check(directory: Path, split: str | None, masks: bool, workers: int | None, show: int) -> None:
+    """Decode every image in DIR and count the good and the bad ones."""
+    from ..console import console, print_summary
+    from ..data import ImageFolder
+
+    if split is None and (directory / "train").is_dir() and (directory / "test").is_dir():
+        splits: list[str | None] = ["train", "test"]
+    else:
+        splits = [split]
+    rows: list[tuple[str, object]] = []
+    bad_all: list[tuple[str, str]] = []
+    for s in splits:
+        ds = ImageFolder(directory, size=8, flip=False, masks=masks, split=s)
+        bad = ds.verify(workers=workers, progress=True)
+        name = f"{s}: " if s else ""
+        rows += [
+            (f"{name}classes", len(ds.classes)),
+            (f"{name}images", len(ds)),
+            (f"{name}good", len(ds) - len(bad)),
+            (f"{name}bad", len(bad)),
+        ]
+        bad_all += [(p, ds.bad[p]) for p in bad]
+    print_summary(f"check {directory}", rows)
+    for path, reason in bad_all[:show]:
+        console.print(f"[yellow]bad:[/yellow] {path}: {reason}", soft_wrap=True)
+    if len(bad_all) > show:
+        console.print(f"... and {len(bad_all) - show} more")

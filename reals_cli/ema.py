@@ -1,0 +1,25 @@
+"""Exponential moving average of a model's weights, kept in fp32."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def ema_copy(model: nn.Module) -> nn.Module:
+    ema = copy.deepcopy(model).float().eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    ema_params = dict(ema.named_parameters())
+    for name, p in model.named_parameters():
+        ema_params[name].lerp_(p.detach().float(), 1.0 - decay)
+    ema_buffers = dict(ema.named_buffers())
+    for name, b in model.named_buffers():
+        ema_buffers[name].copy_(b)

@@ -1,0 +1,399 @@
+"""`reals train-vae`: train a KL VAE whose latents an alignment network maps onto a teacher.
+
+loss = rec (L1/MSE) + lpips * LPIPS + kl * KL + d_w * adv + align * (patch + global)
+
+with LDM's conventions: KL summed over the latent and averaged over the batch,
+scaled here by 1/(pixels per image) because our reconstruction terms are per-pixel
+means, so `--kl 1e-6` keeps LDM's balance; the adversarial weight d_w is LDM's
+adaptive gradient-norm ratio, switched on at `--disc-start`. With `--align-weight 0`
+(the paper's control) the alignment network still trains, on detached latents.
+
+The whole state (models, EMA, both optimizers, grad scalers, step, RNG) is saved
+atomically every `ckpt_every` steps; the batch order and flips are a function of
+(seed, step), so `--resume` continues bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from . import artifacts
+from .alignment import AlignConfig, AlignmentNet, alignment_loss, feature_cosine
+from .batches import ResumableBatchSampler
+from .console import console, print_summary, progress
+from .data import ImageFolder
+from .discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
+from .ema import ema_copy, ema_update
+from .errors import UserError
+from .image_metrics import psnr, ssim
+from .perceptual import LPIPS
+from .reals_vae import save_reals_vae
+from .runtime import autocast, resolve_device, rng_state, seed_everything, set_rng_state
+from .teachers import Teacher, build_teacher
+from .vae import AutoencoderKL, kl_loss, load_diffusers_vae, vae_config
+
+CHECKPOINT = "checkpoint.safetensors"
+LOG = "log.jsonl"
+# Flags that may differ on --resume without changing what the run computes (steps: train longer).
+RESUMABLE_CHANGES = {"steps", "device", "workers", "log_every", "ckpt_every", "image_every"}
+
+
+@dataclass
+class TrainVAEConfig:
+    data: str
+    out: str
+    vae: str = "sd-f8c4"
+    init: str | None = None
+    image_size: int = 256
+    teacher: str = "dinov2-b"
+    teacher_weights: str | None = None
+    teacher_resolution: int | None = None
+    align_hidden: int = 1024
+    steps: int = 100_000
+    batch_size: int = 8
+    lr: float = 1e-4
+    disc_lr: float = 1e-4
+    weight_decay: float = 0.0
+    rec_loss: str = "l1"
+    lpips_weight: float = 1.0
+    kl: float = 1e-6
+    disc_weight: float = 0.5
+    disc_start: int = 50_001
+    disc_layers: int | None = None  # None: 3 (LDM's), fewer for images too small for 3
+    align_weight: float = 1.0
+    align_patch_weight: float = 1.0
+    align_global_weight: float = 1.0
+    align_cos: float = 0.9
+    align_l1: float = 0.1
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    precision: str = "bf16"
+    device: str = "auto"
+    seed: int = 0
+    workers: int = 2
+    val_count: int = 64
+    log_every: int = 10
+    ckpt_every: int = 500
+    image_every: int = 500
+    gradient_checkpointing: bool = False
+
+
+# Recipes by name; explicit flags override them.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Fashion-MNIST at 64 px, VGG16 teacher, a small f4 VAE: minutes on 2 CPU cores.
+    "demo": dict(
+        data="runs/demo/data", out="runs/demo/vae", vae="demo", image_size=64, teacher="vgg16",
+        align_hidden=256, steps=600, batch_size=16, lr=4e-4, disc_lr=4e-4, disc_start=400,
+        ckpt_every=100, image_every=200, log_every=10, val_count=128,
+    ),
+    # The paper's setting as far as it is published (see docs): SD-VAE architecture at 256 px, DINOv2-B.
+    "imagenet": dict(vae="sd-f8c4", image_size=256, teacher="dinov2-b", batch_size=8, steps=200_000),
+}
+
+
+def resolve_config(preset: str | None = None, **overrides: Any) -> TrainVAEConfig:
+    values = dict(PRESETS[preset]) if preset else {}
+    if preset and preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    missing = [k for k in ("data", "out") if k not in values]
+    if missing:
+        raise UserError(f"--{missing[0]} is required (or pick a --preset that sets it)")
+    return TrainVAEConfig(**values)
+
+
+class Generator(nn.Module):
+    """VAE + alignment network, one module so that DDP syncs both."""
+
+    def __init__(self, vae: AutoencoderKL, align: AlignmentNet, detach_align: bool):
+        super().__init__()
+        self.vae, self.align, self.detach_align = vae, align, detach_align
+
+    def forward(self, x: torch.Tensor):
+        recon, mean, logvar, z = self.vae(x)
+        patch, glob = self.align(z.detach() if self.detach_align else z)
+        return recon, mean, logvar, patch, glob
+
+
+def _check_config(cfg: TrainVAEConfig) -> None:
+    if cfg.rec_loss not in ("l1", "mse"):
+        raise UserError(f"--rec-loss must be l1 or mse, got {cfg.rec_loss!r}")
+    positive = {"steps": cfg.steps, "batch-size": cfg.batch_size, "image-size": cfg.image_size,
+                "ckpt-every": cfg.ckpt_every, "log-every": cfg.log_every, "image-every": cfg.image_every}
+    for name, value in positive.items():
+        if value < 1:
+            raise UserError(f"--{name} must be at least 1, got {value}")
+    for name in ("kl", "lpips_weight", "disc_weight", "align_weight", "lr", "disc_lr"):
+        if getattr(cfg, name) < 0 or not math.isfinite(getattr(cfg, name)):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(cfg, name)}")
+
+
+def _build_vae(cfg: TrainVAEConfig) -> AutoencoderKL:
+    if cfg.init:
+        vae = load_diffusers_vae(cfg.init, expected=vae_config(cfg.vae), role="--init folder")
+    else:
+        vae = AutoencoderKL(vae_config(cfg.vae))
+    if cfg.image_size % vae.downsample_factor:
+        raise UserError(
+            f"--image-size {cfg.image_size} is not divisible by the VAE's downsampling factor {vae.downsample_factor}"
+        )
+    vae.gradient_checkpointing = cfg.gradient_checkpointing
+    return vae
+
+
+def _datasets(cfg: TrainVAEConfig) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
+    """Training set, and held-out images: the `test` split when there is one, else a seeded hold-out."""
+    root = Path(cfg.data)
+    train = ImageFolder(root, cfg.image_size, flip=False)  # flips are drawn per step, see _flip
+    if (root / "test").is_dir() and train.split == "train":
+        val = ImageFolder(root, cfg.image_size, flip=False, split="test")
+        keep = torch.linspace(0, len(val) - 1, min(cfg.val_count, len(val))).long().tolist()
+        return train, Subset(val, keep)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    n_val = min(cfg.val_count, len(train) // 10)
+    return Subset(train, order[n_val:]), Subset(train, order[:n_val])
+
+
+def _flip(x: torch.Tensor, seed: int, step: int, rank: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + rank)
+    flip = (torch.rand(len(x), generator=g) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+@torch.no_grad()
+def evaluate(vae: AutoencoderKL, align: AlignmentNet, teacher: Teacher, lpips: LPIPS, loader, device) -> dict[str, float]:
+    """PSNR/SSIM/LPIPS of posterior-mean reconstructions, latent stats, teacher cosines."""
+    sums: dict[str, float] = {}
+    zs, n = [], 0
+    for batch in loader:
+        x01 = batch[0].to(device)
+        x = x01 * 2 - 1
+        mean, logvar = vae.encode(x)
+        recon = vae.decode(mean).clamp(-1, 1)
+        r01 = (recon + 1) / 2
+        patch_t, glob_t = teacher(x01)
+        patch, glob = align(vae.sample_latent(mean, logvar))
+        values = {
+            "psnr": psnr(r01, x01).sum(), "ssim": ssim(r01, x01).sum(), "lpips": lpips(recon, x).sum(),
+            "align_cos_patch": feature_cosine(patch, patch_t) * len(x), "align_cos_global": feature_cosine(glob, glob_t) * len(x),
+        }
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        zs.append(vae.sample_latent(mean, logvar).transpose(0, 1).flatten(1).double().cpu())
+        n += len(x)
+    metrics = {k: v / n for k, v in sums.items()}
+    z = torch.cat(zs, dim=1)
+    metrics["latent_mean"] = z.mean(1).tolist()
+    metrics["latent_std"] = z.std(1).tolist()
+    metrics["val_images"] = n
+    return metrics
+
+
+def _save_grid(path: Path, x01: torch.Tensor, recon01: torch.Tensor) -> None:
+    from torchvision.utils import save_image
+
+    grid = torch.cat([x01[:8], recon01[:8]]).clamp(0, 1).float().cpu()
+    with artifacts.atomic_path(path) as tmp:
+        save_image(grid, tmp, nrow=min(8, len(x01)), format="png")
+
+
+def _distributed() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
+    """Train (or resume) and write the ReaLS VAE artifact to `cfg.out`; returns its manifest."""
+    _check_config(cfg)
+    out = Path(cfg.out)
+    rank, world, local_rank = _distributed()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    ckpt_path = out / CHECKPOINT
+    if (out / artifacts.MANIFEST).is_file():
+        raise UserError(f"{out} already holds a finished VAE; pass another --out, or delete it to retrain")
+    if ckpt_path.is_file() and not resume:
+        raise UserError(f"{out} holds an unfinished run; pass --resume to continue it, or another --out")
+    if resume and not ckpt_path.is_file():
+        raise UserError(f"--resume: no {CHECKPOINT} in {out}; start without --resume")
+    seed_everything(cfg.seed + rank)
+
+    train_set, val_set = _datasets(cfg)
+    vae = _build_vae(cfg)
+    teacher = build_teacher(cfg.teacher, cfg.teacher_weights, cfg.teacher_resolution).to(device)
+    latent_grid = cfg.image_size // vae.downsample_factor
+    align = AlignmentNet(AlignConfig(vae.config.latent_channels, latent_grid, teacher.dim, teacher.grid(cfg.image_size), cfg.align_hidden))
+    gen = Generator(vae, align, detach_align=cfg.align_weight == 0).to(device)
+    disc = PatchDiscriminator(layers=cfg.disc_layers or max(1, min(3, int(math.log2(cfg.image_size // 4))))).to(device)
+    lpips = LPIPS().to(device)
+    ema = ema_copy(gen)
+    opt_g = torch.optim.AdamW(gen.parameters(), lr=cfg.lr, betas=(0.5, 0.9), weight_decay=cfg.weight_decay)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9), weight_decay=cfg.weight_decay)
+    fp16 = cfg.precision == "fp16" and device.type == "cuda"
+    scaler_g = torch.amp.GradScaler("cuda", enabled=fp16)
+    scaler_d = torch.amp.GradScaler("cuda", enabled=fp16)
+
+    step = 0
+    if resume:
+        state = artifacts.load_state(ckpt_path)
+        changed = [k for k, v in state["config"].items() if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v]
+        if changed:
+            raise UserError(f"--resume with other values of --{', --'.join(k.replace('_', '-') for k in changed)} "
+                            f"than the run had; resume with the original flags")
+        gen.load_state_dict(state["gen"])
+        disc.load_state_dict(state["disc"])
+        ema.load_state_dict(state["ema"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        scaler_g.load_state_dict(state["scaler_g"])
+        scaler_d.load_state_dict(state["scaler_d"])
+        set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
+        step = state["step"]
+        console.print(f"resumed {out} at step {step}")
+        _truncate_log(out / LOG, step)
+
+    model_g, model_d = gen, disc
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model_g = nn.parallel.DistributedDataParallel(gen, device_ids=ids)
+        model_d = nn.parallel.DistributedDataParallel(disc, device_ids=ids)
+
+    sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, cfg.seed, step, rank, world)
+    loader = DataLoader(
+        train_set, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+        persistent_workers=cfg.workers > 0, generator=torch.Generator(),  # keeps the global RNG untouched
+    )
+    val_loader = DataLoader(val_set, batch_size=cfg.batch_size, num_workers=0)
+    pixels = 3 * cfg.image_size**2
+    last_layer = vae.decoder.conv_out.weight
+    is_main = rank == 0
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        console.print(
+            f"train-vae: {len(train_set)} images at {cfg.image_size}px, VAE {cfg.vae} (latent "
+            f"{vae.config.latent_channels}x{latent_grid}x{latent_grid}), teacher {cfg.teacher} "
+            f"({teacher.dim}-d, {align.config.teacher_grid}x{align.config.teacher_grid} grid, patch {align.config.patch}), "
+            f"device {device}, {world} process(es)"
+        )
+
+    def checkpoint() -> None:
+        rngs = rng_state()
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, rngs)
+            rngs = gathered
+        if is_main:
+            artifacts.save_state(ckpt_path, {
+                "step": step, "config": dataclasses.asdict(cfg), "gen": gen.state_dict(), "disc": disc.state_dict(),
+                "ema": ema.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                "scaler_g": scaler_g.state_dict(), "scaler_d": scaler_d.state_dict(), "rng": rngs,
+            })
+
+    gen.train()
+    disc.train()
+    data_iter = iter(loader)
+    with progress() as bar:
+        task = bar.add_task("train-vae", total=cfg.steps, completed=step, status="")
+        while step < cfg.steps:
+            x01 = _flip(next(data_iter)[0], cfg.seed, step, rank).to(device, non_blocking=True)
+            x = x01 * 2 - 1
+            with autocast(device, cfg.precision):
+                target_patch, target_glob = teacher(x01)
+                recon, mean, logvar, patch, glob = model_g(x)
+                rec = (recon.float() - x).abs().mean() if cfg.rec_loss == "l1" else F.mse_loss(recon.float(), x)
+                perc = lpips(recon.float(), x).mean() if cfg.lpips_weight else torch.zeros((), device=device)
+                nll = rec + cfg.lpips_weight * perc
+                kl = kl_loss(mean.float(), logvar.float()) / pixels
+                align_patch = alignment_loss(patch.float(), target_patch.float(), cfg.align_cos, cfg.align_l1)
+                align_glob = alignment_loss(glob.float(), target_glob.float(), cfg.align_cos, cfg.align_l1)
+                align_term = cfg.align_patch_weight * align_patch + cfg.align_global_weight * align_glob
+                loss = nll + cfg.kl * kl + (cfg.align_weight or 1.0) * align_term  # weight 0: align net still learns
+                d_active = step >= cfg.disc_start and cfg.disc_weight > 0
+                d_w = torch.zeros((), device=device)
+                if d_active:
+                    g_loss = hinge_g_loss(model_d(recon.float()))
+                    d_w = adaptive_weight(nll, g_loss, last_layer) * cfg.disc_weight
+                    loss = loss + d_w * g_loss
+            if not torch.isfinite(loss):
+                where = f"last good checkpoint: {ckpt_path}" if ckpt_path.is_file() else "no checkpoint was written yet"
+                raise UserError(
+                    f"loss became {loss.item()} at step {step} ({where}); resume with --resume and try "
+                    f"--precision fp32, a lower --lr or a smaller --grad-clip"
+                )
+            opt_g.zero_grad(set_to_none=True)
+            scaler_g.scale(loss).backward()
+            scaler_g.unscale_(opt_g)
+            grad_norm = nn.utils.clip_grad_norm_(gen.parameters(), cfg.grad_clip)
+            scaler_g.step(opt_g)
+            scaler_g.update()
+
+            d_loss = torch.zeros((), device=device)
+            if d_active:
+                with autocast(device, cfg.precision):
+                    d_loss = hinge_d_loss(model_d(x), model_d(recon.detach().float()))
+                opt_d.zero_grad(set_to_none=True)
+                scaler_d.scale(d_loss).backward()
+                scaler_d.step(opt_d)
+                scaler_d.update()
+            ema_update(ema, gen, cfg.ema_decay)
+            step += 1
+
+            terms = {"loss": loss.item(), "rec": rec.item(), "lpips": perc.item(), "kl": kl.item(),
+                     "align_patch": align_patch.item(), "align_global": align_glob.item(),
+                     "d_weight": float(d_w), "d_loss": d_loss.item(), "grad_norm": float(grad_norm)}
+            bar.update(task, completed=step, status=f"loss {terms['loss']:.4f} rec {terms['rec']:.4f} align {align_term.item():.3f}")
+            if is_main and step % cfg.log_every == 0:
+                _append_log(out / LOG, {"step": step, **terms})
+            if is_main and step % cfg.image_every == 0:
+                _save_grid(out / f"recon_{step:07d}.png", x01, (recon.detach().float() + 1) / 2)
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                checkpoint()
+
+    if world > 1:
+        dist.barrier()
+    if not is_main:
+        return {}
+    metrics = evaluate(ema.vae, ema.align, teacher, lpips, val_loader, device)
+    metrics["steps"] = step
+    inputs = {"data": artifacts.describe_input(cfg.data)}
+    if cfg.init:
+        inputs["init"] = artifacts.describe_input(cfg.init)
+    if cfg.teacher_weights:
+        inputs["teacher_weights"] = artifacts.describe_input(cfg.teacher_weights)
+    config = dataclasses.asdict(cfg) | {"teacher_dim": teacher.dim, "teacher_grid": align.config.teacher_grid}
+    manifest = save_reals_vae(out, ema.vae, ema.align, config, inputs, metrics)
+    print_summary(f"VAE {out} ({manifest['id']})", {
+        "steps": step, "PSNR (dB)": metrics["psnr"], "SSIM": metrics["ssim"], "LPIPS": metrics["lpips"],
+        "align cos patch": metrics["align_cos_patch"], "align cos global": metrics["align_cos_global"],
+        "latent std": " ".join(f"{s:.3f}" for s in metrics["latent_std"]),
+    })
+    return manifest
+
+
+def _append_log(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past the checkpoint being resumed: they will be written again."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        artifacts.atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode())

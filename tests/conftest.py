@@ -1,0 +1,31 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def assets_home(tmp_path_factory) -> Path:
+    """A REALS_HOME with every offline asset fetched and verified, set for the whole session.
+
+    `$REALS_TEST_HOME` (the Makefile points it at the persistent cache) avoids downloading
+    again on every run; otherwise the assets go to a fresh temporary folder.
+    Tests must not modify files in it: copy what they want to damage.
+    """
+    from reals_cli.assets import fetch
+
+    home = Path(os.environ.get("REALS_TEST_HOME") or tmp_path_factory.mktemp("reals_home"))
+    previous = os.environ.get("REALS_HOME")
+    os.environ["REALS_HOME"] = str(home)  # monkeypatch is function-scoped; restored below
+    try:
+        fetch(log=lambda *_: None)
+        yield home
+    finally:
+        if previous is None:
+            os.environ.pop("REALS_HOME", None)
+        else:
+            os.environ["REALS_HOME"] = previous

@@ -1,0 +1,168 @@
+"""train-vae: resume equivalence after SIGKILL, the baseline's detached alignment, bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from reals_cli.alignment import AlignConfig, AlignmentNet
+from reals_cli.artifacts import load_state, load_weights
+from reals_cli.cli import main
+from reals_cli.errors import UserError
+from reals_cli.train_vae import Generator, resolve_config, train_vae
+from reals_cli.vae import AutoencoderKL, save_diffusers_vae, vae_config
+
+TINY_FLAGS = dict(vae="tiny", image_size=16, teacher="vgg16", align_hidden=16, batch_size=4, workers=0,
+                  lr=1e-3, disc_lr=1e-3, disc_start=2, val_count=4, log_every=1, image_every=3, precision="fp32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory) -> Path:
+    """Two classes of 16 px images: bright squares and bright discs on noise."""
+    root = tmp_path_factory.mktemp("shapes")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:16, :16]
+    for label, name in enumerate(["square", "disc"]):
+        (root / name).mkdir()
+        for i in range(20):
+            cy, cx, r = rng.integers(5, 11), rng.integers(5, 11), rng.integers(3, 5)
+            shape = (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r) if label == 0 else (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+            img = rng.integers(0, 60, (16, 16, 3)) + shape[..., None] * rng.integers(150, 195, 3)
+            Image.fromarray(img.astype(np.uint8)).save(root / name / f"{i:03d}.png")
+    return root
+
+
+def _args(data, out, steps, **extra):
+    flags = {**TINY_FLAGS, "data": str(data), "out": str(out), "steps": steps, **extra}
+    args = []
+    for k, v in flags.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return {**load_weights(out / "diffusion_pytorch_model.safetensors"),
+            **{"align." + k: v for k, v in load_weights(out / "align.safetensors").items()}}
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(assets_home, shapes_data, tmp_path):
+    steps = 8
+    straight = tmp_path / "straight"
+    manifest = train_vae(resolve_config(**{**TINY_FLAGS, "data": str(shapes_data), "out": str(straight), "steps": steps, "ckpt_every": 4}))
+    assert manifest["metrics"]["steps"] == steps
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "reals_cli", "train-vae", *_args(shapes_data, killed, steps, ckpt_every=1)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    ckpt = killed / "checkpoint.safetensors"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ckpt.is_file() and load_state(ckpt)["step"] >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "manifest.json").exists(), "the run finished before it could be killed"
+    stopped_at = load_state(ckpt)["step"]
+    assert 3 <= stopped_at < steps
+
+    result = CliRunner().invoke(main, ["train-vae", *_args(shapes_data, killed, steps, ckpt_every=1), "--resume"])
+    assert result.exit_code == 0, result.output
+    a, b = _final_weights(straight), _final_weights(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # The log has each step once, whatever was written before the kill.
+    steps_logged = [int(line.split('"step": ')[1].split(",")[0]) for line in (killed / "log.jsonl").read_text().splitlines()]
+    assert steps_logged == list(range(1, steps + 1))
+
+
+def test_finished_run_manifest_and_metrics(assets_home, shapes_data, tmp_path):
+    out = tmp_path / "vae"
+    manifest = train_vae(resolve_config(**{**TINY_FLAGS, "data": str(shapes_data), "out": str(out), "steps": 3, "ckpt_every": 3}))
+    m = manifest["metrics"]
+    for key in ("psnr", "ssim", "lpips", "align_cos_patch", "align_cos_global"):
+        assert np.isfinite(m[key]), key
+    assert len(m["latent_std"]) == 4
+    assert manifest["config"]["align"]["patch"] if "patch" in manifest["config"]["align"] else True
+    assert manifest["inputs"]["data"]["path"] == str(shapes_data)
+    # The artifact is a diffusers folder too, and its files match the manifest's hashes.
+    from reals_cli.artifacts import verify_files
+    from reals_cli.reals_vae import load_reals_vae
+
+    verify_files(out, manifest)
+    bundle = load_reals_vae(out, need_align=True)
+    assert bundle.id == manifest["id"] and bundle.align.config.teacher_grid == 2
+    # A second run into the same folder is refused, not silently overwritten.
+    with pytest.raises(UserError, match="already holds a finished VAE"):
+        train_vae(resolve_config(**{**TINY_FLAGS, "data": str(shapes_data), "out": str(out), "steps": 3}))
+
+
+def test_align_weight_zero_detaches_encoder_but_trains_align_net():
+    from reals_cli.alignment import alignment_loss
+
+    vae = AutoencoderKL(vae_config("tiny"))
+    align = AlignmentNet(AlignConfig(4, 8, 6, 4, hidden=8))
+    target_patch, target_glob = torch.randn(2, 6, 4, 4), torch.randn(2, 6)
+    for detach in (True, False):
+        vae.zero_grad(set_to_none=True)
+        align.zero_grad(set_to_none=True)
+        _, _, _, patch, glob = Generator(vae, align, detach_align=detach)(torch.rand(2, 3, 16, 16) * 2 - 1)
+        (alignment_loss(patch, target_patch) + alignment_loss(glob, target_glob)).backward()
+        enc_grad = vae.encoder.conv_in.weight.grad
+        assert (enc_grad is None) == detach
+        assert align.mlp_patch[0].weight.grad.abs().sum() > 0
+
+
+def test_alignment_patch_size_follows_grids():
+    net = AlignmentNet(AlignConfig(latent_channels=4, latent_grid=32, teacher_dim=768, teacher_grid=16, hidden=32))
+    patch, glob = net(torch.randn(2, 4, 32, 32))
+    assert net.config.patch == 2 and patch.shape == (2, 768, 16, 16) and glob.shape == (2, 768)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (dict(teacher_resolution=24), "error: the teacher's 3x3 feature grid does not divide the 8x8 latent grid; pick a --teacher-resolution"),
+    (dict(image_size=15), "error: --image-size 15 is not divisible by the VAE's downsampling factor 2"),
+    (dict(rec_loss="huber"), None),  # click refuses the choice itself (exit 2)
+    (dict(batch_size=0), "error: --batch-size must be at least 1, got 0"),
+])
+def test_bad_input_one_line_errors(assets_home, shapes_data, tmp_path, extra, message):
+    result = CliRunner().invoke(main, ["train-vae", *_args(shapes_data, tmp_path / "o", 2, **extra)])
+    assert result.exit_code == 2, result.output
+    if message:
+        assert len(result.output.strip().splitlines()) == 1, result.output
+        assert result.output.startswith(message)
+
+
+def test_init_folder_of_another_architecture(assets_home, shapes_data, tmp_path):
+    other = save_diffusers_vae(AutoencoderKL(vae_config("demo")), tmp_path / "other")
+    result = CliRunner().invoke(main, ["train-vae", *_args(shapes_data, tmp_path / "o", 2, init=other)])
+    assert result.exit_code == 2
+    assert result.output.startswith(f"error: --init folder {other} holds a VAE with block_out_channels [32, 64, 128]")
+    assert len(result.output.strip().splitlines()) <= 2  # one line, maybe wrapped by the terminal width
+
+
+def test_corrupt_checkpoint_on_resume(assets_home, shapes_data, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "checkpoint.safetensors").write_bytes(b"\x00" * 100)
+    result = CliRunner().invoke(main, ["train-vae", *_args(shapes_data, out, 2), "--resume"])
+    assert result.exit_code == 2
+    assert "is not a readable safetensors file" in result.output and "Traceback" not in result.output
+
+
+def test_resume_refuses_other_flags(assets_home, shapes_data, tmp_path):
+    out = tmp_path / "o"
+    train_vae(resolve_config(**{**TINY_FLAGS, "data": str(shapes_data), "out": str(out), "steps": 3, "ckpt_every": 1}))
+    (out / "manifest.json").unlink()  # pretend it stopped after its last checkpoint
+    result = CliRunner().invoke(main, ["train-vae", *_args(shapes_data, out, 4, kl=1e-3), "--resume"])
+    assert result.exit_code == 2
+    assert "--resume with other values of --kl than the run had" in result.output

@@ -28,7 +28,8 @@ class _StatusColumn(ProgressColumn):
         return Text(str(task.fields.get("status", "")))
 
 
-def progress(transient: bool = False) -> Progress:
+def progress(transient: bool = False, disable: bool = False) -> Progress:
+    """A progress bar; `disable` for the other ranks of a multi-process run."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -38,6 +39,7 @@ def progress(transient: bool = False) -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=transient,
+        disable=disable,
     )
 
 

@@ -166,3 +166,32 @@ def test_resume_refuses_other_flags(assets_home, shapes_data, tmp_path):
     result = CliRunner().invoke(main, ["train-vae", *_args(shapes_data, out, 4, kl=1e-3), "--resume"])
     assert result.exit_code == 2
     assert "--resume with other values of --kl than the run had" in result.output
+
+
+def test_batch_order_is_sharded_and_resumable():
+    from reals_cli.batches import ResumableBatchSampler
+
+    size, batch, world = 50, 4, 3
+    samplers = [ResumableBatchSampler(size, batch, seed=7, rank=r, world=world) for r in range(world)]
+    per_epoch = samplers[0].per_epoch
+    assert per_epoch == size // (batch * world)
+    for epoch in range(2):
+        seen = [i for s in samplers for step in range(epoch * per_epoch, (epoch + 1) * per_epoch) for i in s.batch(step)]
+        assert len(seen) == len(set(seen)) == per_epoch * batch * world  # ranks disjoint, no repeats in an epoch
+    first, second = (samplers[0].batch(s) for s in (0, per_epoch))
+    assert first != second  # a fresh permutation every epoch
+    resumed = ResumableBatchSampler(size, batch, seed=7, start_step=5, rank=1, world=world)
+    it = iter(resumed)
+    assert [next(it) for _ in range(4)] == [samplers[1].batch(s) for s in range(5, 9)]
+
+
+def test_torchrun_two_processes(assets_home, shapes_data, tmp_path):
+    """DDP on CPU (gloo): both ranks train, rank 0 writes one artifact."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "reals_cli", "train-vae",
+           *_args(shapes_data, out, 3, ckpt_every=3)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    state = load_state(out / "checkpoint.safetensors")
+    assert state["step"] == 3 and len(state["rng"]) == 2  # one RNG state per rank
+    assert (out / "manifest.json").is_file()

@@ -2,6 +2,7 @@
 
 from .assets import assets
 from .data import data
+from .encode import encode_command
 from .train_vae import train_vae_command
 
-COMMANDS = [assets, data, train_vae_command]
+COMMANDS = [assets, data, train_vae_command, encode_command]

@@ -1,0 +1,102 @@
+"""Multi-head self-attention with a switchable kernel, for the DiT/SiT blocks.
+
+Backends: `xformers` (memory_efficient_attention, CUDA only), `sdpa` (torch's
+scaled_dot_product_attention, which picks flash/memory-efficient kernels itself),
+`math` (explicit softmax(QK^T / sqrt(d)) V in float32: the reference the others are
+checked against). `auto` takes xformers on CUDA when it imports and a tiny call
+succeeds, sdpa otherwise; `resolve_attention` says which one a run really uses.
+
+The module's parameter names (`qkv`, `proj`, optional `q_norm`/`k_norm`) and the
+qkv output layout (3 x heads x head_dim) are timm's, which the official DiT and SiT
+checkpoints were saved from.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserError
+
+BACKENDS = ("auto", "xformers", "sdpa", "math")
+
+
+@functools.cache
+def _xformers_works(device_type: str) -> bool:
+    if device_type != "cuda":
+        return False
+    try:
+        import xformers.ops as xops
+
+        q = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.float16)
+        xops.memory_efficient_attention(q, q, q)
+        return True
+    except Exception:  # an import error, or a build that has no kernel for this GPU
+        return False
+
+
+def resolve_attention(name: str, device: torch.device | str) -> str:
+    """The backend that `name` means on `device`: one of xformers, sdpa, math."""
+    if name not in BACKENDS:
+        raise UserError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    device_type = torch.device(device).type
+    if name == "auto":
+        return "xformers" if _xformers_works(device_type) else "sdpa"
+    if name == "xformers" and not _xformers_works(device_type):
+        raise UserError(
+            f"xformers attention is not usable on {device_type} (it needs CUDA and `pip install reals-cli[cuda]`); "
+            "use --attn sdpa or --attn auto"
+        )
+    return name
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+    """q, k, v: B x T x H x d (xformers' layout) -> B x T x H x d. `backend` must be resolved."""
+    if backend == "xformers":
+        import xformers.ops as xops
+
+        return xops.memory_efficient_attention(q, k, v)
+    q, k, v = (a.transpose(1, 2) for a in (q, k, v))  # B x H x T x d
+    if backend == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v)
+    elif backend == "math":
+        scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])
+        out = (scores.softmax(dim=-1) @ v.float()).to(v.dtype)
+    else:
+        raise ValueError(f"attention backend {backend!r} is not resolved")
+    return out.transpose(1, 2)
+
+
+def _qk_norm(kind: bool | str, head_dim: int) -> nn.Module:
+    # Normalising q and k per head bounds the attention logits, the usual cure for
+    # late bf16/fp16 divergence. True means LayerNorm, as timm's qk_norm.
+    if kind in (False, None, "none"):
+        return nn.Identity()
+    if kind in (True, "layernorm"):
+        return nn.LayerNorm(head_dim, eps=1e-6)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(head_dim, eps=1e-6)
+    raise UserError(f"unknown qk-norm {kind!r}; choose none, layernorm or rmsnorm")
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool | str = False, backend: str = "auto"):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise UserError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        self.num_heads = num_heads
+        self.backend = backend
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = _qk_norm(qk_norm, dim // num_heads)
+        self.k_norm = _qk_norm(qk_norm, dim // num_heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).unbind(2)
+        out = attention(self.q_norm(q), self.k_norm(k), v, resolve_attention(self.backend, x.device))
+        return self.proj(out.reshape(B, T, D))

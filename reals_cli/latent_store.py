@@ -1,0 +1,375 @@
+"""Latent datasets on disk: the one module that reads and writes them.
+
+A latent store is a Zarr v3 group (or, for a path ending in `.h5`, an HDF5 file with
+the same layout; a path with a URL scheme goes through fsspec, so `s3://` works
+where s3fs is installed):
+
+  posterior  (N, V, 2, C, H, W) float16 (or float32): [mean, std] of q(z|x) for each
+             image, V = 2 views (image, horizontally flipped image) with --flip, else 1.
+             One image per chunk, so a random minibatch reads only its own images;
+             `block_size` images per shard, so a store holds N / block_size files.
+  labels     (N,) int64: class index, -1 for an image that could not be read.
+  blocks     (N / block_size, 3 + 2C) float64, one chunk per block: [done, images,
+             skipped, sum_c, sum of squares_c]. A block is the unit of work and of
+             resume: its posterior shard and labels are written first, its record
+             last (every Zarr write is atomic), so `done` means the block is whole.
+             Ranks write disjoint blocks; the per-block sums give the statistics.
+
+The group attributes are the store's manifest: kind, format version, id, config,
+inputs (image folder, VAE id), and, once every block is done, `complete`, the
+image count, the skipped count and the per-channel latent mean/std used to
+normalise latents for diffusion (the same numbers at training and sampling time).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+KIND, FORMAT_VERSION = "latents", 1
+POSTERIOR, LABELS, BLOCKS = "posterior", "labels", "blocks"
+DONE, IMAGES, SKIPPED, SUMS = 0, 1, 2, 3  # columns of a block record; SUMS: C sums, then C sums of squares
+STATS_NOTE = ("per-channel mean/std of posterior samples z ~ N(mean, std^2) over every image and view, "
+              "computed exactly from the stored mean and std (E(z^2) = mean^2 + std^2), float64 sums")
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    return "://" in str(path)
+
+
+def _is_h5(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith((".h5", ".hdf5"))
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# -- the two file formats, behind one small interface --------------------------------------------
+
+class _ZarrIO:
+    def __init__(self, path: str, mode: str):
+        import zarr
+
+        self.group = zarr.open_group(path, mode=mode)
+        self._arrays: dict[str, Any] = {}  # opening an array reads its metadata: once per process
+
+    def names(self) -> set[str]:
+        return set(self.group.keys())
+
+    def attrs(self) -> dict:
+        return self.group.attrs.asdict()
+
+    def update_attrs(self, attrs: dict) -> None:
+        self.group.attrs.update(attrs)
+
+    def create(self, name: str, shape: tuple, dtype: str, chunks: tuple, shards: tuple | None = None) -> None:
+        # Uncompressed: latents barely compress, and decompression would slow random reads.
+        self.group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
+                                compressors=None, fill_value=0)
+
+    def _array(self, name: str):
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
+    def read(self, name: str, rows: slice | np.ndarray) -> np.ndarray:
+        arr = self._array(name)
+        return arr[rows] if isinstance(rows, slice) else arr.get_orthogonal_selection((rows,))
+
+    def write(self, name: str, start: int, data: np.ndarray) -> None:
+        self._array(name)[start:start + len(data)] = data
+
+    def close(self) -> None:
+        """Nothing to release: Zarr holds no open files between requests."""
+
+
+class _H5IO:
+    def __init__(self, path: str, mode: str):
+        import h5py
+
+        try:
+            self.file = h5py.File(path, {"r": "r", "r+": "r+", "w": "w"}[mode])
+        except OSError as e:
+            raise UserError(f"cannot open {path} as HDF5 ({e}); a run killed while writing it can damage an "
+                            f"HDF5 file (Zarr stores survive that): delete it and encode again") from None
+
+    def names(self) -> set[str]:
+        return set(self.file.keys())
+
+    def attrs(self) -> dict:
+        # HDF5 attributes hold no nested values: each one is stored as JSON text.
+        return {k: json.loads(v) for k, v in self.file.attrs.items()}
+
+    def update_attrs(self, attrs: dict) -> None:
+        for k, v in attrs.items():
+            self.file.attrs[k] = json.dumps(v)
+        self.file.flush()
+
+    def create(self, name: str, shape: tuple, dtype: str, chunks: tuple, shards: tuple | None = None) -> None:
+        self.file.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, fillvalue=0)
+
+    def read(self, name: str, rows: slice | np.ndarray) -> np.ndarray:
+        return self.file[name][rows]
+
+    def write(self, name: str, start: int, data: np.ndarray) -> None:
+        self.file[name][start:start + len(data)] = data
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()  # HDF5 will not open a file again in one process while a handle is open
+
+
+def _open_io(path: str, mode: str):
+    return (_H5IO if _is_h5(path) else _ZarrIO)(path, mode)
+
+
+def probe(path: str | os.PathLike) -> str:
+    """'missing', 'store' (a latent store, finished or not), 'unfinished' (creation cut off), or 'other'."""
+    path = str(path)
+    if is_url(path):
+        import fsspec
+
+        fs, p = fsspec.core.url_to_fs(path)
+        exists = fs.exists(p) and (not fs.isdir(p) or bool(fs.ls(p)))
+    else:
+        local = Path(path)
+        exists = local.exists() and (not local.is_dir() or any(local.iterdir()))
+    if not exists:
+        return "missing"
+    try:
+        io = _open_io(path, "r")
+        try:
+            attrs, names = io.attrs(), io.names()
+        finally:
+            io.close()
+    except Exception:  # zarr and h5py raise many types for "not one of mine"
+        return "other"
+    if attrs.get("kind") == KIND:
+        return "store"
+    # The attributes are written last: none, and nothing but our arrays, is a creation cut off.
+    return "unfinished" if not attrs and names <= {POSTERIOR, LABELS, BLOCKS} else "other"
+
+
+# -- the store ------------------------------------------------------------------------------------
+
+class LatentStore:
+    """An open latent store: attributes, labels, rows of posteriors, and the normalisation."""
+
+    def __init__(self, path: str | os.PathLike, writable: bool = False):
+        self.path = str(path)
+        self._mode = "r+" if writable else "r"
+        self._pid, self._handle = None, None
+        kind = probe(self.path)
+        if kind == "missing":
+            raise UserError(f"latent store not found: {self.path}")
+        if kind != "store":
+            raise UserError(f"{self.path} is not a latent store (made by `reals encode`)")
+        self.attrs: dict = self._io.attrs()
+        if self.attrs.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"{self.path} has latent store format version {self.attrs.get('format_version')}, "
+                            f"this reals reads version {FORMAT_VERSION}; encode the images again")
+        self._labels: np.ndarray | None = None
+
+    @property
+    def _io(self):
+        # Opened once per process: DataLoader workers must not share the parent's file handles.
+        if self._pid != os.getpid():
+            self._handle, self._pid = _open_io(self.path, self._mode), os.getpid()
+        return self._handle
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handle": None, "_pid": None}
+
+    # -- what readers use ------------------------------------------------------------------------
+    @property
+    def vae_id(self) -> str:
+        return self.attrs["vae_id"]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete"))
+
+    @property
+    def rows(self) -> int:
+        """Images listed in the folder, readable or not (the arrays' first dimension)."""
+        return int(self.attrs["rows"])
+
+    @property
+    def count(self) -> int:
+        """Latents in the store: every readable image of the finished blocks."""
+        if self.complete:
+            return int(self.attrs["count"])
+        return int(self.records()[:, IMAGES].sum())
+
+    @property
+    def skipped(self) -> int:
+        """Images that could not be read (no latent, label -1), over the finished blocks."""
+        if self.complete:
+            return int(self.attrs["skipped"])
+        return int(self.records()[:, SKIPPED].sum())
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self.attrs["latent_shape"])
+
+    @property
+    def views(self) -> int:
+        return int(self.attrs["views"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.attrs["classes"])
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(rows,) int64; -1 marks an image that could not be read."""
+        if self._labels is None:
+            self._labels = self._io.read(LABELS, slice(None))
+        return self._labels
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Posteriors (len(rows), V, 2, C, H, W) of sorted, distinct row indices."""
+        return self._io.read(POSTERIOR, np.asarray(rows, dtype=np.int64))
+
+    def _stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.complete:
+            raise UserError(f"{self.path} is an unfinished latent store: it has no latent statistics yet; "
+                            f"run the same `reals encode` command again to finish it")
+        mean = torch.tensor(self.attrs["latent_mean"], dtype=torch.float32)[:, None, None]
+        std = torch.tensor(self.attrs["latent_std"], dtype=torch.float32)[:, None, None]
+        return mean, std
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """(z - mean_c) / std_c over the channel dimension of (..., C, H, W) latents."""
+        mean, std = self._stats()
+        return (z - mean.to(z)) / std.to(z)
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats()
+        return x * std.to(x) + mean.to(x)
+
+    # -- what the writer uses --------------------------------------------------------------------
+    @property
+    def block_size(self) -> int:
+        return int(self.attrs["config"]["block_size"])
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.rows // self.block_size)
+
+    def records(self) -> np.ndarray:
+        return self._io.read(BLOCKS, slice(None))
+
+    def done_blocks(self) -> np.ndarray:
+        return self.records()[:, DONE] == 1
+
+    def write_block(self, block: int, posterior: np.ndarray, labels: np.ndarray) -> None:
+        """Write one whole block (posterior rows and labels), then its record: the block is done."""
+        ok = labels >= 0
+        post = posterior[ok].astype(np.float64)  # the stored (rounded) values: what readers will see
+        mean, std = post[:, :, 0], post[:, :, 1]
+        sums = mean.sum(axis=(0, 1, 3, 4))
+        squares = (mean**2 + std**2).sum(axis=(0, 1, 3, 4))
+        record = np.concatenate([[1.0, ok.sum(), (~ok).sum()], sums, squares])[None]
+        start = block * self.block_size
+        try:
+            self._write_chunks(start, posterior, labels, block, record)
+        except OSError as e:
+            raise UserError(f"cannot write to {self.path}: {e.strerror or e}; the finished blocks are kept: "
+                            f"make room and run the same command again to finish the store") from None
+
+    def _write_chunks(self, start: int, posterior: np.ndarray, labels: np.ndarray, block: int, record: np.ndarray) -> None:
+        self._io.write(POSTERIOR, start, posterior)
+        self._io.write(LABELS, start, labels.astype(np.int64))
+        self._io.write(BLOCKS, block, record)  # last: marks the block done
+
+    def discard_partial_writes(self) -> None:
+        """Remove the temporary files of writes a killed run left behind (local Zarr stores)."""
+        if not is_url(self.path) and not _is_h5(self.path):
+            for tmp in Path(self.path).rglob("*.partial"):
+                tmp.unlink(missing_ok=True)
+
+    def finalize(self) -> None:
+        """Mark the store complete, with counts and per-channel statistics from the block records."""
+        total = self.records().sum(axis=0)
+        c, h, w = self.latent_shape
+        n = total[IMAGES] * self.views * h * w  # values per channel
+        mean = total[SUMS:SUMS + c] / n
+        std = np.sqrt(np.maximum(total[SUMS + c:SUMS + 2 * c] / n - mean**2, 0.0))
+        self.attrs.update(complete=True, count=int(total[IMAGES]), skipped=int(total[SKIPPED]),
+                          latent_mean=mean.tolist(), latent_std=std.tolist(), stats=STATS_NOTE, finished=_now())
+        self._io.update_attrs(self.attrs)
+
+
+def create_store(path: str | os.PathLike, *, rows: int, latent_shape: tuple[int, int, int], views: int,
+                 dtype: str, block_size: int, attrs: dict) -> LatentStore:
+    """Create an empty store for `rows` images; `attrs` (the manifest) is written last."""
+    path = str(path)
+    if _is_h5(path) and is_url(path):
+        raise UserError(f"{path}: .h5 output must be a local file; use a Zarr store (any other name) for URLs")
+    if not is_url(path) and not _is_h5(path):
+        Path(path).mkdir(parents=True, exist_ok=True)
+    elif not is_url(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    io = _open_io(path, "w")
+    c, h, w = latent_shape
+    item = (views, 2, c, h, w)
+    io.create(POSTERIOR, (rows, *item), dtype, chunks=(1, *item), shards=(block_size, *item))
+    io.create(LABELS, (rows,), "int64", chunks=(min(block_size, rows),))
+    io.create(BLOCKS, (-(-rows // block_size), SUMS + 2 * c), "float64", chunks=(1, SUMS + 2 * c))
+    io.update_attrs({**attrs, "kind": KIND, "format_version": FORMAT_VERSION, "rows": rows,
+                     "latent_shape": list(latent_shape), "views": views, "complete": False, "created": _now()})
+    io.close()
+    return LatentStore(path, writable=True)
+
+
+def open_store(path: str | os.PathLike) -> LatentStore:
+    """Open a latent store for reading (finished or not; `.complete` says which)."""
+    return LatentStore(path)
+
+
+# -- training data --------------------------------------------------------------------------------
+
+class LatentDataset(torch.utils.data.Dataset):
+    """(normalised latent sample, label) per readable image of a complete store.
+
+    Every access draws a fresh z = mean + std * eps and picks the view (image or its
+    horizontal flip) at random, both from torch's RNG (DataLoader seeds it per worker
+    and epoch), so no flip or sample is frozen per image. `__getitems__` reads a
+    whole minibatch in one request, which a DataLoader uses when it batches.
+    """
+
+    def __init__(self, path: str | os.PathLike, vae_id: str | None = None):
+        self.store = open_store(path)
+        if not self.store.complete:
+            done = int(self.store.done_blocks().sum())
+            raise UserError(f"{path} is an unfinished latent store ({done} of {self.store.num_blocks} blocks "
+                            f"encoded); run the same `reals encode` command again to finish it")
+        if vae_id is not None and vae_id != self.store.vae_id:
+            raise UserError(f"{path} holds latents of VAE {self.store.vae_id}, not of VAE {vae_id}; "
+                            f"use the VAE that made the store, or encode the images again with this one")
+        self.rows = np.flatnonzero(self.store.labels >= 0)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        rows = self.rows[np.asarray(indices, dtype=np.int64)]
+        unique, inverse = np.unique(rows, return_inverse=True)  # the reader wants sorted, distinct rows
+        post = torch.from_numpy(self.store.read(unique)[inverse].astype(np.float32))
+        view = torch.randint(self.store.views, (len(rows),))
+        mean, std = post[torch.arange(len(rows)), view].unbind(1)
+        z = self.store.normalize(mean + std * torch.randn_like(mean))
+        return list(zip(z, self.store.labels[rows].tolist()))

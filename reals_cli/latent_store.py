@@ -132,9 +132,9 @@ def _open_io(path: str, mode: str):
     return (_H5IO if _is_h5(path) else _ZarrIO)(path, mode)
 
 
-def probe(path: str | os.PathLike) -> str:
-    """'missing', 'store' (a latent store, finished or not), 'unfinished' (creation cut off), or 'other'."""
-    path = str(path)
+def _inspect(path: str) -> tuple[str, dict]:
+    """(state, attributes); state: 'missing', 'store' (a latent store, finished or not),
+    'unfinished' (its creation was cut off) or 'other'. Opens and closes the file."""
     if is_url(path):
         import fsspec
 
@@ -144,7 +144,7 @@ def probe(path: str | os.PathLike) -> str:
         local = Path(path)
         exists = local.exists() and (not local.is_dir() or any(local.iterdir()))
     if not exists:
-        return "missing"
+        return "missing", {}
     try:
         io = _open_io(path, "r")
         try:
@@ -152,11 +152,15 @@ def probe(path: str | os.PathLike) -> str:
         finally:
             io.close()
     except Exception:  # zarr and h5py raise many types for "not one of mine"
-        return "other"
+        return "other", {}
     if attrs.get("kind") == KIND:
-        return "store"
+        return "store", attrs
     # The attributes are written last: none, and nothing but our arrays, is a creation cut off.
-    return "unfinished" if not attrs and names <= {POSTERIOR, LABELS, BLOCKS} else "other"
+    return ("unfinished" if not attrs and names <= {POSTERIOR, LABELS, BLOCKS} else "other"), {}
+
+
+def probe(path: str | os.PathLike) -> str:
+    return _inspect(str(path))[0]
 
 
 # -- the store ------------------------------------------------------------------------------------
@@ -168,12 +172,11 @@ class LatentStore:
         self.path = str(path)
         self._mode = "r+" if writable else "r"
         self._pid, self._handle = None, None
-        kind = probe(self.path)
-        if kind == "missing":
+        state, self.attrs = _inspect(self.path)  # the file itself is opened at the first read or write
+        if state == "missing":
             raise UserError(f"latent store not found: {self.path}")
-        if kind != "store":
+        if state != "store":
             raise UserError(f"{self.path} is not a latent store (made by `reals encode`)")
-        self.attrs: dict = self._io.attrs()
         if self.attrs.get("format_version") != FORMAT_VERSION:
             raise UserError(f"{self.path} has latent store format version {self.attrs.get('format_version')}, "
                             f"this reals reads version {FORMAT_VERSION}; encode the images again")

@@ -97,8 +97,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # grid = the 8x8 latent grid of the f4 demo VAE): minutes on 2 CPU cores.
     "demo": dict(
         data="runs/demo/data", out="runs/demo/vae", vae="demo", image_size=32, teacher="vgg16",
-        teacher_resolution=64, align_hidden=256, steps=600, batch_size=32, lr=4e-4, disc_lr=4e-4,
-        disc_start=400, ckpt_every=100, image_every=200, log_every=10, val_count=256, workers=1,
+        teacher_resolution=64, align_hidden=256, steps=400, batch_size=32, lr=4e-4, disc_lr=4e-4,
+        disc_start=250, ckpt_every=100, image_every=200, log_every=10, val_count=256, workers=1,
     ),
     # The paper's setting as far as it is published (see docs): SD-VAE architecture at 256 px, DINOv2-B.
     "imagenet": dict(vae="sd-f8c4", image_size=256, teacher="dinov2-b", batch_size=8, steps=200_000),

@@ -1,0 +1,93 @@
+"""artifacts: atomic writes, manifests that name mismatches, state round trips, safe loading."""
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from reals_cli import artifacts
+from reals_cli.errors import UserError
+
+
+def test_atomic_path_leaves_old_file_on_failure(tmp_path):
+    target = tmp_path / "w.json"
+    artifacts.atomic_write_json(target, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with artifacts.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.json"]  # no temp file left behind
+
+
+def test_state_round_trip_keeps_structure_and_dtypes(tmp_path):
+    state = {
+        "step": 7, "lr": 1e-4, "name": "x", "none": None, "flag": True,
+        "model": {"w": torch.randn(3, 2), "b": torch.arange(4, dtype=torch.int64)},
+        "opt": {"state": {0: {"exp_avg": torch.randn(2), "step": torch.tensor(3.0)}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+        "rng": [torch.get_rng_state(), (1, 2, 3)],
+        "half": torch.randn(2, dtype=torch.bfloat16),
+    }
+    artifacts.save_state(tmp_path / "c.safetensors", state)
+    back = artifacts.load_state(tmp_path / "c.safetensors")
+    assert back["step"] == 7 and back["lr"] == 1e-4 and back["none"] is None and back["flag"] is True
+    assert torch.equal(back["model"]["w"], state["model"]["w"]) and back["model"]["b"].dtype == torch.int64
+    assert torch.equal(back["opt"]["state"][0]["exp_avg"], state["opt"]["state"][0]["exp_avg"])  # int keys survive
+    assert back["rng"][1] == (1, 2, 3) and torch.equal(back["rng"][0], state["rng"][0])
+    assert back["half"].dtype == torch.bfloat16 and torch.equal(back["half"], state["half"])
+
+
+def test_manifest_checks_kind_and_version(tmp_path):
+    (tmp_path / "w.bin").write_bytes(b"abc")
+    m = artifacts.write_manifest(tmp_path, "vae", 1, {"x": 1}, files=["w.bin"])
+    assert artifacts.read_manifest(tmp_path, "vae", 1)["id"] == m["id"]
+    with pytest.raises(UserError, match=r"is a 'vae' artifact, but a 'dit' artifact is needed here"):
+        artifacts.read_manifest(tmp_path, "dit")
+    with pytest.raises(UserError, match=r"has vae format version 1, this reals reads version 2"):
+        artifacts.read_manifest(tmp_path, "vae", 2)
+    artifacts.verify_files(tmp_path, m)
+    (tmp_path / "w.bin").write_bytes(b"abd")
+    with pytest.raises(UserError, match="does not match the hash in its manifest"):
+        artifacts.verify_files(tmp_path, m)
+
+
+def test_unfinished_artifact_is_refused(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="has no manifest.json: it is not a reals artifact, or the run that made it did not finish"):
+        artifacts.read_manifest(tmp_path, "vae")
+
+
+def test_identity_depends_on_config_and_files(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, content in ((a, b"1"), (b, b"2")):
+        d.mkdir()
+        (d / "w").write_bytes(content)
+    ida = artifacts.write_manifest(a, "vae", 1, {"x": 1}, files=["w"])["id"]
+    idb = artifacts.write_manifest(b, "vae", 1, {"x": 1}, files=["w"])["id"]
+    assert ida != idb
+    assert artifacts.describe_input(a) == {"path": str(a), "kind": "vae", "id": ida}
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_torch_load_refuses_code(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"w": _Evil()}, f)
+    with pytest.raises(UserError, match="cannot load .* as a plain tensor checkpoint"):
+        artifacts.torch_load(path)
+    torch.save({"w": torch.ones(2)}, tmp_path / "ok.pt")
+    assert torch.equal(artifacts.torch_load(tmp_path / "ok.pt")["w"], torch.ones(2))
+
+
+def test_load_weights_errors(tmp_path):
+    with pytest.raises(UserError, match="weights file not found"):
+        artifacts.load_weights(tmp_path / "missing.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x01\x02")
+    with pytest.raises(UserError, match="is not a readable safetensors file"):
+        artifacts.load_weights(tmp_path / "bad.safetensors")

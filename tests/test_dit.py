@@ -1,0 +1,191 @@
+"""DiT network: official checkpoint layout, shapes, adaLN-Zero init, attention backends."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from reals_cli.attention import attention, resolve_attention
+from reals_cli.dit import DIT_MODELS, DiT, build_dit, dit_flops
+from reals_cli.errors import UserError
+
+
+def official_dit_xl2_layout() -> dict[str, tuple[int, ...]]:
+    """Keys and shapes of `DiT-XL-2-256x256.pt`, written from the published architecture:
+    depth 28, width 1152, 16 heads, patch 2, 32x32x4 latents in, 8 channels out,
+    1000 classes + the null class, MLP ratio 4, 256 time frequencies."""
+    d, depth, p, c_in, c_out, tokens = 1152, 28, 2, 4, 8, (32 // 2) ** 2
+    layout = {
+        "pos_embed": (1, tokens, d),
+        "x_embedder.proj.weight": (d, c_in, p, p),
+        "x_embedder.proj.bias": (d,),
+        "t_embedder.mlp.0.weight": (d, 256),
+        "t_embedder.mlp.0.bias": (d,),
+        "t_embedder.mlp.2.weight": (d, d),
+        "t_embedder.mlp.2.bias": (d,),
+        "y_embedder.embedding_table.weight": (1001, d),
+        "final_layer.linear.weight": (p * p * c_out, d),
+        "final_layer.linear.bias": (p * p * c_out,),
+        "final_layer.adaLN_modulation.1.weight": (2 * d, d),
+        "final_layer.adaLN_modulation.1.bias": (2 * d,),
+    }
+    for i in range(depth):
+        b = f"blocks.{i}."
+        layout |= {
+            b + "attn.qkv.weight": (3 * d, d),
+            b + "attn.qkv.bias": (3 * d,),
+            b + "attn.proj.weight": (d, d),
+            b + "attn.proj.bias": (d,),
+            b + "mlp.fc1.weight": (4 * d, d),
+            b + "mlp.fc1.bias": (4 * d,),
+            b + "mlp.fc2.weight": (d, 4 * d),
+            b + "mlp.fc2.bias": (d,),
+            b + "adaLN_modulation.1.weight": (6 * d, d),
+            b + "adaLN_modulation.1.bias": (6 * d,),
+        }
+    return layout
+
+
+def test_official_dit_xl2_checkpoint_layout_loads_strictly():
+    layout = official_dit_xl2_layout()
+    # DiT's train.py logs 675,129,632 parameters for XL/2 (pos_embed included); the paper says 675M.
+    assert sum(math.prod(s) for s in layout.values()) == 675_129_632
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        model = build_dit("DiT-XL/2", input_size=32, in_channels=4, num_classes=1000)
+        checkpoint = {k: torch.empty(s) for k, s in layout.items()}
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == layout
+    model.load_state_dict(checkpoint, strict=True, assign=True)
+    assert sum(p.numel() for p in model.parameters()) + model.pos_embed.numel() == 675_129_632
+
+
+def test_state_dict_round_trip_reproduces_outputs():
+    torch.manual_seed(0)
+    a = build_dit("DiT-S/8", 16, 4, 10)
+    for p in a.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    b = build_dit("SiT-S/8", 16, 4, 10)  # SiT names build the same network
+    b.load_state_dict(a.state_dict(), strict=True)
+    a.eval(), b.eval()
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([3.0, 999.0]), torch.tensor([1, 10])
+    assert torch.equal(a(x, t, y), b(x, t, y))
+
+
+def test_pos_embed_is_mae_2d_sincos():
+    model = build_dit("DiT-S/8", 32, 4, 10)
+    d, grid = 384, 4
+    omega = 1.0 / 10000 ** (torch.arange(d // 4, dtype=torch.float64) / (d // 4))
+    for row, col in [(0, 0), (1, 3), (3, 2)]:
+        token = model.pos_embed[0, row * grid + col].double()
+        expected = torch.cat([(col * omega).sin(), (col * omega).cos(), (row * omega).sin(), (row * omega).cos()])
+        torch.testing.assert_close(token, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(DIT_MODELS))
+def test_forward_shapes_all_models(name):
+    # On the meta device: full-size architectures, no memory, no arithmetic.
+    with torch.device("meta"):
+        model = build_dit(name, input_size=16, in_channels=4, num_classes=1000)
+        out, feats = model(torch.empty(3, 4, 16, 16), torch.empty(3), torch.zeros(3, dtype=torch.long), return_features_at=2)
+    assert out.shape == (3, 8, 16, 16)
+    assert feats.shape == (3, (16 // DIT_MODELS[name]["patch_size"]) ** 2, DIT_MODELS[name]["hidden_size"])
+
+
+def test_small_forward_is_exactly_zero_at_init_and_shapes():
+    model = build_dit("DiT-S/8", 32, 4, 10)
+    out = model(torch.randn(2, 4, 32, 32), torch.tensor([0, 500]), torch.tensor([3, 7]))
+    assert out.shape == (2, 8, 32, 32) and torch.count_nonzero(out) == 0
+    model = build_dit("DiT-S/8", 32, 4, 10, learn_sigma=False)
+    assert model(torch.randn(1, 4, 32, 32), torch.tensor([0.5]), torch.tensor([0])).shape == (1, 4, 32, 32)
+
+
+def _randomized(patch_size=4, **kwargs):
+    """A tiny DiT (3 blocks, width 64) with random weights, so that outputs are not zero."""
+    torch.manual_seed(0)
+    model = DiT(16, patch_size, 4, hidden_size=64, depth=3, num_heads=4, num_classes=10, **kwargs)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def test_class_dropout_uses_null_class():
+    model = _randomized(class_dropout=1.0).train()
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([10.0, 20.0])
+    dropped = model(x, t, torch.tensor([1, 2]))
+    null = model.eval()(x, t, torch.full((2,), model.null_class))
+    torch.testing.assert_close(dropped, null)
+    assert model.y_embedder.embedding_table.num_embeddings == 11
+    assert build_dit("DiT-S/8", 16, 4, 10, class_dropout=0).y_embedder.embedding_table.num_embeddings == 10
+
+
+def test_features_are_tokens_after_block_k():
+    model = _randomized(patch_size=2).eval()
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([0.1, 0.9]), torch.tensor([0, 1])
+    out, feats = model(x, t, y, return_features_at=3)
+    c = model.t_embedder(t) + model.y_embedder(y)
+    h = model.x_embedder(x) + model.pos_embed
+    for block in model.blocks[:3]:
+        h = block(h, c)
+    torch.testing.assert_close(feats, h)
+    torch.testing.assert_close(out, model(x, t, y))
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    model = _randomized(qk_norm=True)
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([5.0, 50.0]), torch.tensor([0, 1])
+    grads = []
+    for flag in (False, True):
+        model.grad_checkpointing = flag
+        model.zero_grad()
+        torch.manual_seed(1)  # the same label dropout in both runs
+        model(x, t, y).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g0, g1)
+
+
+def test_qk_norm_adds_keys_only_when_asked():
+    with torch.device("meta"):
+        keys, plain, rms = (set(build_dit("DiT-S/8", 16, 4, 10, qk_norm=q).state_dict()) for q in (True, False, "rmsnorm"))
+    assert keys - plain == {f"blocks.{i}.attn.{n}_norm.{w}" for i in range(12) for n in "qk" for w in ("weight", "bias")}
+    assert rms - plain == {f"blocks.{i}.attn.{n}_norm.weight" for i in range(12) for n in "qk"}
+
+
+def test_flops_match_dit_paper():
+    # DiT's Table 4 "Gflops" are multiply-adds at 256 px (32x32x4 latents); ours count 2 per MAC.
+    paper = {"DiT-S/2": 6.06, "DiT-B/2": 23.01, "DiT-L/2": 80.71, "DiT-XL/2": 118.64, "DiT-XL/8": 7.39, "DiT-S/8": 0.36}
+    for name, gmacs in paper.items():
+        assert dit_flops(name, 32, 4) / 2e9 == pytest.approx(gmacs, rel=0.02)
+
+
+def test_math_and_sdpa_attention_agree():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 17, 3, 32) for _ in range(3))
+    torch.testing.assert_close(attention(q, k, v, "math"), attention(q, k, v, "sdpa"), atol=1e-5, rtol=1e-5)
+    model = _randomized()
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([1.0, 2.0]), torch.tensor([0, 1])
+    outs = []
+    for backend in ("math", "sdpa"):
+        for block in model.blocks:
+            block.attn.backend = backend
+        outs.append(model.eval()(x, t, y))
+    torch.testing.assert_close(*outs, atol=1e-5, rtol=1e-5)
+
+
+def test_resolve_attention_on_cpu():
+    assert resolve_attention("auto", "cpu") == "sdpa"
+    assert resolve_attention("math", "cpu") == "math"
+    with pytest.raises(UserError):
+        resolve_attention("xformers", "cpu")
+    with pytest.raises(UserError):
+        resolve_attention("flash", "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers needs CUDA")
+def test_xformers_matches_math_on_cuda():
+    if resolve_attention("auto", "cuda") != "xformers":
+        pytest.skip("xformers is not installed or has no kernel for this GPU")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 64, 4, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    torch.testing.assert_close(attention(q, k, v, "xformers"), attention(q, k, v, "math"), atol=2e-3, rtol=2e-3)

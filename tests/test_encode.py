@@ -1,0 +1,249 @@
+"""encode + latent store: latents equal the VAE's, resume after SIGKILL and ENOSPC, bad input, LatentDataset."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from reals_cli import latent_store
+from reals_cli.alignment import AlignConfig, AlignmentNet
+from reals_cli.cli import main
+from reals_cli.data import ImageFolder
+from reals_cli.encode import encode
+from reals_cli.errors import UserError
+from reals_cli.latent_store import LatentDataset, create_store, open_store
+from reals_cli.reals_vae import load_reals_vae, save_reals_vae
+from reals_cli.vae import AutoencoderKL, vae_config
+
+FAST = dict(batch_size=3, block_size=4, workers=0, device="cpu")
+
+
+def _make_vae(out: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    save_reals_vae(out, AutoencoderKL(vae_config("tiny")), AlignmentNet(AlignConfig(4, 8, 6, 4, hidden=8)),
+                   {"image_size": 16}, {}, {})
+    return out
+
+
+def _make_images(root: Path, per_class: int, seed: int = 0) -> Path:
+    """Two classes of random RGB images of mixed sizes (the crop has work to do)."""
+    rng = np.random.default_rng(seed)
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            h, w = rng.integers(16, 30, 2)
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / name / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> Path:
+    return _make_vae(tmp_path_factory.mktemp("vae") / "vae", seed=0)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return _make_images(tmp_path_factory.mktemp("images"), per_class=9)
+
+
+def _arrays(path) -> dict[str, np.ndarray]:
+    store = open_store(path)
+    return {"posterior": store.read(np.arange(store.rows)), "labels": store.labels,
+            "stats": np.array([store.attrs["latent_mean"], store.attrs["latent_std"]])}
+
+
+def _assert_same_store(a, b) -> None:
+    x, y = _arrays(a), _arrays(b)
+    for k in x:
+        assert np.array_equal(x[k], y[k]), k
+
+
+def _error_line(result) -> str:
+    """The one red line a UserError becomes (after any progress output), without a traceback."""
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: ") and result.output.count("error: ") == 1, result.output
+    return last
+
+
+@pytest.mark.parametrize("name", ["s.zarr", "s.h5"])
+def test_latents_equal_the_vae_and_read_back(vae_dir, images, tmp_path, name):
+    out = tmp_path / name
+    result = encode(images, out, vae_dir, flip=True, **FAST)
+    assert result["complete"] and result["count"] == 18 and result["skipped"] == 0
+
+    store = open_store(out)
+    assert store.complete and store.count == 18 and store.latent_shape == (4, 8, 8) and store.views == 2
+    assert store.classes == ["cat", "dog"] and store.vae_id == load_reals_vae(vae_dir).id
+    a = store.attrs
+    assert a["kind"] == "latents" and a["format_version"] == 1 and a["image_size"] == 16
+    assert a["inputs"]["vae"]["id"] == store.vae_id and a["inputs"]["images"]["path"] == str(images)
+
+    vae = load_reals_vae(vae_dir).vae
+    folder = ImageFolder(images, 16, flip=False)
+    x = torch.stack([folder[i][0] for i in range(len(folder))]) * 2 - 1
+    with torch.no_grad():
+        views = [vae.encode(v) for v in (x, x.flip(3))]
+    expected = torch.stack([torch.stack([m, torch.exp(0.5 * lv)], 1) for m, lv in views], 1).numpy()
+    post = store.read(np.arange(18))
+    assert post.dtype == np.float16 and post.shape == (18, 2, 2, 4, 8, 8)
+    np.testing.assert_allclose(post.astype(np.float32), expected, rtol=2e-3, atol=2e-3)
+    assert store.labels.tolist() == [label for _, label in folder.samples]
+
+    # The statistics are those of posterior samples over both views, from the stored values.
+    p = post.astype(np.float64)
+    mean = p[:, :, 0].mean(axis=(0, 1, 3, 4))
+    var = (p[:, :, 0] ** 2 + p[:, :, 1] ** 2).mean(axis=(0, 1, 3, 4)) - mean**2
+    np.testing.assert_allclose(a["latent_mean"], mean, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(a["latent_std"], np.sqrt(var), rtol=1e-9)
+    z = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(store.denormalize(store.normalize(z)), z)
+
+    again = CliRunner().invoke(main, ["encode", str(images), str(out), "--vae", str(vae_dir), "--flip",
+                                      "--block-size", "4", "--workers", "0", "--device", "cpu"])
+    assert again.exit_code == 0 and "already complete" in again.output, again.output
+    info = CliRunner().invoke(main, ["encode", "--info", str(out)])
+    assert info.exit_code == 0 and "latent shape" in info.output and store.vae_id in info.output
+
+
+def test_h5_and_url_stores_hold_the_same_latents(vae_dir, images, tmp_path):
+    encode(images, tmp_path / "a.zarr", vae_dir, **FAST)
+    encode(images, tmp_path / "a.h5", vae_dir, **FAST)
+    encode(images, "memory://reals-test/a.zarr", vae_dir, **FAST)  # fsspec: the path s3:// also takes
+    _assert_same_store(tmp_path / "a.zarr", tmp_path / "a.h5")
+    _assert_same_store(tmp_path / "a.zarr", "memory://reals-test/a.zarr")
+    assert len(LatentDataset(tmp_path / "a.h5")) == 18
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(vae_dir, tmp_path):
+    data = _make_images(tmp_path / "many", per_class=120, seed=1)
+    flags = ["--flip", "--block-size", "4", "--batch-size", "4", "--workers", "0", "--device", "cpu"]
+    straight = tmp_path / "straight.zarr"
+    assert CliRunner().invoke(main, ["encode", str(data), str(straight), "--vae", str(vae_dir), *flags]).exit_code == 0
+
+    killed = tmp_path / "killed.zarr"
+    cmd = [sys.executable, "-m", "reals_cli", "encode", str(data), str(killed), "--vae", str(vae_dir), *flags]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if open_store(killed).done_blocks().sum() >= 3:
+                break
+        except UserError:  # not created yet
+            pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = open_store(killed)
+    finished = int(store.done_blocks().sum())
+    assert not store.complete and 3 <= finished < store.num_blocks, "the run finished before it could be killed"
+
+    resumed = CliRunner().invoke(main, ["encode", str(data), str(killed), "--vae", str(vae_dir), *flags])
+    assert resumed.exit_code == 0, resumed.output
+    assert f"{finished} of {store.num_blocks} blocks already complete, skipped (blocks 0-{finished - 1})" in resumed.output
+    _assert_same_store(straight, killed)
+    assert not list(killed.rglob("*.partial"))
+
+
+def test_disk_full_is_one_line_and_the_store_resumes(vae_dir, images, tmp_path, monkeypatch):
+    straight = tmp_path / "straight.zarr"
+    encode(images, straight, vae_dir, **FAST)
+    out = tmp_path / "full.zarr"
+    real, calls = latent_store.LatentStore._write_chunks, []
+
+    def fills_up(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(self, *args)
+
+    monkeypatch.setattr(latent_store.LatentStore, "_write_chunks", fills_up)
+    args = ["encode", str(images), str(out), "--vae", str(vae_dir), "--block-size", "4", "--batch-size", "3",
+            "--workers", "0", "--device", "cpu"]
+    line = _error_line(CliRunner().invoke(main, args))
+    assert "No space left on device" in line and "run the same command again" in line
+    assert open_store(out).done_blocks().tolist() == [True, True, False, False, False]
+    monkeypatch.setattr(latent_store.LatentStore, "_write_chunks", real)
+    assert CliRunner().invoke(main, args).exit_code == 0
+    _assert_same_store(straight, out)
+
+
+def test_bad_outputs_and_unreadable_images(vae_dir, images, tmp_path):
+    run = CliRunner().invoke
+    base = ["--vae", str(vae_dir), "--workers", "0", "--device", "cpu"]
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    assert _error_line(run(main, ["encode", str(images), str(taken), *base])) == (
+        f"error: {taken} exists and is not a latent store; pass a new output path, or delete it")
+    assert (taken / "notes.txt").read_text() == "mine"
+
+    out = tmp_path / "s.zarr"
+    encode(images, out, vae_dir, **FAST)
+    other = _make_vae(tmp_path / "other", seed=1)
+    a, b = load_reals_vae(vae_dir).id, load_reals_vae(other).id
+    line = _error_line(run(main, ["encode", str(images), str(out), "--vae", str(other), "--workers", "0"]))
+    assert a in line and b in line
+    assert "usage: reals encode IMAGES OUT --vae" in _error_line(run(main, ["encode", str(images), str(out)]))
+
+    bad = _make_images(tmp_path / "bad", per_class=3)
+    (bad / "cat" / "001.png").write_bytes(b"not a png")
+    (bad / "dog" / "zzz.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    out = tmp_path / "bad.zarr"
+    result = run(main, ["encode", str(bad), str(out), *base])
+    assert result.exit_code == 0, result.output
+    store = open_store(out)
+    assert store.attrs["skipped"] == 2 and store.count == 5 and store.rows == 7
+    assert store.labels.tolist() == [0, -1, 0, 1, 1, 1, -1]
+    assert not store.read(np.array([1, 6])).any()  # no latent of another image under a bad file's row
+    assert len(LatentDataset(out)) == 5
+
+
+def _synthetic_store(path, done_blocks=2) -> str:
+    """4 images, 2 views: view 0 has mean 1, view 1 mean 3, std 0.01 (so the view is visible in z)."""
+    store = create_store(path, rows=4, latent_shape=(2, 2, 2), views=2, dtype="float32", block_size=2,
+                         attrs={"vae_id": "aaaa", "classes": ["x", "y"], "config": {"block_size": 2}})
+    post = np.zeros((2, 2, 2, 2, 2, 2), np.float32)
+    post[:, 0, 0], post[:, 1, 0], post[:, :, 1] = 1.0, 3.0, 0.01
+    for block in range(done_blocks):
+        store.write_block(block, post, np.array([0, 1]))
+    if done_blocks == 2:
+        store.finalize()
+    return str(path)
+
+
+def test_latent_dataset_samples_normalises_flips_and_refuses(tmp_path):
+    ds = LatentDataset(_synthetic_store(tmp_path / "s.zarr"), vae_id="aaaa")
+    store = ds.store
+    np.testing.assert_allclose(store.attrs["latent_mean"], [2.0, 2.0])
+    np.testing.assert_allclose(store.attrs["latent_std"], [np.sqrt(1 + 1e-4)] * 2, rtol=1e-6)
+    assert len(ds) == 4
+    draws = [ds[0] for _ in range(40)]
+    assert all(label == 0 for _, label in draws)
+    z = torch.stack([d[0] for d in draws])
+    assert not torch.equal(z[0], z[1])  # a fresh sample per access
+    raw = store.denormalize(z).mean(dim=(1, 2, 3))
+    assert ((raw - 1).abs() < 0.05).any() and ((raw - 3).abs() < 0.05).any()  # both views, same image
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True)))
+    assert batch[0].shape == (4, 2, 2, 2) and sorted(batch[1].tolist()) == [0, 0, 1, 1]
+    big = torch.cat([torch.utils.data.default_collate([ds[i] for i in range(4)])[0] for _ in range(200)])
+    assert abs(big.mean().item()) < 0.05 and abs(big.std().item() - 1) < 0.05  # normalised
+
+    with pytest.raises(UserError) as e:
+        LatentDataset(ds.store.path, vae_id="bbbb")
+    assert str(e.value) == (f"{ds.store.path} holds latents of VAE aaaa, not of VAE bbbb; use the VAE that made "
+                            f"the store, or encode the images again with this one")
+    half = _synthetic_store(tmp_path / "half.zarr", done_blocks=1)
+    with pytest.raises(UserError) as e:
+        LatentDataset(half)
+    assert str(e.value) == (f"{half} is an unfinished latent store (1 of 2 blocks encoded); "
+                            f"run the same `reals encode` command again to finish it")

@@ -96,6 +96,7 @@ class Diffusion:
     def __init__(self, betas: torch.Tensor, timestep_map: torch.Tensor | None = None):
         betas = betas.to(torch.float64)
         self.betas = betas
+        self.log_betas = torch.log(betas)
         self.num_steps = len(betas)
         self.timestep_map = torch.arange(self.num_steps) if timestep_map is None else timestep_map
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
@@ -158,7 +159,7 @@ class Diffusion:
             eps, v = model_out.split(C, dim=1)
             frac = (v + 1) / 2
             min_log = self._at(self.posterior_log_variance_clipped, t, x_t)
-            max_log = self._at(torch.log(self.betas), t, x_t)
+            max_log = self._at(self.log_betas, t, x_t)
             log_variance = frac * max_log + (1 - frac) * min_log
         elif model_out.shape[1] == C:
             eps, log_variance = model_out, self._at(self.fixed_log_variance, t, x_t).expand_as(x_t)
@@ -221,11 +222,11 @@ class Diffusion:
         return {"sample": sample, "pred_x0": p["pred_x0"]}
 
 
-def _sample_loop(step, model_fn, shape, steps, noise, device, num_train_steps, **kwargs) -> torch.Tensor:
+def _sample_loop(step, model_fn, shape, steps, noise, device, num_train_steps, generator, **step_kwargs):
     diffusion = Diffusion.linear(num_train_steps).respace(steps)
-    x = torch.randn(shape, device=device, generator=kwargs.get("generator")) if noise is None else noise
+    x = torch.randn(shape, device=device, generator=generator) if noise is None else noise
     for i in reversed(range(diffusion.num_steps)):
-        x = step(diffusion, model_fn, x, i, **kwargs)["sample"]
+        x = step(diffusion, model_fn, x, i, generator=generator, **step_kwargs)["sample"]
     return x
 
 
@@ -234,8 +235,8 @@ def ddpm_sample_loop(model_fn: ModelFn, shape, steps: str | int = 250, *, noise:
                      device: torch.device | str = "cpu", num_train_steps: int = 1000, clip_denoised: bool = False,
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """Ancestral sampling over `steps` respaced steps (DiT samples with 250)."""
-    return _sample_loop(Diffusion.p_sample, model_fn, shape, steps, noise, device, num_train_steps,
-                        clip_denoised=clip_denoised, generator=generator)
+    return _sample_loop(Diffusion.p_sample, model_fn, shape, steps, noise, device, num_train_steps, generator,
+                        clip_denoised=clip_denoised)
 
 
 @torch.no_grad()
@@ -243,5 +244,5 @@ def ddim_sample_loop(model_fn: ModelFn, shape, steps: str | int = 50, *, eta: fl
                      noise: torch.Tensor | None = None, device: torch.device | str = "cpu", num_train_steps: int = 1000,
                      clip_denoised: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
     """DDIM sampling over `steps` respaced steps ("ddim50" for DDIM's own stride)."""
-    return _sample_loop(Diffusion.ddim_sample, model_fn, shape, steps, noise, device, num_train_steps,
-                        eta=eta, clip_denoised=clip_denoised, generator=generator)
+    return _sample_loop(Diffusion.ddim_sample, model_fn, shape, steps, noise, device, num_train_steps, generator,
+                        eta=eta, clip_denoised=clip_denoised)

@@ -16,7 +16,10 @@ Training follows the same three calls as the DDPM objective:
 
 Sampling integrates dx = v dt (ODE) or dx = [v + w_t s] dt + sqrt(2 w_t) dW (SDE,
 with w_t the diffusion coefficient) from t0 up to t1; every model_fn is
-model_fn(x_t, t) -> output, so guidance wraps outside.
+model_fn(x_t, t) -> output, so guidance wraps outside. The default w_t is "sigma"
+(w_t = sigma_t), the default of SiT's sample.py, which made its reported SDE
+numbers; SiT's Sampler API defaults to "SBDM", which is infinite at t = 0 and so
+needs sample_eps > 0 (SiT's velocity default of 0 would give NaN; we refuse it).
 """
 
 from __future__ import annotations

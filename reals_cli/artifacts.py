@@ -173,7 +173,7 @@ def describe_input(path: str | os.PathLike) -> dict[str, str]:
     return {"path": str(path)}
 
 
-def _identity(kind: str, config: dict, files: dict[str, str]) -> str:
+def artifact_id(kind: str, config: dict, files: dict[str, str]) -> str:
     canon = json.dumps({"kind": kind, "config": config, "files": files}, sort_keys=True)
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
@@ -197,7 +197,7 @@ def write_manifest(
     manifest = {
         "kind": kind,
         "format_version": format_version,
-        "id": _identity(kind, config, hashes),
+        "id": artifact_id(kind, config, hashes),
         "config": config,
         "inputs": inputs or {},
         "files": hashes,

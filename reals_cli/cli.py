@@ -17,6 +17,9 @@ from .errors import UserError
 
 
 class RealsGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)  # pipeline order, not alphabetical
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from . import __version__
-from .artifacts import _identity
+from .artifacts import artifact_id
 from .console import console, print_summary, progress, warn
 from .data import ImageFolder
 from .errors import UserError
-from .latent_store import LatentStore, create_store, probe
+from .latent_store import LatentStore, create_store, is_h5, probe
 from .reals_vae import RealsVAE, load_reals_vae
 from .runtime import autocast, resolve_device
 
@@ -122,6 +122,8 @@ def encode(
         raise UserError("--batch-size and --block-size must be positive")
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and is_h5(out):
+        raise UserError(f"{out}: several processes cannot write one HDF5 file; under torchrun write a Zarr store")
     folder = ImageFolder(images, size, flip=False)  # both views are encoded with --flip, none is drawn
     listing = _listing_hash(folder)
     config = {"image_size": size, "flip": flip, "dtype": dtype, "block_size": block_size}
@@ -135,7 +137,7 @@ def encode(
     elif rank == 0:
         inputs = {"images": {"path": str(folder.folder), "count": len(folder), "listing": listing},
                   "vae": {"path": None if isinstance(vae, RealsVAE) else str(vae), "id": bundle.id}}
-        attrs = {"id": _identity("latents", config, {"vae": bundle.id, "images": listing}), "config": config,
+        attrs = {"id": artifact_id("latents", config, {"vae": bundle.id, "images": listing}), "config": config,
                  "inputs": inputs, "vae_id": bundle.id, "image_size": size, "classes": folder.classes,
                  "reals_version": __version__}
         store = create_store(out, rows=len(folder), latent_shape=latent_shape, views=2 if flip else 1,
@@ -169,7 +171,7 @@ def encode(
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     loader = torch.utils.data.DataLoader(_Rows(folder), batch_sampler=batches, num_workers=workers,
                                          pin_memory=dev.type == "cuda")
-    encoded = 0
+    encoded, loop_start = 0, time.perf_counter()
     pending: list[tuple[np.ndarray, np.ndarray]] = []  # batches of the block being filled
     with progress() as bar, torch.inference_mode():
         task = bar.add_task(f"encode{f' rank {rank}' if world > 1 else ''}", total=sum(map(len, batches)))
@@ -185,26 +187,28 @@ def encode(
             post[labels.numpy() < 0] = 0  # rows of unreadable files hold no latent
             pending.append((post, labels.numpy()))
             encoded += len(rows)
-            bar.update(task, advance=len(rows), status=f"{encoded / (time.perf_counter() - started):.0f} img/s")
+            bar.update(task, advance=len(rows), status=f"{encoded / (time.perf_counter() - loop_start):.0f} img/s")
             block, end = int(rows[0]) // bs, int(rows[-1]) + 1
             if end == min((block + 1) * bs, store.rows):
                 store.write_block(block, np.concatenate([p for p, _ in pending]),
                                   np.concatenate([lab for _, lab in pending]))
                 pending = []
 
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    loop_seconds = time.perf_counter() - loop_start
+    grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if grouped:
         torch.distributed.barrier()
     all_done = bool(store.done_blocks().all())
     # Without a process group, whichever rank sees every block done writes the (identical) totals.
-    if all_done and (rank == 0 or not torch.distributed.is_initialized()):
+    if all_done and (rank == 0 or not grouped):
         store.finalize()
-    seconds = time.perf_counter() - started
     count, skipped = store.count, store.skipped
     if skipped:
         warn(f"{skipped} images in {folder.folder} could not be read and have no latent; "
              f"run `reals data check {images}` to list them")
     return {**result, "already": False, "complete": all_done, "count": count, "skipped": skipped,
-            "encoded": encoded, "seconds": seconds, "images_per_s": encoded / seconds if seconds else 0.0}
+            "encoded": encoded, "seconds": time.perf_counter() - started,
+            "images_per_s": encoded / loop_seconds if encoded else 0.0}  # the encoding loop alone
 
 
 def store_summary(store: LatentStore) -> list[tuple[str, object]]:

@@ -19,6 +19,9 @@ The group attributes are the store's manifest: kind, format version, id, config,
 inputs (image folder, VAE id), and, once every block is done, `complete`, the
 image count, the skipped count and the per-channel latent mean/std used to
 normalise latents for diffusion (the same numbers at training and sampling time).
+
+`LatentDataset` reads random minibatches of a finished local store straight from
+its shard files (`_ShardReader`), about ten times faster than through Zarr.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def is_url(path: str | os.PathLike) -> bool:
     return "://" in str(path)
 
 
-def _is_h5(path: str | os.PathLike) -> bool:
+def is_h5(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith((".h5", ".hdf5"))
 
 
@@ -115,6 +118,7 @@ class _H5IO:
         self.file.flush()
 
     def create(self, name: str, shape: tuple, dtype: str, chunks: tuple, shards: tuple | None = None) -> None:
+        # No shards in HDF5: its chunk B-tree keeps one file however many chunks there are.
         self.file.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, fillvalue=0)
 
     def read(self, name: str, rows: slice | np.ndarray) -> np.ndarray:
@@ -129,7 +133,7 @@ class _H5IO:
 
 
 def _open_io(path: str, mode: str):
-    return (_H5IO if _is_h5(path) else _ZarrIO)(path, mode)
+    return (_H5IO if is_h5(path) else _ZarrIO)(path, mode)
 
 
 def _inspect(path: str) -> tuple[str, dict]:
@@ -163,6 +167,63 @@ def probe(path: str | os.PathLike) -> str:
     return _inspect(str(path))[0]
 
 
+class _ShardReader:
+    """Random rows of a finished local Zarr store, read straight from its shard files.
+
+    Zarr's reader spends about a millisecond of Python per chunk, and a random
+    minibatch touches one chunk per image; reading the sharding format directly
+    (Zarr v3 sharding spec: inner chunks stored as raw little-endian bytes, then an
+    index of (offset, nbytes) uint64 pairs and a crc32c at the shard's end) takes
+    one pread per image, tens of times faster. Only the exact layout that
+    `create_store` writes is read this way; `None` from `open` means "use Zarr".
+    """
+
+    EMPTY = 2**64 - 1  # index entry of an inner chunk never written (all fill value 0)
+
+    def __init__(self, folder: Path, shard: int, item: tuple[int, ...], dtype: np.dtype):
+        self.folder, self.shard, self.item, self.dtype = folder, shard, item, dtype
+        self.rank = 1 + len(item)
+        self._index: dict[int, np.ndarray | None] = {}  # a finished store's shards never change
+
+    @classmethod
+    def open(cls, path: str) -> "_ShardReader | None":
+        if is_url(path) or is_h5(path):
+            return None
+        meta = json.loads((Path(path) / POSTERIOR / "zarr.json").read_text())
+        item = meta["shape"][1:]
+        little = {"name": "bytes", "configuration": {"endian": "little"}}
+        expected = [{"name": "sharding_indexed", "configuration": {
+            "chunk_shape": [1, *item], "codecs": [little], "index_codecs": [little, {"name": "crc32c"}],
+            "index_location": "end"}}]
+        key = meta["chunk_key_encoding"]
+        if meta["codecs"] != expected or key != {"name": "default", "configuration": {"separator": "/"}}:
+            return None
+        shard = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
+        return cls(Path(path) / POSTERIOR / "c", shard, tuple(item), np.dtype(meta["data_type"]).newbyteorder("<"))
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(rows), *self.item), self.dtype)
+        flat = out.reshape(len(rows), -1)
+        shards, inner = np.divmod(rows, self.shard)
+        for s in np.unique(shards):
+            file = self.folder / "/".join([str(s)] + ["0"] * (self.rank - 1))
+            if not file.is_file():  # a shard of zeros (all its images unreadable) is never written
+                continue
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                if s not in self._index:
+                    size = os.fstat(fd).st_size
+                    table = os.pread(fd, 16 * self.shard, size - 16 * self.shard - 4)
+                    self._index[s] = np.frombuffer(table, "<u8").reshape(self.shard, 2)
+                for k in np.flatnonzero(shards == s):
+                    offset, nbytes = self._index[s][inner[k]]
+                    if offset != self.EMPTY:
+                        flat[k] = np.frombuffer(os.pread(fd, int(nbytes), int(offset)), self.dtype)
+            finally:
+                os.close(fd)
+        return out
+
+
 # -- the store ------------------------------------------------------------------------------------
 
 class LatentStore:
@@ -181,6 +242,7 @@ class LatentStore:
             raise UserError(f"{self.path} has latent store format version {self.attrs.get('format_version')}, "
                             f"this reals reads version {FORMAT_VERSION}; encode the images again")
         self._labels: np.ndarray | None = None
+        self._fast: _ShardReader | bool | None = None  # None: not looked at yet; False: Zarr reads
 
     @property
     def _io(self):
@@ -241,7 +303,12 @@ class LatentStore:
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         """Posteriors (len(rows), V, 2, C, H, W) of sorted, distinct row indices."""
-        return self._io.read(POSTERIOR, np.asarray(rows, dtype=np.int64))
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and not 0 <= rows.min() <= rows.max() < self.rows:
+            raise IndexError(f"rows out of range for {self.rows} rows")
+        if self.complete and self._fast is None:
+            self._fast = _ShardReader.open(self.path) or False
+        return self._fast.read(rows) if self._fast else self._io.read(POSTERIOR, rows)
 
     def _stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.complete:
@@ -297,7 +364,7 @@ class LatentStore:
 
     def discard_partial_writes(self) -> None:
         """Remove the temporary files of writes a killed run left behind (local Zarr stores)."""
-        if not is_url(self.path) and not _is_h5(self.path):
+        if not is_url(self.path) and not is_h5(self.path):
             for tmp in Path(self.path).rglob("*.partial"):
                 tmp.unlink(missing_ok=True)
 
@@ -317,12 +384,10 @@ def create_store(path: str | os.PathLike, *, rows: int, latent_shape: tuple[int,
                  dtype: str, block_size: int, attrs: dict) -> LatentStore:
     """Create an empty store for `rows` images; `attrs` (the manifest) is written last."""
     path = str(path)
-    if _is_h5(path) and is_url(path):
+    if is_h5(path) and is_url(path):
         raise UserError(f"{path}: .h5 output must be a local file; use a Zarr store (any other name) for URLs")
-    if not is_url(path) and not _is_h5(path):
-        Path(path).mkdir(parents=True, exist_ok=True)
-    elif not is_url(path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if not is_url(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)  # h5py makes no folders
     io = _open_io(path, "w")
     c, h, w = latent_shape
     item = (views, 2, c, h, w)
@@ -342,6 +407,14 @@ def open_store(path: str | os.PathLike) -> LatentStore:
 
 # -- training data --------------------------------------------------------------------------------
 
+def draw_latents(posterior: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Raw latent samples from stored posteriors (n x V x 2 x C x H x W): a random view
+    (image or its flip) per row and a fresh z = mean + std * eps; not normalised."""
+    view = torch.randint(posterior.shape[1], (len(posterior),), generator=generator)
+    mean, std = posterior[torch.arange(len(posterior)), view].unbind(1)
+    return mean + std * torch.randn(mean.shape, generator=generator)
+
+
 class LatentDataset(torch.utils.data.Dataset):
     """(normalised latent sample, label) per readable image of a complete store.
 
@@ -349,10 +422,14 @@ class LatentDataset(torch.utils.data.Dataset):
     horizontal flip) at random, both from torch's RNG (DataLoader seeds it per worker
     and epoch), so no flip or sample is frozen per image. `__getitems__` reads a
     whole minibatch in one request, which a DataLoader uses when it batches.
+
+    raw=True yields the stored posterior (V x 2 x C x H x W, float32) instead, for a
+    caller that draws with `draw_latents` and its own generator (exact resume).
     """
 
-    def __init__(self, path: str | os.PathLike, vae_id: str | None = None):
+    def __init__(self, path: str | os.PathLike, vae_id: str | None = None, raw: bool = False):
         self.store = open_store(path)
+        self.raw = raw
         if not self.store.complete:
             done = int(self.store.done_blocks().sum())
             raise UserError(f"{path} is an unfinished latent store ({done} of {self.store.num_blocks} blocks "
@@ -372,7 +449,5 @@ class LatentDataset(torch.utils.data.Dataset):
         rows = self.rows[np.asarray(indices, dtype=np.int64)]
         unique, inverse = np.unique(rows, return_inverse=True)  # the reader wants sorted, distinct rows
         post = torch.from_numpy(self.store.read(unique)[inverse].astype(np.float32))
-        view = torch.randint(self.store.views, (len(rows),))
-        mean, std = post[torch.arange(len(rows)), view].unbind(1)
-        z = self.store.normalize(mean + std * torch.randn_like(mean))
-        return list(zip(z, self.store.labels[rows].tolist()))
+        items = post if self.raw else self.store.normalize(draw_latents(post))
+        return list(zip(items, self.store.labels[rows].tolist()))

@@ -16,9 +16,7 @@ atomically every `ckpt_every` steps; the batch order and flips are a function of
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +41,7 @@ from .perceptual import LPIPS
 from .reals_vae import save_reals_vae
 from .runtime import autocast, resolve_device, rng_state, seed_everything, set_rng_state
 from .teachers import Teacher, build_teacher
+from .training import append_log, check_finite, check_resume_config, check_run_folder, gather_objects, init_distributed, truncate_log
 from .vae import AutoencoderKL, kl_loss, load_diffusers_vae, vae_config
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -106,9 +105,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def resolve_config(preset: str | None = None, **overrides: Any) -> TrainVAEConfig:
-    values = dict(PRESETS[preset]) if preset else {}
     if preset and preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values = dict(PRESETS[preset]) if preset else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
     missing = [k for k in ("data", "out") if k not in values]
     if missing:
@@ -211,29 +210,13 @@ def _save_grid(path: Path, x01: torch.Tensor, recon01: torch.Tensor) -> None:
         save_image(grid, tmp, nrow=min(8, len(x01)), format="png")
 
 
-def _distributed() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank() if world > 1 else 0), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
 def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
     """Train (or resume) and write the ReaLS VAE artifact to `cfg.out`; returns its manifest."""
     _check_config(cfg)
     out = Path(cfg.out)
-    rank, world, local_rank = _distributed()
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+    rank, world, device = init_distributed(resolve_device(cfg.device))
     ckpt_path = out / CHECKPOINT
-    if (out / artifacts.MANIFEST).is_file():
-        raise UserError(f"{out} already holds a finished VAE; pass another --out, or delete it to retrain")
-    if ckpt_path.is_file() and not resume:
-        raise UserError(f"{out} holds an unfinished run; pass --resume to continue it, or another --out")
-    if resume and not ckpt_path.is_file():
-        raise UserError(f"--resume: no {CHECKPOINT} in {out}; start without --resume")
+    check_run_folder(out, CHECKPOINT, resume)
     seed_everything(cfg.seed + rank)
 
     train_set, val_set = _datasets(cfg)
@@ -254,10 +237,7 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
     step = 0
     if resume:
         state = artifacts.load_state(ckpt_path)
-        changed = [k for k, v in state["config"].items() if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v]
-        if changed:
-            raise UserError(f"--resume with other values of --{', --'.join(k.replace('_', '-') for k in changed)} "
-                            f"than the run had; resume with the original flags")
+        check_resume_config(state["config"], dataclasses.asdict(cfg), RESUMABLE_CHANGES)
         gen.load_state_dict(state["gen"])
         disc.load_state_dict(state["disc"])
         ema.load_state_dict(state["ema"])
@@ -265,10 +245,10 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
         opt_d.load_state_dict(state["opt_d"])
         scaler_g.load_state_dict(state["scaler_g"])
         scaler_d.load_state_dict(state["scaler_d"])
-        set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
+        set_rng_state(state["rng"][rank])
         step = state["step"]
         console.print(f"resumed {out} at step {step}")
-        _truncate_log(out / LOG, step)
+        truncate_log(out / LOG, step)
 
     model_g, model_d = gen, disc
     if world > 1:
@@ -295,11 +275,7 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
         )
 
     def checkpoint() -> None:
-        rngs = rng_state()
-        if world > 1:
-            gathered = [None] * world
-            dist.all_gather_object(gathered, rngs)
-            rngs = gathered
+        rngs = gather_objects(rng_state(), world)
         if is_main:
             artifacts.save_state(ckpt_path, {
                 "step": step, "config": dataclasses.asdict(cfg), "gen": gen.state_dict(), "disc": disc.state_dict(),
@@ -333,12 +309,7 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
                     g_loss = hinge_g_loss(model_d(recon.float()))
                     d_w = adaptive_weight(nll, g_loss, last_layer) * cfg.disc_weight
                     loss = loss + d_w * g_loss
-            if not torch.isfinite(loss):
-                where = f"last good checkpoint: {ckpt_path}" if ckpt_path.is_file() else "no checkpoint was written yet"
-                raise UserError(
-                    f"loss became {loss.item()} at step {step} ({where}); resume with --resume and try "
-                    f"--precision fp32, a lower --lr or a smaller --grad-clip"
-                )
+            check_finite(loss, step, ckpt_path, "--precision fp32, a lower --lr or a smaller --grad-clip")
             opt_g.zero_grad(set_to_none=True)
             scaler_g.scale(loss).backward()
             scaler_g.unscale_(opt_g)
@@ -365,7 +336,7 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
                 now = time.perf_counter()
                 terms["img_per_s"] = cfg.batch_size * world * (step - logged_step) / (now - logged_at)
                 logged_step, logged_at = step, now
-                _append_log(out / LOG, {"step": step, **terms})
+                append_log(out / LOG, {"step": step, **terms})
                 if not console.is_terminal:  # a log file gets a line where a terminal gets the bar
                     console.print(f"step {step}/{cfg.steps} " + " ".join(f"{k} {v:.4g}" for k, v in terms.items()))
             if is_main and step % cfg.image_every == 0:
@@ -392,16 +363,3 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
         "latent std": " ".join(f"{s:.3f}" for s in metrics["latent_std"]),
     })
     return manifest
-
-
-def _append_log(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past the checkpoint being resumed: they will be written again."""
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        artifacts.atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode())

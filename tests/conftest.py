@@ -29,3 +29,11 @@ def assets_home(tmp_path_factory) -> Path:
             os.environ.pop("REALS_HOME", None)
         else:
             os.environ["REALS_HOME"] = previous
+
+
+# One torch thread per process: tests run small ops, where two threads contending with
+# each other (and with subprocesses the tests start) cost far more than they gain.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(1)

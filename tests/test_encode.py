@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 from click.testing import CliRunner
 from PIL import Image
 
@@ -22,7 +23,7 @@ from reals_cli.encode import encode
 from reals_cli.errors import UserError
 from reals_cli.latent_store import LatentDataset, create_store, open_store
 from reals_cli.reals_vae import load_reals_vae, save_reals_vae
-from reals_cli.vae import AutoencoderKL, vae_config
+from reals_cli.vae import AutoencoderKL, save_diffusers_vae, vae_config
 
 FAST = dict(batch_size=3, block_size=4, workers=0, device="cpu")
 
@@ -53,6 +54,14 @@ def vae_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     return _make_images(tmp_path_factory.mktemp("images"), per_class=9)
+
+
+@pytest.fixture(scope="module")
+def reference(vae_dir, images, tmp_path_factory) -> Path:
+    """An uninterrupted single-process run with FAST settings, to compare other runs with."""
+    out = tmp_path_factory.mktemp("reference") / "s.zarr"
+    encode(images, out, vae_dir, **FAST)
+    return out
 
 
 def _arrays(path) -> dict[str, np.ndarray]:
@@ -115,17 +124,16 @@ def test_latents_equal_the_vae_and_read_back(vae_dir, images, tmp_path, name):
     assert info.exit_code == 0 and "latent shape" in info.output and store.vae_id in info.output
 
 
-def test_h5_and_url_stores_hold_the_same_latents(vae_dir, images, tmp_path):
-    encode(images, tmp_path / "a.zarr", vae_dir, **FAST)
+def test_h5_and_url_stores_hold_the_same_latents(vae_dir, images, reference, tmp_path):
     encode(images, tmp_path / "a.h5", vae_dir, **FAST)
     encode(images, "memory://reals-test/a.zarr", vae_dir, **FAST)  # fsspec: the path s3:// also takes
-    _assert_same_store(tmp_path / "a.zarr", tmp_path / "a.h5")
-    _assert_same_store(tmp_path / "a.zarr", "memory://reals-test/a.zarr")
+    _assert_same_store(reference, tmp_path / "a.h5")
+    _assert_same_store(reference, "memory://reals-test/a.zarr")
     assert len(LatentDataset(tmp_path / "a.h5")) == 18
 
 
 def test_resume_after_sigkill_equals_uninterrupted_run(vae_dir, tmp_path):
-    data = _make_images(tmp_path / "many", per_class=120, seed=1)
+    data = _make_images(tmp_path / "many", per_class=80, seed=1)
     flags = ["--flip", "--block-size", "4", "--batch-size", "4", "--workers", "0", "--device", "cpu"]
     straight = tmp_path / "straight.zarr"
     assert CliRunner().invoke(main, ["encode", str(data), str(straight), "--vae", str(vae_dir), *flags]).exit_code == 0
@@ -154,9 +162,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(vae_dir, tmp_path):
     assert not list(killed.rglob("*.partial"))
 
 
-def test_disk_full_is_one_line_and_the_store_resumes(vae_dir, images, tmp_path, monkeypatch):
-    straight = tmp_path / "straight.zarr"
-    encode(images, straight, vae_dir, **FAST)
+def test_disk_full_is_one_line_and_the_store_resumes(vae_dir, images, reference, tmp_path, monkeypatch):
     out = tmp_path / "full.zarr"
     real, calls = latent_store.LatentStore._write_chunks, []
 
@@ -174,7 +180,18 @@ def test_disk_full_is_one_line_and_the_store_resumes(vae_dir, images, tmp_path, 
     assert open_store(out).done_blocks().tolist() == [True, True, False, False, False]
     monkeypatch.setattr(latent_store.LatentStore, "_write_chunks", real)
     assert CliRunner().invoke(main, args).exit_code == 0
-    _assert_same_store(straight, out)
+    _assert_same_store(reference, out)
+
+
+def test_ranks_write_disjoint_blocks_and_the_last_one_finalises(vae_dir, images, reference, tmp_path, monkeypatch):
+    out = tmp_path / "ranks.zarr"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert not encode(images, out, vae_dir, **FAST)["complete"]
+    assert open_store(out).done_blocks().tolist() == [True, False, True, False, True]
+    monkeypatch.setenv("RANK", "1")
+    assert encode(images, out, vae_dir, **FAST)["complete"]
+    _assert_same_store(reference, out)
 
 
 def test_bad_outputs_and_unreadable_images(vae_dir, images, tmp_path):
@@ -205,7 +222,16 @@ def test_bad_outputs_and_unreadable_images(vae_dir, images, tmp_path):
     assert store.attrs["skipped"] == 2 and store.count == 5 and store.rows == 7
     assert store.labels.tolist() == [0, -1, 0, 1, 1, 1, -1]
     assert not store.read(np.array([1, 6])).any()  # no latent of another image under a bad file's row
+    assert np.array_equal(store.read(np.arange(7)), zarr.open_group(out)["posterior"][:])  # the fast path
     assert len(LatentDataset(out)) == 5
+
+
+def test_plain_diffusers_vae_needs_image_size(images, tmp_path):
+    save_diffusers_vae(AutoencoderKL(vae_config("tiny")), tmp_path / "plain")
+    with pytest.raises(UserError, match="pass --image-size"):
+        encode(images, tmp_path / "s.zarr", tmp_path / "plain", **FAST)
+    result = encode(images, tmp_path / "s.zarr", tmp_path / "plain", image_size=16, **FAST)
+    assert result["complete"] and open_store(tmp_path / "s.zarr").vae_id == load_reals_vae(tmp_path / "plain").id
 
 
 def _synthetic_store(path, done_blocks=2) -> str:

@@ -102,7 +102,7 @@ def test_finished_run_manifest_and_metrics(assets_home, shapes_data, tmp_path):
     bundle = load_reals_vae(out, need_align=True)
     assert bundle.id == manifest["id"] and bundle.align.config.teacher_grid == 2
     # A second run into the same folder is refused, not silently overwritten.
-    with pytest.raises(UserError, match="already holds a finished VAE"):
+    with pytest.raises(UserError, match="already holds a finished run"):
         train_vae(resolve_config(**{**TINY_FLAGS, "data": str(shapes_data), "out": str(out), "steps": 3}))
 
 

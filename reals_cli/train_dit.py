@@ -1,0 +1,297 @@
+"""`reals train-dit`: DiT / SiT on cached latents, as their authors train them.
+
+The objective (`dit`: DDPM eps + learned-sigma VLB; `sit`: interpolant transport)
+lives in diffusion.py / transport.py; this file is the loop: AdamW, fp32 EMA,
+label dropout (inside the network), autocast, gradient clipping, atomic
+checkpoints, exact resume, a JSONL log. Latent draws (view and posterior noise)
+and the batch order are functions of (seed, step, rank), so `--resume` after a
+kill continues bit-for-bit.
+
+`--repa-weight W --repa-depth K` adds a REPA-style loss: block K's tokens, through
+a 3-layer MLP projector, are aligned (negative cosine) with the ReaLS alignment
+network's patch features of the clean latent, computed on the fly from the cached
+latents: no images and no teacher at training time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from . import artifacts
+from .attention import resolve_attention
+from .batches import ResumableBatchSampler
+from .console import console, print_summary, progress
+from .diffusion import Diffusion
+from .dit import DiT, build_dit, model_config
+from .ema import ema_copy, ema_update
+from .errors import UserError
+from .latent_store import LatentDataset, draw_latents
+from .runtime import autocast, resolve_device, rng_state, seed_everything, set_rng_state
+from .training import (
+    append_log, check_finite, check_resume_config, check_run_folder, gather_objects, init_distributed, read_log, truncate_log,
+)
+from .transport import Transport
+
+KIND, FORMAT_VERSION = "dit", 1
+CHECKPOINT, LOG = "checkpoint.safetensors", "log.jsonl"
+MODEL_FILE, EMA_FILE, PROJECTOR_FILE = "model.safetensors", "ema.safetensors", "projector.safetensors"
+RESUMABLE_CHANGES = {"steps", "device", "workers", "log_every", "ckpt_every"}
+
+
+@dataclass
+class TrainDiTConfig:
+    latents: str
+    out: str
+    model: str = "SiT-B/2"
+    objective: str = "sit"  # dit | sit
+    path: str = "linear"  # sit: linear | gvp
+    prediction: str = "velocity"  # sit: velocity | noise | score
+    time_distribution: str = "uniform"  # sit: uniform | lognormal
+    learn_sigma: bool = True
+    steps: int = 400_000
+    batch_size: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999
+    class_dropout: float = 0.1
+    grad_clip: float = 1.0
+    precision: str = "bf16"
+    attn: str = "auto"
+    qk_norm: bool = False
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    repa_weight: float = 0.0
+    repa_depth: int = 4
+    repa_vae: str | None = None
+    init: str | None = None
+    device: str = "auto"
+    seed: int = 0
+    workers: int = 4
+    log_every: int = 100
+    ckpt_every: int = 5000
+
+
+def build_objective(config: dict) -> Diffusion | Transport:
+    """The training/sampling maths a checkpoint was trained with (from its config)."""
+    if config["objective"] == "dit":
+        return Diffusion.linear()
+    if config["objective"] == "sit":
+        return Transport(path=config["path"], prediction=config["prediction"], time_distribution=config["time_distribution"])
+    raise UserError(f"--objective must be dit or sit, got {config['objective']!r}")
+
+
+class Projector(nn.Sequential):
+    """REPA's 3-layer MLP from DiT tokens to the target feature width."""
+
+    def __init__(self, dim: int, out_dim: int, hidden: int = 2048):
+        super().__init__(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, out_dim))
+
+
+def _check(cfg: TrainDiTConfig) -> None:
+    depth = model_config(cfg.model)["depth"]
+    for name in ("steps", "batch_size", "log_every", "ckpt_every"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if not 0 <= cfg.class_dropout < 1:
+        raise UserError(f"--class-dropout must be in [0, 1), got {cfg.class_dropout}")
+    if cfg.repa_weight < 0 or (cfg.repa_weight > 0 and not 1 <= cfg.repa_depth <= depth):
+        raise UserError(f"--repa-depth must be between 1 and the model's depth {depth}")
+
+
+def _load_init(model: DiT, path: str) -> None:
+    """An official DiT/SiT checkpoint (a plain state dict, or SiT's {'model', 'ema'}) or ours."""
+    state = artifacts.load_weights(path) if path.endswith(".safetensors") else artifacts.torch_load(path)
+    if isinstance(state, dict) and "ema" in state and isinstance(state["ema"], dict):
+        state = state["ema"]
+    own = model.state_dict()
+    bad = [k for k in own if k not in state or state[k].shape != own[k].shape]
+    if bad:
+        have = state.get(bad[0]).shape if bad[0] in state else "missing"
+        raise UserError(f"--init {path} does not fit this model (first: {bad[0]} is {have}, needs {tuple(own[bad[0]].shape)}); "
+                        f"pick the matching --model and latent size")
+    model.load_state_dict(state, strict=True)
+
+
+class Trainable(nn.Module):
+    """The network and, with REPA, its projector: one module for DDP and torch.compile."""
+
+    def __init__(self, model: DiT, projector: Projector | None, repa_depth: int):
+        super().__init__()
+        self.model, self.projector, self.repa_depth = model, projector, repa_depth
+
+    def forward(self, x_t, t, y):
+        if self.projector is None:
+            return self.model(x_t, t, y), None
+        out, tokens = self.model(x_t, t, y, return_features_at=self.repa_depth)
+        return out, self.projector(tokens)
+
+
+def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
+    """Train (or resume) a DiT/SiT on a latent store; writes the `dit` artifact to cfg.out."""
+    _check(cfg)
+    out = Path(cfg.out)
+    rank, world, device = init_distributed(resolve_device(cfg.device))
+    ckpt_path = out / CHECKPOINT
+    check_run_folder(out, CHECKPOINT, resume, finished_ok=True)
+    seed_everything(cfg.seed + rank)
+
+    data = LatentDataset(cfg.latents, raw=True)
+    store = data.store
+    c, h, w = store.latent_shape
+    if h != w:
+        raise UserError(f"{cfg.latents} holds {h}x{w} latents; DiT needs square latents")
+    model = build_dit(cfg.model, h, c, len(store.classes), learn_sigma=cfg.learn_sigma, qk_norm=cfg.qk_norm,
+                      attn=cfg.attn, class_dropout=cfg.class_dropout)
+    if cfg.init:
+        _load_init(model, cfg.init)
+    model.grad_checkpointing = cfg.gradient_checkpointing
+    objective = build_objective(dataclasses.asdict(cfg))
+
+    align, projector = None, None
+    if cfg.repa_weight > 0:
+        from .reals_vae import load_reals_vae
+
+        if not cfg.repa_vae:
+            raise UserError("--repa-weight needs --repa-vae: the ReaLS VAE (with its alignment network) that made the latents")
+        bundle = load_reals_vae(cfg.repa_vae, need_align=True)
+        if bundle.id != store.vae_id:
+            raise UserError(f"--repa-vae {cfg.repa_vae} is VAE {bundle.id}, but {cfg.latents} was encoded by VAE {store.vae_id}")
+        align = bundle.align.to(device).eval().requires_grad_(False)
+        tokens = (h // model.patch_size) ** 2
+        grid = align.config.latent_grid // align.config.patch
+        if grid * grid != tokens:
+            raise UserError(f"REPA: the alignment network's {grid}x{grid} feature grid does not match the model's "
+                            f"{math.isqrt(tokens)}x{math.isqrt(tokens)} tokens; pick a model patch size of {h // grid}")
+        projector = Projector(model.blocks[0].attn.qkv.in_features, align.config.teacher_dim)
+
+    trainable = Trainable(model, projector, cfg.repa_depth).to(device)
+    ema = ema_copy(model)
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(trainable.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16" and device.type == "cuda")
+
+    step = 0
+    if resume:
+        state = artifacts.load_state(ckpt_path)
+        check_resume_config(state["config"], dataclasses.asdict(cfg), RESUMABLE_CHANGES)
+        trainable.load_state_dict(state["trainable"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"][rank])
+        step = state["step"]
+        if step >= cfg.steps:
+            raise UserError(f"{out} is already trained for {step} steps; pass a larger --steps to train on")
+        (out / artifacts.MANIFEST).unlink(missing_ok=True)  # training on: the old artifact is superseded
+        truncate_log(out / LOG, step)
+
+    net = trainable
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(trainable, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = torch.compile(net) if cfg.compile else net
+    sampler = ResumableBatchSampler(len(data), cfg.batch_size, cfg.seed, step, rank, world)
+    loader = DataLoader(data, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                        persistent_workers=cfg.workers > 0, generator=torch.Generator(), collate_fn=_collate)
+    is_main = rank == 0
+    backend = resolve_attention(cfg.attn, device)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        console.print(f"train-dit: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
+                      f"objective {cfg.objective}, latents {c}x{h}x{w} from {cfg.latents} ({len(data)} images, "
+                      f"{len(store.classes)} classes), attention {backend}, device {device}, {world} process(es)")
+
+    def checkpoint() -> None:
+        rngs = gather_objects(rng_state(), world)
+        if is_main:
+            artifacts.save_state(ckpt_path, {
+                "step": step, "config": dataclasses.asdict(cfg), "trainable": trainable.state_dict(),
+                "ema": ema.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
+            })
+
+    trainable.train()
+    batches = iter(loader)
+    logged_step, logged_at = step, time.perf_counter()
+    with progress(disable=not is_main) as bar:
+        task = bar.add_task("train-dit", total=cfg.steps, completed=step)
+        while step < cfg.steps:
+            post, y = next(batches)
+            g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + rank)
+            z = draw_latents(post, g)  # raw latent samples, normalised below
+            t = objective.sample_time(len(z), "cpu", g).to(device)
+            noise = torch.randn(z.shape, generator=g).to(device)
+            z, y = z.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x1 = store.normalize(z)
+            x_t = objective.q_sample(x1, t, noise)
+            with autocast(device, cfg.precision):
+                out_t, projected = forward(x_t, t, y)
+                terms = objective.loss(out_t.float(), x1, x_t, t, noise)
+                repa = torch.zeros((), device=device)
+                if projected is not None:
+                    with torch.no_grad():
+                        target = align(z)[0].flatten(2).transpose(1, 2)  # B x T x D, from the clean raw latent
+                    repa = -F.cosine_similarity(projected.float(), target.float(), dim=-1).mean()
+                loss = terms["loss"].mean() + cfg.repa_weight * repa
+            check_finite(loss, step, ckpt_path, "--qk-norm, --precision fp32, a lower --lr or a smaller --grad-clip")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            grad_norm = nn.utils.clip_grad_norm_(trainable.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            scaler.step(opt)
+            scaler.update()
+            ema_update(ema, model, cfg.ema_decay)
+            step += 1
+            bar.update(task, completed=step, status=f"loss {loss.item():.4f}")
+            if is_main and step % cfg.log_every == 0:
+                now = time.perf_counter()
+                record = {"step": step, "loss": loss.item(), **{k: v.mean().item() for k, v in terms.items() if k != "loss"},
+                          "repa": repa.item(), "grad_norm": float(grad_norm),
+                          "img_per_s": cfg.batch_size * world * (step - logged_step) / (now - logged_at)}
+                logged_step, logged_at = step, now
+                append_log(out / LOG, record)
+                if not console.is_terminal:
+                    console.print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                checkpoint()
+
+    if world > 1:
+        dist.barrier()
+    if not is_main:
+        return {}
+    artifacts.save_weights(out / MODEL_FILE, model.state_dict())
+    artifacts.save_weights(out / EMA_FILE, ema.state_dict())
+    files = [MODEL_FILE, EMA_FILE]
+    if projector is not None:
+        artifacts.save_weights(out / PROJECTOR_FILE, projector.state_dict())
+        files.append(PROJECTOR_FILE)
+    config = dataclasses.asdict(cfg) | {
+        "latent_shape": [c, h, w], "num_classes": len(store.classes), "classes": store.classes,
+        "latent_mean": store.attrs["latent_mean"], "latent_std": store.attrs["latent_std"],
+        "vae_id": store.vae_id, "vae_path": store.attrs.get("inputs", {}).get("vae", {}).get("path"),
+    }
+    inputs = {"latents": {"path": cfg.latents, "kind": "latents", "id": store.attrs.get("id", "?")}}
+    if cfg.init:
+        inputs["init"] = artifacts.describe_input(cfg.init)
+    log = read_log(out / LOG)
+    metrics = {"steps": step, "final_loss": log[-1]["loss"] if log else None}
+    manifest = artifacts.write_manifest(out, KIND, FORMAT_VERSION, config, inputs, metrics, files=files)
+    print_summary(f"{cfg.model} {out} ({manifest['id']})", {"steps": step, "final loss": metrics["final_loss"], "attention": backend})
+    return manifest
+
+
+def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([p for p, _ in items]), torch.tensor([y for _, y in items])
+
+
+def resolve_config(**flags: Any) -> TrainDiTConfig:
+    return TrainDiTConfig(**{k: v for k, v in flags.items() if v is not None})

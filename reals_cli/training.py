@@ -1,0 +1,77 @@
+"""What every training loop here shares: processes, the JSONL log, resume checks, the NaN guard."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .artifacts import atomic_write_bytes
+from .errors import UserError
+
+
+def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, this rank's device); under torchrun, joins the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), world, device
+
+
+def gather_objects(obj, world: int) -> list:
+    """`obj` of every rank, in rank order (a list of one without torchrun)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def check_run_folder(out: Path, checkpoint: str, resume: bool, finished_ok: bool = False) -> None:
+    """Refuse to overwrite a finished artifact or an unfinished run, and a --resume with nothing to resume."""
+    from .artifacts import MANIFEST
+
+    if (out / MANIFEST).is_file() and not (resume and finished_ok):
+        hint = "pass --resume with a larger --steps to train on, or another --out" if finished_ok else "pass another --out, or delete it to retrain"
+        raise UserError(f"{out} already holds a finished run; {hint}")
+    if (out / checkpoint).is_file() and not resume:
+        raise UserError(f"{out} holds an unfinished run; pass --resume to continue it, or another --out")
+    if resume and not (out / checkpoint).is_file():
+        raise UserError(f"--resume: no {checkpoint} in {out}; start without --resume")
+
+
+def check_resume_config(saved: dict, current: dict, may_change: set[str]) -> None:
+    changed = [k for k, v in saved.items() if k not in may_change and current.get(k) != v]
+    if changed:
+        raise UserError(f"--resume with other values of --{', --'.join(k.replace('_', '-') for k in changed)} "
+                        f"than the run had; resume with the original flags")
+
+
+def check_finite(loss: torch.Tensor, step: int, checkpoint: Path, remedies: str) -> None:
+    if not torch.isfinite(loss):
+        where = f"last good checkpoint: {checkpoint}" if checkpoint.is_file() else "no checkpoint was written yet"
+        raise UserError(f"loss became {loss.item()} at step {step} ({where}); resume with --resume and try {remedies}")
+
+
+def append_log(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past the checkpoint being resumed: they will be written again."""
+    if path.is_file():
+        kept = [json.dumps(r) + "\n" for r in read_log(path) if r["step"] <= step]
+        atomic_write_bytes(path, "".join(kept).encode())

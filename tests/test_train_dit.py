@@ -1,0 +1,138 @@
+"""train-dit: exact resume after SIGKILL, REPA on aligned features, shape checks, bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from reals_cli.alignment import AlignConfig, AlignmentNet
+from reals_cli.artifacts import load_state, load_weights, read_manifest
+from reals_cli.cli import main
+from reals_cli.encode import encode
+from reals_cli.reals_vae import save_reals_vae
+from reals_cli.train_dit import resolve_config, train_dit
+from reals_cli.vae import AutoencoderKL, vae_config
+
+# Tiny: 16 px images -> 4x8x8 latents; DiT-S/4 -> 2x2 tokens... too few for REPA's grid, so S/2 (4x4 tokens).
+FLAGS = dict(model="DiT-S/2", batch_size=6, workers=0, device="cpu", precision="fp32", lr=1e-3, log_every=1)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("dit")
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        (root / "img" / name).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "img" / name / f"{i}.png")
+    torch.manual_seed(0)
+    # Alignment net: 8x8 latent -> 4x4 grid of 6-d features, i.e. DiT-S/2's 4x4 tokens.
+    save_reals_vae(root / "vae", AutoencoderKL(vae_config("tiny")), AlignmentNet(AlignConfig(4, 8, 6, 4, hidden=8)),
+                   {"image_size": 16}, {}, {})
+    encode(root / "img", root / "lat.zarr", root / "vae", batch_size=8, block_size=8, workers=0, device="cpu", flip=True)
+    return root / "lat.zarr", root / "vae"
+
+
+def _cli_args(latents, out, steps, **extra):
+    args = [str(latents), "--out", str(out), "--steps", str(steps)]
+    for k, v in {**FLAGS, **extra}.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+@pytest.mark.parametrize("objective", ["sit", "dit"])
+def test_resume_after_sigkill_equals_uninterrupted(store, tmp_path, objective):
+    latents, _ = store
+    steps = 8
+    straight = tmp_path / "straight"
+    train_dit(resolve_config(latents=str(latents), out=str(straight), steps=steps, ckpt_every=4, objective=objective, **FLAGS))
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "reals_cli", "train-dit", *_cli_args(latents, killed, steps, ckpt_every=1, objective=objective)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = killed / "checkpoint.safetensors"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ckpt.is_file() and load_state(ckpt)["step"] >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "manifest.json").exists(), "finished before the kill"
+    result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, killed, steps, ckpt_every=1, objective=objective), "--resume"])
+    assert result.exit_code == 0, result.output
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_weights(straight / name), load_weights(killed / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    m = read_manifest(killed, "dit", 1)
+    assert m["config"]["latent_shape"] == [4, 8, 8] and m["config"]["num_classes"] == 3
+    assert len(m["config"]["latent_mean"]) == 4  # the store's normalisation travels with the model
+
+
+def test_loss_falls(store, tmp_path):
+    latents, _ = store
+    out = tmp_path / "o"
+    train_dit(resolve_config(latents=str(latents), out=str(out), steps=40, ckpt_every=40, **FLAGS))
+    losses = [r["loss"] for r in (__import__("reals_cli.training", fromlist=["read_log"]).read_log(out / "log.jsonl"))]
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+
+
+def test_repa_aligns_to_the_alignment_network(store, tmp_path):
+    latents, vae = store
+    out = tmp_path / "repa"
+    m = train_dit(resolve_config(latents=str(latents), out=str(out), steps=3, ckpt_every=3, repa_weight=0.5,
+                                 repa_depth=2, repa_vae=str(vae), **FLAGS))
+    proj = load_weights(out / "projector.safetensors")
+    assert proj["4.weight"].shape[0] == 6  # projects to the alignment network's feature width
+    log = (out / "log.jsonl").read_text()
+    assert '"repa": -' in log or '"repa": 0.' in log  # a real cosine term was logged
+
+
+def test_repa_refuses_another_vae(store, tmp_path):
+    latents, _ = store
+    torch.manual_seed(5)
+    other = tmp_path / "other_vae"
+    save_reals_vae(other, AutoencoderKL(vae_config("tiny")), AlignmentNet(AlignConfig(4, 8, 6, 4, hidden=8)), {"image_size": 16}, {}, {})
+    result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, tmp_path / "o", 2, repa_weight=0.5, repa_vae=other)])
+    assert result.exit_code == 2
+    assert "but" in result.output and "was encoded by VAE" in result.output
+
+
+def test_official_checkpoint_of_another_size_is_refused(store, tmp_path):
+    latents, _ = store
+    from reals_cli.dit import build_dit
+
+    torch.save(build_dit("DiT-S/2", 16, 4, 3).state_dict(), tmp_path / "big.pt")  # 16x16 latents, not 8x8
+    result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, tmp_path / "o", 2, init=tmp_path / "big.pt")])
+    assert result.exit_code == 2
+    assert "does not fit this model (first: pos_embed is torch.Size([1, 64, 384]), needs (1, 16, 384))" in result.output
+
+
+def test_init_loads_an_official_layout_checkpoint(store, tmp_path):
+    latents, _ = store
+    from reals_cli.dit import build_dit
+
+    torch.manual_seed(3)
+    ref = build_dit("DiT-S/2", 8, 4, 3).state_dict()
+    torch.save(ref, tmp_path / "init.pt")
+    out = tmp_path / "o"
+    train_dit(resolve_config(latents=str(latents), out=str(out), steps=1, ckpt_every=1, init=str(tmp_path / "init.pt"), **{**FLAGS, "lr": 0.0}))
+    got = load_weights(out / "model.safetensors")
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_unfinished_store_is_refused(tmp_path):
+    from reals_cli.latent_store import create_store
+
+    create_store(tmp_path / "s.zarr", rows=4, latent_shape=(4, 8, 8), views=1, dtype="float16", block_size=4,
+                 attrs={"vae_id": "x", "config": {"block_size": 4}, "classes": ["a"]})
+    result = CliRunner().invoke(main, ["train-dit", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert result.exit_code == 2
+    assert "is an unfinished latent store (0 of 1 blocks encoded)" in result.output

@@ -75,8 +75,145 @@ def bench_train_vae(device: torch.device) -> list[tuple[str, float, str]]:
     return rows
 
 
+def _timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median seconds of fn() over `repeats` runs, after `warmup` runs (synchronised on CUDA)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def bench_encode(device: torch.device) -> list[tuple[str, float, str]]:
+    """`encode` end to end against the bare encoder forward on the same batches (goal: >= 0.9)."""
+    from .alignment import AlignConfig, AlignmentNet
+    from .encode import encode
+    from .reals_vae import save_reals_vae
+    from .runtime import autocast
+    from .vae import AutoencoderKL, vae_config
+
+    name, size, batch, count = ("sd-f8c4", 256, 64, 1024) if device.type == "cuda" else ("demo", 64, 64, 512)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        vae = AutoencoderKL(vae_config(name))
+        grid = size // vae.downsample_factor
+        save_reals_vae(tmp / "vae", vae, AlignmentNet(AlignConfig(4, grid, 8, grid, hidden=8)), {"image_size": size}, {}, {})
+        data = _image_folder(tmp / "img", size, count)
+        start = time.perf_counter()
+        encode(data, tmp / "lat.zarr", tmp / "vae", batch_size=batch, device=device.type, block_size=batch)
+        end_to_end = count / (time.perf_counter() - start)
+        vae = vae.to(device).eval()
+        x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+
+        def forward():
+            with torch.no_grad(), autocast(device, "bf16"):
+                vae.encode(x)
+
+        bare = batch / _timed(forward, repeats=3)
+    return [
+        (f"encode end to end, {name} at {size}px, batch {batch}, {count} PNGs", end_to_end, "images/s"),
+        ("bare encoder forward, same batch", bare, "images/s"),
+        ("ratio end to end / bare (goal >= 0.9)", end_to_end / bare, "x"),
+    ]
+
+
+def _random_store(path: Path, rows: int, shape=(4, 32, 32), views: int = 2):
+    from .latent_store import create_store
+
+    store = create_store(path, rows=rows, latent_shape=shape, views=views, dtype="float16", block_size=256,
+                         attrs={"vae_id": "bench", "config": {"block_size": 256}, "classes": [str(i) for i in range(10)]})
+    rng = np.random.default_rng(0)
+    for block in range(-(-rows // 256)):
+        n = min(256, rows - block * 256)
+        post = rng.standard_normal((n, views, 2, *shape)).astype(np.float16)
+        post[:, :, 1] = np.abs(post[:, :, 1])
+        store.write_block(block, post, rng.integers(0, 10, n))
+    store.finalize()
+
+
+def bench_latent_reads(device: torch.device) -> list[tuple[str, float, str]]:
+    """Random minibatches from the latent store against what a DiT-B/2 step consumes (goal: >= 20x)."""
+    from torch.utils.data import DataLoader
+
+    from .latent_store import LatentDataset
+
+    rows = 8192
+    with tempfile.TemporaryDirectory() as tmp:
+        _random_store(Path(tmp) / "s.zarr", rows)
+        data = LatentDataset(Path(tmp) / "s.zarr")
+        loader = DataLoader(data, batch_size=256, shuffle=True, num_workers=2, generator=torch.Generator().manual_seed(0))
+        it = iter(loader)
+        next(it)
+        start, n = time.perf_counter(), 0
+        for _ in range(20):
+            n += len(next(it)[0])
+        reads = n / (time.perf_counter() - start)
+    step_rate = bench_train_dit_rate(device, "DiT-B/2", 32)
+    return [
+        ("LatentDataset random minibatches (256 of 4x32x32, flip views, 2 workers)", reads, "latents/s"),
+        ("DiT-B/2 training consumption at 32x32x4 (same machine)", step_rate, "latents/s"),
+        ("ratio reads / consumption (goal >= 20)", reads / step_rate, "x"),
+    ]
+
+
+def bench_train_dit_rate(device: torch.device, name: str, size: int, reference: bool = False) -> float:
+    """Training images/s of one model: our step (SDPA/xformers, autocast, fused AdamW) or, with
+    reference=True, a plain eager fp32 step (explicit attention, plain AdamW)."""
+    from .dit import build_dit
+    from .runtime import autocast
+    from .transport import Transport
+
+    batch = (64 if "XL" in name else 128) if device.type == "cuda" else 8
+    model = build_dit(name, size, 4, 1000, attn="math" if reference else "auto").to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" and not reference)
+    objective = Transport()
+    x1 = torch.randn(batch, 4, size, size, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+
+    def step():
+        t = objective.sample_time(batch, device)
+        x0 = torch.randn_like(x1)
+        x_t = objective.q_sample(x1, t, x0)
+        with autocast(device, "fp32" if reference else "bf16"):
+            loss = objective.loss(model(x_t, t, y).float(), x1, x_t, t, x0)["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return batch / _timed(step, repeats=3 if device.type == "cpu" else 10, warmup=1 if device.type == "cpu" else 3)
+
+
+def bench_train_dit(device: torch.device) -> list[tuple[str, float, str]]:
+    """Training throughput and model-FLOP utilisation (3 x forward FLOPs, counted analytically)."""
+    from .dit import dit_flops
+
+    rows = []
+    for name in (["DiT-B/2", "DiT-XL/2"] if device.type == "cuda" else ["DiT-B/2"]):
+        ours = bench_train_dit_rate(device, name, 32)
+        rows.append((f"{name} training at 32x32x4 (256 px)", ours, "images/s"))
+        flops = 3 * dit_flops(name, 32, 4) * ours
+        rows.append((f"{name} training FLOP rate (3 x analytic forward FLOPs)", flops / 1e12, "TFLOP/s"))
+        if device.type == "cuda":
+            peak = 989e12 if "H100" in torch.cuda.get_device_name(device) else float("nan")  # dense bf16
+            rows.append((f"{name} MFU (bf16 dense peak {peak / 1e12:.0f} TFLOP/s)", 100 * flops / peak, "%"))
+        else:
+            reference = bench_train_dit_rate(device, name, 32, reference=True)
+            rows.append((f"{name} plain eager fp32 reference step", reference, "images/s"))
+            rows.append((f"{name} ratio ours / reference", ours / reference, "x"))
+    return rows
+
+
 BENCHMARKS: dict[str, Callable[[torch.device], list[tuple[str, float, str]]]] = {
     "train-vae": bench_train_vae,
+    "encode": bench_encode,
+    "latent-reads": bench_latent_reads,
+    "train-dit": bench_train_dit,
 }
 
 

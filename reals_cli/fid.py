@@ -48,6 +48,8 @@ STATS_FORMAT = "reals-fid-stats"
 STATS_VERSION = 1
 _META = "reals_meta"  # key of the JSON metadata inside a statistics .npz
 _POOL_KEY = "pool"
+_STAT_KEYS = {POOL_FEATURE: ("mu", "sigma"), SFID_FEATURE: ("mu_s", "sigma_s")}  # ADM's names
+_DIMS = {POOL_FEATURE: 2048, SFID_FEATURE: 7 * 17 * 17}
 _WORKERS_FROM = 1000  # fewer images than this decode faster in-process than with forked workers
 
 
@@ -161,6 +163,19 @@ def _npz_keys(path: Path) -> list[str]:
         raise UserError(f"{path} is not a readable .npz file ({e})") from None
 
 
+def _stat_pairs(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The (mu, sigma) pairs present in `arrays`, in float64, each checked for its feature's size."""
+    pairs = {}
+    for feature, (mu, sigma) in _STAT_KEYS.items():
+        if mu in arrays and sigma in arrays:
+            d = _DIMS[feature]
+            if arrays[mu].shape != (d,) or arrays[sigma].shape != (d, d):
+                raise UserError(f"{path}: {mu} is {arrays[mu].shape} and {sigma} {arrays[sigma].shape}; "
+                                f"expected ({d},) and ({d}, {d}) Inception statistics")
+            pairs[feature] = (arrays[mu].astype(np.float64), arrays[sigma].astype(np.float64))
+    return pairs
+
+
 def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
     version = np.lib.format.read_magic(f)
     read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
@@ -205,13 +220,11 @@ class NpzImages(ImageSource):
 
     def _stored_stats(self, keys: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """ADM reference batches carry mu/sigma (pool) and mu_s/sigma_s (sFID) from TF's Inception."""
-        pairs = {POOL_FEATURE: ("mu", "sigma"), SFID_FEATURE: ("mu_s", "sigma_s")}
-        stored = {}
-        with np.load(self.path) as z:
-            for feature, (mu, sigma) in pairs.items():
-                if mu in keys and sigma in keys:
-                    stored[feature] = (z[mu].astype(np.float64), z[sigma].astype(np.float64))
-        return stored
+        try:
+            with np.load(self.path) as z:
+                return _stat_pairs(self.path, {k: z[k] for k in keys if k != "arr_0"})
+        except ValueError as e:
+            raise UserError(f"{self.path} holds unreadable statistics ({e})") from None
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         h, w = self.resolution
@@ -239,6 +252,7 @@ class _Files(torch.utils.data.Dataset):
 
         try:
             with Image.open(self.paths[i]) as im:
+                im.load()  # decode before the file closes (to_rgb returns an RGB image as it is)
                 img = to_rgb(im)
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read image {self.paths[i]} ({e})") from None
@@ -353,15 +367,14 @@ class StatsFile:
         if meta.get("format") != STATS_FORMAT or meta.get("version") != STATS_VERSION:
             raise UserError(f"{path} is a statistics file of format {meta.get('format')} v{meta.get('version')}; "
                             f"this reals reads {STATS_FORMAT} v{STATS_VERSION}: save it again with --save-ref-stats")
-        stats = {}
-        for feature, (mu, sigma) in {POOL_FEATURE: ("mu", "sigma"), SFID_FEATURE: ("mu_s", "sigma_s")}.items():
-            if mu in arrays and sigma in arrays:
-                stats[feature] = (arrays[mu].astype(np.float64), arrays[sigma].astype(np.float64))
-        return cls(path, meta, stats, arrays.get(_POOL_KEY))
+        return cls(path, meta, _stat_pairs(path, arrays), arrays.get(_POOL_KEY))
 
 
-def open_input(path: str | os.PathLike, crop: int | None = None) -> ImageSource | StatsFile:
-    """Recognise an input by its form (see the module docstring); `crop` applies to folders only."""
+def open_input(path: str | os.PathLike, crop: int | None = None, classes: bool = True) -> ImageSource | StatsFile:
+    """Recognise an input by its form (see the module docstring); `crop` applies to folders only.
+
+    `classes=False` refuses class-folder trees (generated samples are a flat folder or an npz).
+    """
     from .data import IMAGE_EXTENSIONS, MASK_SUFFIX
 
     path = Path(path)
@@ -382,6 +395,9 @@ def open_input(path: str | os.PathLike, crop: int | None = None) -> ImageSource 
                    and p.name.lower().endswith(IMAGE_EXTENSIONS) and not p.name.lower().endswith(MASK_SUFFIX))
     if files:
         return FolderImages(path, files, crop)
+    if not classes:
+        raise UserError(f"no image files directly in {path}; samples are an .npz, a folder holding samples.npz, "
+                        f"or a folder of images")
     return ClassFolderImages(path, crop)
 
 
@@ -420,18 +436,17 @@ class _Features:
     kept: dict[str, np.ndarray]  # feature -> N x D float32, for metrics that need every point
 
 
-def _extract(source: ImageSource, choice: ExtractorChoice, stats: set[str], keep: set[str], device: torch.device,
+def _extract(source: ImageSource, extractor, stats: set[str], keep: set[str], device: torch.device,
              batch_size: int, bar, label: str) -> _Features:
-    features = sorted(stats | keep)
-    if not features:
+    """One pass over `source`: (mu, sigma) of the `stats` features, every vector of the `keep` features."""
+    if not stats | keep:
         return _Features({}, {})
-    extractor = choice.build(features, device)
     moments = {f: _Moments() for f in stats}
     kept: dict[str, list[torch.Tensor]] = {f: [] for f in keep}
     task = bar.add_task(f"Inception: {label}", total=source.count) if bar is not None else None
     with torch.inference_mode():
         for batch in source.batches(batch_size):
-            out = dict(zip(features, extractor(batch.to(device))))
+            out = dict(zip(extractor.features_list, extractor(batch.to(device))))
             for f, m in moments.items():
                 m.add(out[f])
             for f in keep:
@@ -449,8 +464,9 @@ def save_reference_stats(path: str | os.PathLike, features: _Features, choice: E
             "extractor": {"name": choice.name, "weights_sha256": choice.weights_sha256},
             "resolution": list(source.resolution), "count": source.count, "source": source.describe(),
             "reals_version": __version__}
-    (mu, sigma), (mu_s, sigma_s) = features.stats[POOL_FEATURE], features.stats[SFID_FEATURE]
-    arrays = {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s, _META: np.array(json.dumps(meta))}
+    arrays = {_META: np.array(json.dumps(meta))}
+    for feature, (mu, sigma) in _STAT_KEYS.items():
+        arrays[mu], arrays[sigma] = features.stats[feature]
     if POOL_FEATURE in features.kept:
         arrays[_POOL_KEY] = features.kept[POOL_FEATURE]
     with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
@@ -502,7 +518,7 @@ def compute_metrics(
     wanted = set(metrics)
     dev = resolve_device(device)
 
-    sample_src = open_input(samples)
+    sample_src = open_input(samples, classes=False)
     if isinstance(sample_src, StatsFile):
         raise UserError(f"{samples} holds statistics, not images; SAMPLES must be images (npz or a folder)")
     if sample_src.count < 2:
@@ -534,35 +550,38 @@ def compute_metrics(
     if "pr" in wanted and min(sample_src.count, ref_src.count) <= PR_K:
         unavailable["pr"] = f"precision/recall with k={PR_K} needs more than {PR_K} images in each set"
 
-    # What each side needs: statistics (mu, sigma) and full feature sets.
+    # What each side needs: (mu, sigma) of some features, every vector of others.
     stat_for = {"fid": POOL_FEATURE, "sfid": SFID_FEATURE}
-    need_stats = {stat_for[m] for m in wanted & stat_for.keys()}
-    need_pool = bool(wanted & {"kid", "pr"} - unavailable.keys())
-    ref_stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    ref_todo: set[str] = set()
+    ref_keep: set[str] = set()
     ref_pool = None
     if isinstance(ref_src, StatsFile):
         ref_stats, ref_pool = ref_src.stats, ref_src.pool
-        for m in sorted(wanted):
-            missing = (m in stat_for and stat_for[m] not in ref_stats) or (m in ("kid", "pr") and ref_pool is None)
-            if missing and m not in unavailable:
+        for m in sorted(wanted - unavailable.keys()):
+            if (m in stat_for and stat_for[m] not in ref_stats) or (m in ("kid", "pr") and ref_pool is None):
                 unavailable[m] = f"the reference statistics file {ref} holds no features for it; save it again"
-    else:
-        ref_stats = dict(getattr(ref_src, "stored", {}))
-    # A saved statistics file always holds both (mu, sigma) pairs, so that it serves every later run.
-    ref_todo = {POOL_FEATURE, SFID_FEATURE} if save_ref_stats is not None else need_stats - ref_stats.keys()
+    need_stats = {stat_for[m] for m in (wanted & stat_for.keys()) - unavailable.keys()}
+    need_pool = bool(wanted & {"kid", "pr"} - unavailable.keys())
     sample_keep = ({POOL_FEATURE} if need_pool else set()) | (
         {LOGITS_FEATURE} if "is" in wanted and "is" not in unavailable else set())
+    if isinstance(ref_src, ImageSource):
+        ref_stats = dict(getattr(ref_src, "stored", {}))  # an ADM reference batch's: used as they are
+        # A saved statistics file always holds both (mu, sigma) pairs, so that it serves every later run.
+        ref_todo = {POOL_FEATURE, SFID_FEATURE} if save_ref_stats is not None else need_stats - ref_stats.keys()
+        ref_keep = {POOL_FEATURE} if need_pool else set()
 
+    # One network for both passes, with every feature either side needs (extra heads cost next to nothing).
+    features = sorted(ref_todo | ref_keep | need_stats | sample_keep)
+    net = choice.build(features, dev) if features else None
     bar = make_progress() if progress else None
     with bar if bar is not None else contextlib.nullcontext():
         if isinstance(ref_src, ImageSource):
-            got = _extract(ref_src, choice, ref_todo, {POOL_FEATURE} if need_pool else set(), dev,
-                           batch_size, bar, "reference")
+            got = _extract(ref_src, net, ref_todo, ref_keep, dev, batch_size, bar, "reference")
             ref_stats = {**ref_stats, **got.stats}
             ref_pool = got.kept.get(POOL_FEATURE, ref_pool)
             if save_ref_stats is not None:
                 save_reference_stats(save_ref_stats, got, choice, ref_src)
-        fake = _extract(sample_src, choice, need_stats, sample_keep, dev, batch_size, bar, "samples")
+        fake = _extract(sample_src, net, need_stats, sample_keep, dev, batch_size, bar, "samples")
 
     n = sample_src.count
     result: dict = {m: None for m in ("fid", "sfid", "kid", "kid_std", "precision", "recall",
@@ -584,8 +603,7 @@ def compute_metrics(
                         f"FID-50K numbers (FID is biased upwards for fewer samples)")
     ref_info = ref_src.describe()
     if getattr(ref_src, "stored", None):
-        ref_info["stored_statistics"] = sorted({POOL_FEATURE: "mu/sigma", SFID_FEATURE: "mu_s/sigma_s"}[f]
-                                               for f in ref_src.stored)
+        ref_info["stored_statistics"] = sorted("/".join(_STAT_KEYS[f]) for f in ref_src.stored)
     result.update({
         "label": _fid_label(n),
         "metrics_requested": [m for m in METRICS if m in wanted],

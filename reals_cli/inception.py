@@ -12,6 +12,8 @@ Each takes uint8 N x 3 x H x W images, resizes them to 299 with torch-fidelity's
 TF1-exact bilinear resize and maps 0..255 to (x - 128) / 128, as the TF graph does, and
 gives '2048' (pool features), SFID_FEATURE (ADM's sFID vector) and, where the classifier
 exists, 'logits_unbiased' (the logits without bias, what IS is computed from).
+Importing this module registers both with torch-fidelity, so that its own
+`calculate_metrics(..., feature_extractor=OFFLINE)` runs the same network.
 """
 
 from __future__ import annotations
@@ -198,7 +200,7 @@ def _socket_timeout(seconds: float):
 
 
 def torch_fidelity_weights() -> Path:
-    """torch-fidelity's weight file in the torch hub cache (where torch-fidelity itself keeps it), downloaded if absent."""
+    """torch-fidelity's weight file in the torch hub cache (where torch-fidelity keeps it), downloaded if absent."""
     path = Path(torch.hub.get_dir()) / "checkpoints" / URL_INCEPTION_V3.rsplit("/", 1)[-1]
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)

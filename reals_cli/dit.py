@@ -19,6 +19,7 @@ from .attention import Attention
 from .errors import UserError
 
 _SIZES = {  # depth, width, heads
+    "T": (6, 192, 3),  # not in the DiT paper: a size that trains on CPU, for demos and tests
     "S": (12, 384, 6),
     "B": (12, 768, 12),
     "L": (24, 1024, 16),

@@ -21,8 +21,8 @@ from reals_cli.reals_vae import save_reals_vae
 from reals_cli.train_dit import resolve_config, train_dit
 from reals_cli.vae import AutoencoderKL, vae_config
 
-# Tiny: 16 px images -> 4x8x8 latents; DiT-S/4 -> 2x2 tokens... too few for REPA's grid, so S/2 (4x4 tokens).
-FLAGS = dict(model="DiT-S/2", batch_size=6, workers=0, device="cpu", precision="fp32", lr=1e-3, log_every=1)
+# Tiny: 16 px images -> 4x8x8 latents -> DiT-T/2 sees 4x4 tokens, the alignment network's grid.
+FLAGS = dict(model="DiT-T/2", batch_size=6, workers=0, device="cpu", precision="fp32", lr=1e-3, log_every=1)
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +109,10 @@ def test_official_checkpoint_of_another_size_is_refused(store, tmp_path):
     latents, _ = store
     from reals_cli.dit import build_dit
 
-    torch.save(build_dit("DiT-S/2", 16, 4, 3).state_dict(), tmp_path / "big.pt")  # 16x16 latents, not 8x8
+    torch.save(build_dit("DiT-T/2", 16, 4, 3).state_dict(), tmp_path / "big.pt")  # 16x16 latents, not 8x8
     result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, tmp_path / "o", 2, init=tmp_path / "big.pt")])
     assert result.exit_code == 2
-    assert "does not fit this model (first: pos_embed is torch.Size([1, 64, 384]), needs (1, 16, 384))" in result.output
+    assert "does not fit this model (first: pos_embed is torch.Size([1, 64, 192]), needs (1, 16, 192))" in result.output
 
 
 def test_init_loads_an_official_layout_checkpoint(store, tmp_path):
@@ -120,7 +120,7 @@ def test_init_loads_an_official_layout_checkpoint(store, tmp_path):
     from reals_cli.dit import build_dit
 
     torch.manual_seed(3)
-    ref = build_dit("DiT-S/2", 8, 4, 3).state_dict()
+    ref = build_dit("DiT-T/2", 8, 4, 3).state_dict()
     torch.save(ref, tmp_path / "init.pt")
     out = tmp_path / "o"
     train_dit(resolve_config(latents=str(latents), out=str(out), steps=1, ckpt_every=1, init=str(tmp_path / "init.pt"), **{**FLAGS, "lr": 0.0}))

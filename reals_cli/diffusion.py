@@ -29,6 +29,7 @@ import torch
 from .errors import UserError
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NoiseFn = Callable[[torch.Tensor], torch.Tensor]  # x -> fresh N(0, I) noise shaped like x
 
 
 def linear_betas(num_steps: int = 1000) -> torch.Tensor:
@@ -88,6 +89,13 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log
 
 def _mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator | None, noise_fn: NoiseFn | None) -> torch.Tensor:
+    # noise_fn lets a caller give every sample its own stream (batch-size independent results).
+    if noise_fn is not None:
+        return noise_fn(x)
+    return torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
 
 
 class Diffusion:
@@ -199,17 +207,17 @@ class Diffusion:
         return torch.full((x.shape[0],), int(self.timestep_map[i]), device=x.device, dtype=torch.long)
 
     def p_sample(self, model_fn: ModelFn, x: torch.Tensor, i: int, clip_denoised: bool = False,
-                 generator: torch.Generator | None = None) -> dict:
+                 generator: torch.Generator | None = None, noise_fn: NoiseFn | None = None) -> dict:
         """One ancestral step from schedule step i to i-1 (no noise is added at i = 0)."""
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         p = self.p_mean_variance(model_fn(x, self._model_t(i, x)), x, t, clip_denoised)
         if i == 0:
             return {"sample": p["mean"], "pred_x0": p["pred_x0"]}
-        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        noise = _randn_like(x, generator, noise_fn)
         return {"sample": p["mean"] + torch.exp(0.5 * p["log_variance"]) * noise, "pred_x0": p["pred_x0"]}
 
     def ddim_sample(self, model_fn: ModelFn, x: torch.Tensor, i: int, eta: float = 0.0, clip_denoised: bool = False,
-                    generator: torch.Generator | None = None) -> dict:
+                    generator: torch.Generator | None = None, noise_fn: NoiseFn | None = None) -> dict:
         """One DDIM step (Song et al. eq. 12) from step i to i-1; eta = 0 is deterministic."""
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         p = self.p_mean_variance(model_fn(x, self._model_t(i, x)), x, t, clip_denoised)
@@ -218,31 +226,32 @@ class Diffusion:
         sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
         sample = abar_prev.sqrt() * p["pred_x0"] + (1 - abar_prev - sigma**2).sqrt() * p["eps"]
         if i > 0 and eta > 0:
-            sample = sample + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+            sample = sample + sigma * _randn_like(x, generator, noise_fn)
         return {"sample": sample, "pred_x0": p["pred_x0"]}
 
 
-def _sample_loop(step, model_fn, shape, steps, noise, device, num_train_steps, generator, **step_kwargs):
+def _sample_loop(step, model_fn, shape, steps, noise, device, num_train_steps, generator, noise_fn, **step_kwargs):
     diffusion = Diffusion.linear(num_train_steps).respace(steps)
     x = torch.randn(shape, device=device, generator=generator) if noise is None else noise
     for i in reversed(range(diffusion.num_steps)):
-        x = step(diffusion, model_fn, x, i, generator=generator, **step_kwargs)["sample"]
+        x = step(diffusion, model_fn, x, i, generator=generator, noise_fn=noise_fn, **step_kwargs)["sample"]
     return x
 
 
 @torch.no_grad()
 def ddpm_sample_loop(model_fn: ModelFn, shape, steps: str | int = 250, *, noise: torch.Tensor | None = None,
                      device: torch.device | str = "cpu", num_train_steps: int = 1000, clip_denoised: bool = False,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, noise_fn: NoiseFn | None = None) -> torch.Tensor:
     """Ancestral sampling over `steps` respaced steps (DiT samples with 250)."""
     return _sample_loop(Diffusion.p_sample, model_fn, shape, steps, noise, device, num_train_steps, generator,
-                        clip_denoised=clip_denoised)
+                        noise_fn, clip_denoised=clip_denoised)
 
 
 @torch.no_grad()
 def ddim_sample_loop(model_fn: ModelFn, shape, steps: str | int = 50, *, eta: float = 0.0,
                      noise: torch.Tensor | None = None, device: torch.device | str = "cpu", num_train_steps: int = 1000,
-                     clip_denoised: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+                     clip_denoised: bool = False, generator: torch.Generator | None = None,
+                     noise_fn: NoiseFn | None = None) -> torch.Tensor:
     """DDIM sampling over `steps` respaced steps ("ddim50" for DDIM's own stride)."""
     return _sample_loop(Diffusion.ddim_sample, model_fn, shape, steps, noise, device, num_train_steps, generator,
-                        eta=eta, clip_denoised=clip_denoised)
+                        noise_fn, eta=eta, clip_denoised=clip_denoised)

@@ -215,9 +215,11 @@ def ode_sample(transport: Transport, model_fn: ModelFn, x: torch.Tensor, num_ste
 @torch.no_grad()
 def sde_sample(transport: Transport, model_fn: ModelFn, x: torch.Tensor, num_steps: int = 250,
                diffusion_form: str = "sigma", diffusion_norm: float = 1.0, last_step_size: float = 0.04,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None,
+               noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Euler-Maruyama as SiT: num_steps - 1 noisy steps on linspace(t0, 1 - last_step_size,
-    num_steps), then one step of the drift alone ("Mean") to t = 1; num_steps model calls."""
+    num_steps), then one step of the drift alone ("Mean") to t = 1; num_steps model calls.
+    noise_fn(x), if given, draws each step's noise instead of the generator (per-sample streams)."""
     t0, t1 = transport.interval(sde=True, diffusion_form=diffusion_form, last_step_size=last_step_size)
     grid = torch.linspace(t0, t1, num_steps, dtype=torch.float64).tolist()
     dt = grid[1] - grid[0]
@@ -225,7 +227,8 @@ def sde_sample(transport: Transport, model_fn: ModelFn, x: torch.Tensor, num_ste
         tb = _batch_t(t, x)
         drift = transport.sde_drift(model_fn(x, tb), x, tb, diffusion_form, diffusion_norm)
         w = transport.diffusion(tb, x, diffusion_form, diffusion_norm)
-        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        noise = (noise_fn(x) if noise_fn is not None
+                 else torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator))
         x = x + drift * dt + torch.sqrt(2 * w * dt) * noise
     if last_step_size > 0:
         tb = _batch_t(t1, x)

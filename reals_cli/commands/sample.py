@@ -1,0 +1,58 @@
+"""`reals sample`: a thin wrapper over `reals_cli.sample.sample`."""
+
+from __future__ import annotations
+
+import click
+
+from ..errors import UserError
+from ..sample import SampleConfig, sample
+from ..samplers import ODE_METHODS
+from .options import device_option, seed_option
+
+
+def _interval(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--cfg-interval must be LOW,HIGH (two numbers in [0, 1]), got {text!r}") from None
+    return low, high
+
+
+@click.command("sample")
+@click.option("--ckpt", required=True, help="A model folder made by `reals train-dit`.")
+@click.option("--out", required=True, help="Output folder: samples.npz, latents.zarr, grid.png, manifest.json.")
+@click.option("-n", "--num-samples", default=50_000, show_default=True, type=int, help="Number of samples (FID-50K: 50000).")
+@click.option("--cfg", default=1.0, show_default=True, type=float,
+              help="Classifier-free guidance scale on all latent channels; 1 for none.")
+@click.option("--cfg-interval", default="0,1", show_default=True,
+              help="LOW,HIGH: guide only where the noise level tau is in [LOW, HIGH], with tau = 0 data and tau = 1 "
+                   "pure noise (REPA's and ReaLS's convention: their [0, 0.75] leaves the noisiest quarter unguided). "
+                   "SiT (t = 0 noise, t = 1 data): tau = 1 - t. DiT (step 999 = noise): tau = step / 999.")
+@click.option("--classes", help="Comma-separated class ids or names; sample i gets the (i mod count)-th.  "
+                                "[default: all classes, balanced]")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "ode", "sde"]),
+              help="ddpm/ddim for dit checkpoints, ode/sde for sit.  [default: ddpm for dit, sde for sit]")
+@click.option("--steps", type=int,
+              help="Sampling steps (ode/sde: grid points, as SiT).  [default: ddpm 250, ddim 50, ode 50, sde 250]")
+@click.option("--ode-method", default="dopri5", show_default=True, type=click.Choice(list(ODE_METHODS)),
+              help="ODE integrator; dopri5 is adaptive (ignores --steps).")
+@click.option("--rtol", default=1e-3, show_default=True, type=float, help="dopri5 relative tolerance.")
+@click.option("--atol", default=1e-6, show_default=True, type=float, help="dopri5 absolute tolerance.")
+@click.option("--no-ema", "ema", flag_value=False, default=True, help="Use the raw weights instead of the EMA weights.")
+@click.option("--vae", help="The VAE folder, if not at the path the checkpoint records (its id must match).")
+@click.option("--batch-size", default=64, show_default=True, type=int, help="Samples per forward pass (x2 while guided).")
+@click.option("--block-size", default=256, show_default=True, type=int, help="Samples per resumable block.")
+@click.option("--png", is_flag=True, help="Also write every image as images/NNNNNN.png.")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="Autocast precision on CUDA (CPU always runs fp32).")
+@device_option
+@seed_option
+def sample_command(cfg_interval: str, classes: str | None, **flags):
+    """Generate images (ADM samples.npz) and latents from a trained DiT/SiT.
+
+    Sample i depends only on (--seed, i): the same command run again after a kill
+    finishes the missing blocks, and `torchrun --nproc-per-node K reals sample ...`
+    splits the blocks over K processes with the same result.
+    """
+    class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    sample(SampleConfig(cfg_interval=_interval(cfg_interval), classes=class_list, **flags))

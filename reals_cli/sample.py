@@ -1,0 +1,348 @@
+"""`reals sample`: images and latents from a trained DiT/SiT, at FID-50K scale.
+
+Sample i is a function of (seed, i) alone: its initial noise and every per-step
+noise come from its own generator, seeded by (seed, i), drawn on the CPU and then
+moved, and its label is classes[i % len(classes)]. So the result does not depend on
+the number of processes or on where a killed run stopped, nor on the batch size
+beyond the float rounding of batched matmuls (~1e-6 relative in the latents).
+
+The indices are cut into blocks of `block_size`; under `torchrun` rank r takes
+blocks r, r + world, ... Each finished block is written atomically to
+`parts/block_NNNNNN.npz` (images, raw latents, labels); a block is done when its
+file exists, so the same command run again does only the missing blocks and never
+makes an index twice. Once every block is there, rank 0 assembles the outputs:
+
+  samples.npz   ADM format: arr_0 = N x H x W x 3 uint8, arr_1 = N labels
+  latents.zarr  the raw (unnormalised) latents as a latent store, for the probes
+  grid.png      a preview of the first 64 images; images/NNNNNN.png with --png
+  manifest.json kind "samples": the full protocol, written last
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import __version__, artifacts
+from .console import console, print_summary, progress
+from .dit import DiT, build_dit
+from .errors import UserError
+from .latent_store import create_store
+from .reals_vae import RealsVAE, load_reals_vae
+from .runtime import PRECISIONS, autocast, resolve_device
+from .samplers import SamplerSpec, guided, noise_level, resolve_sampler, run_sampler
+from .train_dit import EMA_FILE, FORMAT_VERSION as DIT_VERSION, KIND as DIT_KIND, MODEL_FILE, build_objective
+
+KIND, FORMAT_VERSION = "samples", 1
+PARTS, PROTOCOL = "parts", "protocol.json"
+NPZ, GRID, LATENTS, PNG_DIR = "samples.npz", "grid.png", "latents.zarr", "images"
+GRID_IMAGES = 64
+_POLL_S = 2.0
+TIME_CONVENTION = "noise level tau in [0, 1]: 0 data, 1 noise; SiT tau = 1 - t, DiT tau = step / 999"
+
+
+@dataclass
+class SampleConfig:
+    ckpt: str
+    out: str
+    num_samples: int = 50_000
+    cfg: float = 1.0
+    cfg_interval: tuple[float, float] = (0.0, 1.0)
+    classes: list[int | str] | None = None  # None: every class, sample i gets class i % num_classes
+    sampler: str | None = None  # None: by objective (dit: ddpm, sit: sde)
+    steps: int | None = None  # None: the sampler's default
+    ode_method: str = "dopri5"
+    rtol: float = 1e-3
+    atol: float = 1e-6
+    ema: bool = True
+    vae: str | None = None
+    batch_size: int = 64
+    block_size: int = 256
+    png: bool = False
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+
+
+class SampleNoise:
+    """N(0, I) draws for a batch of sample indices, each row from its own (seed, index) stream."""
+
+    def __init__(self, seed: int, indices: range | list[int], shape: tuple[int, ...], device: torch.device | str):
+        # SeedSequence mixes (seed, index) into unrelated 64-bit seeds: neighbouring streams do not correlate.
+        self.gens = [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0]))
+                     for i in indices]
+        self.shape, self.device = tuple(shape), device
+
+    def __call__(self, like: torch.Tensor | None = None) -> torch.Tensor:
+        z = torch.stack([torch.randn(self.shape, generator=g) for g in self.gens])
+        return z.to(self.device) if like is None else z.to(like.device, like.dtype)
+
+
+def _check(cfg: SampleConfig) -> None:
+    low, high = cfg.cfg_interval
+    if cfg.num_samples < 1:
+        raise UserError(f"-n/--num-samples must be at least 1, got {cfg.num_samples}")
+    if not 0 <= low <= high <= 1:
+        raise UserError(f"--cfg-interval must be LOW,HIGH with 0 <= LOW <= HIGH <= 1 ({TIME_CONVENTION}), got {low},{high}")
+    if not (math.isfinite(cfg.cfg) and cfg.cfg >= 0):
+        raise UserError(f"--cfg must be a number >= 0 (1: no guidance), got {cfg.cfg}")
+    if cfg.batch_size < 1 or cfg.block_size < 1:
+        raise UserError("--batch-size and --block-size must be at least 1")
+    if cfg.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {cfg.seed}")
+    if cfg.precision not in PRECISIONS:
+        raise UserError(f"unknown --precision {cfg.precision!r}; use {', '.join(PRECISIONS)}")
+
+
+def resolve_classes(classes: list[int | str] | None, config: dict) -> list[int]:
+    """Class ids (ints or the checkpoint's class names) checked against the model; None: all of them."""
+    names, n = config["classes"], config["num_classes"]
+    if not classes:
+        return list(range(n))
+    ids = []
+    for c in classes:
+        if isinstance(c, str) and not c.lstrip("-").isdigit():
+            if c not in names:
+                raise UserError(f"unknown class name {c!r}; this model's classes are {', '.join(names[:10])}"
+                                f"{', ...' if len(names) > 10 else ''}")
+            ids.append(names.index(c))
+        elif not 0 <= int(c) < n:
+            raise UserError(f"class {c} is beyond this model's {n} classes (0 to {n - 1})")
+        else:
+            ids.append(int(c))
+    return ids
+
+
+def _vae_path(override: str | None, config: dict, ckpt: str) -> str:
+    path = override or config.get("vae_path")
+    if not path or not Path(path).exists():
+        where = f"at {path}, which does not exist" if path else "without a path"
+        raise UserError(f"{ckpt} names VAE {config['vae_id']} {where}; pass --vae PATH to that VAE")
+    return path
+
+
+def load_vae(path: str, config: dict, ckpt: str) -> RealsVAE:
+    """The VAE at `path`, which must be the one (by id) whose latents the checkpoint was trained on."""
+    bundle = load_reals_vae(path)
+    if bundle.id != config["vae_id"]:
+        raise UserError(f"the VAE at {path} is VAE {bundle.id}, but {ckpt} was trained on latents of VAE "
+                        f"{config['vae_id']}; pass --vae PATH to the VAE that made its latents")
+    return bundle
+
+
+def load_model(ckpt: str | Path, manifest: dict, ema: bool = True) -> DiT:
+    """The checkpoint's network with its EMA (default) or raw weights, hash-checked, in eval mode."""
+    config, name = manifest["config"], EMA_FILE if ema else MODEL_FILE
+    artifacts.verify_files(ckpt, {"files": {name: manifest["files"][name]}})
+    c, h, _ = config["latent_shape"]
+    # attn "auto": the kernel does not change the maths, and the training run's may not exist here.
+    model = build_dit(config["model"], h, c, config["num_classes"], learn_sigma=config["learn_sigma"],
+                      qk_norm=config["qk_norm"], attn="auto", class_dropout=config["class_dropout"])
+    model.load_state_dict(artifacts.load_weights(Path(ckpt) / name))
+    return model.eval()
+
+
+def _part(parts: Path, block: int) -> Path:
+    return parts / f"block_{block:06d}.npz"
+
+
+def _done_blocks(parts: Path, num_blocks: int) -> np.ndarray:
+    names = set(os.listdir(parts)) if parts.is_dir() else set()
+    return np.array([_part(parts, b).name in names for b in range(num_blocks)])
+
+
+def _claim(out: Path, protocol: dict, world: int) -> None:
+    """Start `out`, or check that its unfinished run had this protocol; clear a killed run's temp files."""
+    parts = out / PARTS
+    saved = parts / PROTOCOL
+    if saved.is_file():
+        _same_protocol(out, json.loads(saved.read_text()), protocol)
+    else:
+        artifacts.atomic_write_json(saved, protocol)  # every rank writes the same bytes
+    if world == 1:  # with several ranks, another rank's write may be in flight
+        for tmp in parts.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def _same_protocol(out: Path, saved: dict, protocol: dict) -> None:
+    changed = [f"{k} {saved.get(k)!r} (now {protocol.get(k)!r})" for k in sorted(set(saved) | set(protocol))
+               if saved.get(k) != protocol.get(k)]
+    if changed:
+        raise UserError(f"{out} holds samples made with other settings: {', '.join(changed)}; "
+                        f"run with those settings, or pass another --out")
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    """N x 3 x H x W in [-1, 1] -> N x H x W x 3 uint8, rounded."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def sample(cfg: SampleConfig) -> dict:
+    """Generate cfg.num_samples images and latents into cfg.out; resumable, torchrun-aware."""
+    started = time.perf_counter()
+    _check(cfg)
+    manifest = artifacts.read_manifest(cfg.ckpt, DIT_KIND, DIT_VERSION)
+    config = manifest["config"]
+    spec = resolve_sampler(config["objective"], cfg.sampler, cfg.steps, cfg.ode_method, cfg.rtol, cfg.atol)
+    classes = resolve_classes(cfg.classes, config)
+    if cfg.cfg != 1 and config["class_dropout"] <= 0:
+        raise UserError(f"{cfg.ckpt} was trained without label dropout, so it has no unconditional class; "
+                        f"it can only sample with --cfg 1")
+    vae_path = _vae_path(cfg.vae, config, cfg.ckpt)
+    protocol = _protocol(cfg, manifest, spec, classes)
+    out, n, bs = Path(cfg.out), cfg.num_samples, cfg.block_size
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+    if (out / artifacts.MANIFEST).is_file():
+        done = artifacts.read_manifest(out, KIND, FORMAT_VERSION)
+        _same_protocol(out, {k: done["config"].get(k) for k in protocol}, protocol)
+        shutil.rmtree(out / PARTS, ignore_errors=True)  # a run killed right after its manifest
+        console.print(f"{out} is already complete ({n} samples); nothing to do", soft_wrap=True)
+        return {"manifest": done, "already": True, "generated": 0}
+    vae = load_vae(vae_path, config, cfg.ckpt)  # before any output: a wrong VAE must not start a run
+    _claim(out, protocol, world)
+    parts = out / PARTS
+    num_blocks = -(-n // bs)
+    done = _done_blocks(parts, num_blocks)
+    if done.any() and rank == 0:
+        console.print(f"resuming {out}: {int(done.sum())} of {num_blocks} blocks already done", soft_wrap=True)
+    mine = [b for b in range(num_blocks) if b % world == rank and not done[b]]
+    labels = np.array([classes[i % len(classes)] for i in range(n)], dtype=np.int64)
+    generated, loop_s = _generate(cfg, config, manifest, spec, vae, mine, labels, parts, rank, world) if mine else (0, 0.0)
+    rate = generated / loop_s if generated else 0.0
+    summary = {"generated": generated, "images_per_s": rate, "seconds": time.perf_counter() - started}
+    if rank != 0:
+        return {**summary, "already": False}
+
+    if not (done := _done_blocks(parts, num_blocks)).all():  # the other ranks' blocks; torchrun ends us if one fails
+        console.print(f"waiting for {int((~done).sum())} blocks of the other ranks", soft_wrap=True)
+        while not _done_blocks(parts, num_blocks).all():
+            time.sleep(_POLL_S)
+    result = _assemble(cfg, config, protocol, parts, num_blocks, {**summary, "world_size": world})
+    low, high = cfg.cfg_interval
+    print_summary(f"samples {out} ({result['id']})", {
+        "samples": n, "sampler": " ".join(f"{k} {v}" for k, v in spec.settings().items()),
+        "cfg": f"{cfg.cfg} on tau in [{low}, {high}]", "weights": protocol["weights"],
+        "images/s": f"{rate:.3g} (this process)" if generated else "-"})
+    return {**summary, "manifest": result, "already": False}
+
+
+def _protocol(cfg: SampleConfig, manifest: dict, spec: SamplerSpec, classes: list[int]) -> dict:
+    """Everything that decides the samples: compared on resume, recorded in the manifest."""
+    config = manifest["config"]
+    return {
+        "ckpt_id": manifest["id"], "objective": config["objective"], "model": config["model"],
+        "weights": "ema" if cfg.ema else "model", "vae_id": config["vae_id"], **spec.settings(),
+        "cfg": cfg.cfg, "cfg_channels": "all", "cfg_interval": list(cfg.cfg_interval),
+        "cfg_interval_time": TIME_CONVENTION,
+        "classes": None if cfg.classes is None else classes, "labels": "sample i has class classes[i % len(classes)]",
+        "seed": cfg.seed, "noise": "per sample: torch CPU generator seeded by SeedSequence([seed, i])",
+        "num_samples": cfg.num_samples, "block_size": cfg.block_size, "precision": cfg.precision, "png": cfg.png,
+    }
+
+
+def _generate(cfg, config, manifest, spec, bundle, blocks, labels, parts, rank, world) -> tuple[int, float]:
+    """Make and write this rank's blocks; (samples made, seconds)."""
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    model = load_model(cfg.ckpt, manifest, cfg.ema).to(device)
+    vae = bundle.vae.to(device)
+    objective = build_objective(config)
+    shape = tuple(config["latent_shape"])
+    mean = torch.tensor(config["latent_mean"], device=device).view(-1, 1, 1)
+    std = torch.tensor(config["latent_std"], device=device).view(-1, 1, 1)
+
+    def net(x, t, y):
+        with autocast(device, cfg.precision):
+            return model(x, t, y).float()
+
+    guide = guided(net, cfg.cfg, cfg.cfg_interval, noise_level(objective), model.null_class, shape[0])
+    n, bs = len(labels), cfg.block_size
+    total = sum(min((b + 1) * bs, n) - b * bs for b in blocks)
+    made, start = 0, time.perf_counter()
+    with progress() as bar, torch.inference_mode():
+        task = bar.add_task(f"sample{f' rank {rank}' if world > 1 else ''}", total=total)
+        for b in blocks:
+            lo, hi = b * bs, min((b + 1) * bs, n)
+            images, latents = [], []
+            for s in range(lo, hi, cfg.batch_size):
+                e = min(s + cfg.batch_size, hi)
+                noise = SampleNoise(cfg.seed, range(s, e), shape, device)
+                y = torch.from_numpy(labels[s:e]).to(device)
+                x = run_sampler(objective, spec, guide, noise(), y, noise)
+                z = x * std + mean  # undo the training store's normalisation before decoding
+                with autocast(device, cfg.precision):
+                    images.append(_to_uint8(vae.decode(z).float()))
+                latents.append(z.cpu().numpy())
+                made += e - s
+                bar.update(task, advance=e - s, status=f"{made / (time.perf_counter() - start):.3g} img/s")
+            images = np.concatenate(images)
+            if cfg.png:  # before the part file: a block redone after a kill writes them again
+                (parts.parent / PNG_DIR).mkdir(parents=True, exist_ok=True)
+                for i, img in zip(range(lo, hi), images):
+                    Image.fromarray(img).save(parts.parent / PNG_DIR / f"{i:06d}.png")
+            with artifacts.atomic_path(_part(parts, b)) as tmp, open(tmp, "wb") as f:
+                np.savez(f, images=images, latents=np.concatenate(latents), labels=labels[lo:hi])
+    return made, time.perf_counter() - start
+
+
+def _assemble(cfg, config, protocol, parts, num_blocks, summary) -> dict:
+    """samples.npz, latents.zarr and grid.png from the finished parts, then the manifest; parts removed.
+
+    Streamed block by block, so 50,000 256 px images (10 GB) never sit in memory at once.
+    Starting over after a kill here is safe: every output is rewritten whole.
+    """
+    out, n = parts.parent, cfg.num_samples
+    for tmp in out.glob(".*.tmp"):  # an assembly cut off by a kill; rank 0 is the only writer here
+        tmp.unlink()
+    with np.load(_part(parts, 0)) as first:
+        h, w = first["images"].shape[1:3]
+    shape = tuple(config["latent_shape"])
+    vae = {"path": cfg.vae or config["vae_path"], "id": config["vae_id"]}
+    store_config = {"block_size": cfg.block_size, "dtype": "float32", "flip": False, "image_size": h,
+                    "source": "reals sample"}
+    store = create_store(out / LATENTS, rows=n, latent_shape=shape, views=1, dtype="float32",
+                         block_size=cfg.block_size, attrs={
+        "id": artifacts.artifact_id("latents", store_config, {"samples": json.dumps(protocol, sort_keys=True)}),
+        "config": store_config, "vae_id": config["vae_id"], "image_size": h, "classes": config["classes"],
+        "inputs": {"images": {"path": str(out / NPZ), "count": n}, "vae": vae}, "reals_version": __version__,
+    })
+    labels, preview = [], []
+    with artifacts.atomic_path(out / NPZ) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as npz:
+        with npz.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (n, h, w, 3)})
+            for b in range(num_blocks):
+                with np.load(_part(parts, b)) as stored:
+                    part = dict(stored)
+                f.write(np.ascontiguousarray(part["images"]).tobytes())
+                z = part["latents"]
+                # As a posterior [mean, std] = [z, 0], one view: readers take the mean.
+                store.write_block(b, np.stack([z, np.zeros_like(z)], 1)[:, None], part["labels"])
+                labels.append(part["labels"])
+                preview += list(part["images"][: GRID_IMAGES - len(preview)])
+        with npz.open("arr_1.npy", "w") as f:
+            np.lib.format.write_array(f, np.concatenate(labels))
+    store.finalize()
+    cols = math.ceil(math.sqrt(len(preview)))
+    grid = np.zeros((math.ceil(len(preview) / cols) * h, cols * w, 3), np.uint8)
+    for k, img in enumerate(preview):
+        grid[k // cols * h:(k // cols + 1) * h, k % cols * w:(k % cols + 1) * w] = img
+    with artifacts.atomic_path(out / GRID) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
+    full = {**protocol, "image_size": [h, w], "latent_shape": list(shape), "latent_mean": config["latent_mean"],
+            "latent_std": config["latent_std"], "batch_size": cfg.batch_size, "device": cfg.device}
+    inputs = {"ckpt": artifacts.describe_input(cfg.ckpt), "vae": vae}
+    result = artifacts.write_manifest(out, KIND, FORMAT_VERSION, full, inputs, summary, files=[NPZ, GRID])
+    shutil.rmtree(parts)
+    return result

@@ -1,0 +1,350 @@
+"""reals sample: samplers against closed forms, guidance, determinism, resume after SIGKILL, outputs, bad input.
+
+The closed forms use Gaussian data N(M, S^2) per dimension, whose optimal velocity
+and eps are known exactly (see tests/test_transport.py for their derivation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from reals_cli.alignment import AlignConfig, AlignmentNet
+from reals_cli.artifacts import read_manifest, save_weights, write_manifest
+from reals_cli.cli import main
+from reals_cli.diffusion import Diffusion, space_timesteps
+from reals_cli.dit import build_dit
+from reals_cli.latent_store import open_store
+from reals_cli.reals_vae import load_reals_vae, save_reals_vae
+from reals_cli.sample import SampleConfig, SampleNoise, load_model, sample
+from reals_cli.samplers import SamplerSpec, dopri5, guided, noise_level, resolve_sampler, run_sampler
+from reals_cli.train_dit import EMA_FILE, MODEL_FILE, TrainDiTConfig, build_objective
+from reals_cli.transport import Transport
+from reals_cli.vae import AutoencoderKL, vae_config
+
+F64 = torch.float64
+M, S = 0.7, 0.4  # data distribution N(M, S^2)
+MEAN, STD = [1.0, -1.0, 0.5, 0.0], [2.0, 0.5, 1.0, 3.0]  # the checkpoints' latent normalisation
+
+
+# -- exact models for Gaussian data --------------------------------------------------------------
+
+def sit_velocity(x, t, y=None):
+    """E[x1 - x0 | x_t] on the linear path: p_t = N(t M, sigma_t^2), sigma_t^2 = t^2 S^2 + (1 - t)^2."""
+    t = t.to(x.dtype).view(-1, *[1] * (x.ndim - 1))
+    return M + (t * S**2 - (1 - t)) / (t**2 * S**2 + (1 - t) ** 2) * (x - t * M)
+
+
+def sit_flow(noise):
+    """The exact probability-flow map noise (t = 0) -> data (t = 1): x_t = t M + sigma_t z, so M + S z."""
+    return M + S * noise
+
+
+ABAR = Diffusion.linear().alphas_cumprod
+
+
+def dit_eps(x, t, y=None):
+    """E[eps | x_t] for x_t = sqrt(a) x0 + sqrt(1 - a) eps, t the original step index."""
+    a = ABAR[t].to(x.dtype).view(-1, *[1] * (x.ndim - 1))
+    return (1 - a).sqrt() * (x - a.sqrt() * M) / (a * S**2 + 1 - a)
+
+
+def _noise(n, dim=1, seed=0):
+    return torch.randn(n, dim, dtype=F64, generator=torch.Generator().manual_seed(seed))
+
+
+def _solve(objective, spec, net, z, noise_fn=None):
+    """run_sampler with every sample in class 0 (the exact models ignore the class)."""
+    return run_sampler(objective, spec, net, z, torch.zeros(len(z), dtype=torch.long), noise_fn)
+
+
+def _stream(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return lambda x: torch.randn(x.shape, generator=g, dtype=x.dtype)
+
+
+# -- samplers, each on its own -------------------------------------------------------------------
+
+@pytest.mark.parametrize("method, order", [("euler", 1), ("heun", 2)])
+def test_fixed_step_ode_converges_at_its_order(method, order):
+    tr, z = Transport(), _noise(64)
+    errors = [(_solve(tr, SamplerSpec("ode", n + 1, method), sit_velocity, z) - sit_flow(z)).abs().max().item()
+              for n in (16, 32, 64)]
+    rates = [math.log2(a / b) for a, b in zip(errors[:-1], errors[1:])]
+    assert all(abs(r - order) < 0.15 for r in rates), (errors, rates)
+
+
+def test_dopri5_meets_its_tolerance_and_each_sample_is_independent():
+    tr, z = Transport(), _noise(32)
+    calls = []
+
+    def f(x, t, rows):
+        calls.append(len(rows))
+        return sit_velocity(x, t)
+
+    errors = []
+    for tol in (1e-5, 1e-8):
+        x = _solve(tr, SamplerSpec("ode", 0, "dopri5", rtol=tol, atol=tol), sit_velocity, z)
+        errors.append((x - sit_flow(z)).abs().max().item())
+        # The tolerance bounds each step's local error; the global error stays within a small multiple
+        # (scipy's RK45, the same method, gives 2e-3 at 1e-4 on this problem).
+        assert errors[-1] < 30 * tol, errors
+    assert errors[1] < errors[0] / 300
+    x = dopri5(f, z, 0.0, 1.0, rtol=1e-5, atol=1e-5)
+    assert sum(calls) / len(z) < 80  # adaptive: far fewer evaluations than a fixed grid of this accuracy
+    alone = torch.cat([dopri5(sit_velocity, z[i:i + 1], 0.0, 1.0, 1e-5, 1e-5) for i in range(4)])
+    assert torch.equal(alone, x[:4])  # a sample's steps do not depend on its batch
+
+
+def test_euler_maruyama_reaches_the_data_distribution_and_ends_with_the_mean():
+    tr = Transport()
+    x = _solve(tr, resolve_sampler("sit"), sit_velocity, _noise(20_000), _stream())
+    assert x.mean().item() == pytest.approx(M, abs=0.01)
+    assert x.std().item() == pytest.approx(S, rel=0.03)
+    # SiT's schedule: num_steps model calls, the last (to t = 1) the drift alone, without noise.
+    draws = []
+
+    def counting(x):
+        draws.append(1)
+        return torch.zeros_like(x)
+
+    _solve(tr, SamplerSpec("sde", 10), sit_velocity, _noise(4), counting)
+    assert len(draws) == 9
+
+
+def test_ddpm_reaches_the_data_distribution():
+    x = _solve(Diffusion.linear(), resolve_sampler("dit"), dit_eps, _noise(20_000), _stream())
+    assert x.mean().item() == pytest.approx(M, abs=0.01)
+    assert x.std().item() == pytest.approx(S, rel=0.03)
+
+
+def test_ddim_converges_to_the_probability_flow_map():
+    # The PF ODE of Gaussian data maps x_T at abar_T affinely: x0 = M + S (x_T - sqrt(a) M) / sqrt(a S^2 + 1 - a).
+    z, a = _noise(16), ABAR[999].item()
+    exact = M + S * (z - math.sqrt(a) * M) / math.sqrt(a * S**2 + 1 - a)
+    errors = [(_solve(Diffusion.linear(), SamplerSpec("ddim", n), dit_eps, z) - exact).abs().max().item()
+              for n in (25, 100, 400)]
+    rates = [math.log(a / b, 4) for a, b in zip(errors[:-1], errors[1:])]
+    assert all(abs(r - 1) < 0.15 for r in rates) and errors[-1] < 0.01, errors  # DDIM is a first-order PF-ODE solver
+
+
+# -- guidance ------------------------------------------------------------------------------------
+
+class CountingNet:
+    """A fake conditional model with 2C outputs: eps-like half depends on y, variance half too."""
+
+    def __init__(self, null=3):
+        self.null, self.calls, self.guided_rows = null, 0, 0
+
+    def __call__(self, x, t, y):
+        self.calls += 1
+        self.guided_rows += int((y == self.null).sum())
+        scale = (y.to(x.dtype) + 1).view(-1, 1, 1, 1)
+        return torch.cat([x * scale, -x * scale], dim=1)
+
+
+def test_guidance_mixes_all_channels_in_one_forward_and_keeps_the_conditional_variance():
+    net, x = CountingNet(), torch.randn(2, 4, 2, 2, dtype=F64)
+    y, t = torch.tensor([0, 2]), torch.tensor([0.3, 0.9], dtype=F64)
+    out = guided(net, 4.0, (0, 1), lambda t: t, 3, 4)(x, t, y)
+    cond, uncond = net(x, t, y), net(x, t, torch.full_like(y, 3))
+    torch.testing.assert_close(out[:, :4], uncond[:, :4] + 4 * (cond[:, :4] - uncond[:, :4]))  # all 4 channels
+    torch.testing.assert_close(out[:, 4:], cond[:, 4:])
+    assert net.calls == 3  # the guided call was one forward (then our two references)
+
+
+def test_cfg_one_is_exactly_the_unguided_sampler():
+    tr, z = Transport(), torch.randn(3, 4, 2, 2)
+    y = torch.tensor([0, 1, 2])
+    net = CountingNet()
+    fn = guided(net, 1.0, (0, 1), noise_level(tr), 3, 4)
+    a = run_sampler(tr, SamplerSpec("sde", 6), fn, z, y, SampleNoise(0, range(3), (4, 2, 2), "cpu"))
+    b = run_sampler(tr, SamplerSpec("sde", 6), net, z, y, SampleNoise(0, range(3), (4, 2, 2), "cpu"))
+    assert torch.equal(a, b) and net.guided_rows == 0
+
+
+def test_the_guidance_interval_is_honoured_in_both_time_conventions():
+    z, y = torch.randn(2, 4, 2, 2), torch.tensor([0, 1])
+    # SiT, Euler on t = 0, 0.1, ..., 1: calls at t = 0..0.9, tau = 1 - t; [0, 0.55] guides t = 0.5..0.9.
+    net = CountingNet()
+    fn = guided(net, 2.0, (0.0, 0.55), noise_level(Transport()), 3, 4)
+    run_sampler(Transport(), SamplerSpec("ode", 11, "euler"), fn, z, y)
+    assert (net.calls, net.guided_rows) == (10, 5 * 2)
+    # DiT, 10 DDPM steps: tau = original step / 999.
+    net, diffusion = CountingNet(), Diffusion.linear()
+    fn = guided(net, 2.0, (0.2, 0.6), noise_level(diffusion), 3, 4)
+    run_sampler(diffusion, SamplerSpec("ddpm", 10), lambda x, t, y: fn(x, t, y)[:, :4], z, y, _stream())
+    expected = sum(0.2 <= k / 999 <= 0.6 for k in space_timesteps(1000, 10))
+    assert expected == 4 and net.guided_rows == expected * 2
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> Path:
+    """A tiny VAE (16 px <-> 4x8x8) and a random SiT and DiT (DiT-S/4: 2x2 tokens) trained on its latents."""
+    root = tmp_path_factory.mktemp("sample")
+    torch.manual_seed(0)
+    save_reals_vae(root / "vae", AutoencoderKL(vae_config("tiny")), AlignmentNet(AlignConfig(4, 8, 6, 4, hidden=8)),
+                   {"image_size": 16}, {}, {})
+    torch.manual_seed(1)
+    save_reals_vae(root / "other_vae", AutoencoderKL(vae_config("tiny")), AlignmentNet(AlignConfig(4, 8, 6, 4, hidden=8)),
+                   {"image_size": 16}, {}, {})
+    vae_id = load_reals_vae(root / "vae").id
+    for objective in ("sit", "dit"):
+        for name, vae_path in ((objective, root / "vae"), (f"{objective}_novae", root / "missing")):
+            _make_ckpt(root / name, objective, vae_id, vae_path)
+    return root
+
+
+def _make_ckpt(out: Path, objective: str, vae_id: str, vae_path: Path) -> None:
+    torch.manual_seed(2)
+    model = build_dit("DiT-S/4", 8, 4, 3)
+    with torch.no_grad():  # adaLN-Zero starts with output 0: random weights make time, class and input matter
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    out.mkdir()
+    save_weights(out / MODEL_FILE, model.state_dict())
+    save_weights(out / EMA_FILE, {k: 0.9 * v for k, v in model.state_dict().items()})
+    config = dataclasses.asdict(TrainDiTConfig(latents="lat.zarr", out=str(out), model="DiT-S/4", objective=objective)) | {
+        "latent_shape": [4, 8, 8], "num_classes": 3, "classes": ["a", "b", "c"], "latent_mean": MEAN,
+        "latent_std": STD, "vae_id": vae_id, "vae_path": str(vae_path)}
+    write_manifest(out, "dit", 1, config, {}, {}, files=[MODEL_FILE, EMA_FILE])
+
+
+def _run(ckpts, out, **kw) -> dict:
+    flags = dict(num_samples=5, block_size=2, batch_size=2, steps=5, cfg=3.0, cfg_interval=(0.0, 0.7), device="cpu")
+    return sample(SampleConfig(ckpt=str(ckpts / kw.pop("objective", "sit")), out=str(out), **{**flags, **kw}))
+
+
+def _outputs(out: Path):
+    with np.load(out / "samples.npz") as f:
+        images, labels = f["arr_0"], f["arr_1"]
+    store = open_store(out / "latents.zarr")
+    return images, labels, store.read(np.arange(store.rows))[:, 0, 0]
+
+
+def test_outputs_formats_and_normalisation(ckpts, tmp_path):
+    out = tmp_path / "o"
+    _run(ckpts, out, sampler="ode", ode_method="heun", png=True, classes=["2", "a"])
+    images, labels, z = _outputs(out)
+    assert images.shape == (5, 16, 16, 3) and images.dtype == np.uint8
+    assert labels.tolist() == [2, 0, 2, 0, 2]
+    store = open_store(out / "latents.zarr")
+    assert store.complete and store.vae_id == read_manifest(ckpts / "sit")["config"]["vae_id"]
+    # The stored latents are raw: the sampler's normalised output times std plus mean (recomputed here).
+    manifest = read_manifest(ckpts / "sit")
+    model, objective = load_model(ckpts / "sit", manifest), build_objective(manifest["config"])
+    net = guided(model, 3.0, (0.0, 0.7), noise_level(objective), 3, 4)
+    y = torch.tensor(labels)
+    with torch.inference_mode():
+        x = run_sampler(objective, SamplerSpec("ode", 5, "heun"), net, SampleNoise(0, range(5), (4, 8, 8), "cpu")(), y)
+    expected = x * torch.tensor(STD).view(-1, 1, 1) + torch.tensor(MEAN).view(-1, 1, 1)
+    np.testing.assert_allclose(z, expected.numpy(), atol=1e-5)
+    # ...and decode to the images.
+    vae = load_reals_vae(ckpts / "vae").vae
+    with torch.inference_mode():
+        decoded = ((vae.decode(torch.from_numpy(z)).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    assert np.abs(decoded.numpy().astype(int) - images).max() <= 1
+    assert np.array_equal(np.asarray(Image.open(out / "images" / "000003.png")), images[3])
+    assert Image.open(out / "grid.png").size == (3 * 16, 2 * 16)  # 5 images: 3 columns, 2 rows
+    m = read_manifest(out, "samples", 1)
+    assert m["config"]["sampler"] == "ode" and m["config"]["ode_method"] == "heun" and m["config"]["cfg"] == 3.0
+    assert m["config"]["cfg_interval"] == [0.0, 0.7] and m["config"]["weights"] == "ema" and m["config"]["classes"] == [2, 0]
+    assert m["inputs"]["ckpt"]["id"] == manifest["id"] and not (out / "parts").exists()
+    same = ["-n", "5", "--block-size", "2", "--steps", "5", "--cfg", "3", "--cfg-interval", "0,0.7", "--sampler", "ode",
+            "--ode-method", "heun", "--png", "--classes", "2,a"]
+    again = CliRunner().invoke(main, ["sample", "--ckpt", str(ckpts / "sit"), "--out", str(out), "--device", "cpu", *same])
+    assert again.exit_code == 0 and "already complete" in again.output, again.output
+    other = CliRunner().invoke(main, ["sample", "--ckpt", str(ckpts / "sit"), "--out", str(out), "-n", "5", "--device", "cpu"])
+    assert other.exit_code == 2 and "holds samples made with other settings" in other.output
+
+
+@pytest.mark.parametrize("objective", ["sit", "dit"])
+def test_batch_size_and_ranks_do_not_change_the_samples(ckpts, tmp_path, monkeypatch, objective):
+    _run(ckpts, tmp_path / "one", objective=objective)
+    ref_images, ref_labels, ref_z = _outputs(tmp_path / "one")
+    _run(ckpts, tmp_path / "batch3", objective=objective, batch_size=3, block_size=3)
+    images, labels, z = _outputs(tmp_path / "batch3")
+    # Other batch shapes round the network's matmuls differently (~1e-6); the noise is the same.
+    np.testing.assert_allclose(z, ref_z, rtol=1e-5, atol=1e-5)
+    assert np.abs(images.astype(int) - ref_images).max() <= 1 and np.array_equal(labels, ref_labels)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (1, 0):  # rank 0 assembles once every block is there
+        monkeypatch.setenv("RANK", str(rank))
+        result = _run(ckpts, tmp_path / "two", objective=objective)
+        assert result["generated"] == (2 if rank == 1 else 3)  # blocks 1 and 0, 2 (of 2, 2, 1 samples)
+    images, labels, z = _outputs(tmp_path / "two")
+    assert np.array_equal(images, ref_images) and np.array_equal(z, ref_z) and np.array_equal(labels, ref_labels)
+
+
+def test_no_ema_switches_weights(ckpts, tmp_path):
+    _run(ckpts, tmp_path / "ema", num_samples=2)
+    _run(ckpts, tmp_path / "raw", num_samples=2, ema=False)
+    assert read_manifest(tmp_path / "raw")["config"]["weights"] == "model"
+    assert not np.array_equal(_outputs(tmp_path / "ema")[2], _outputs(tmp_path / "raw")[2])
+
+
+def _cli(ckpt, out, *extra):
+    return ["sample", "--ckpt", str(ckpt), "--out", str(out), "-n", "12", "--block-size", "2", "--batch-size", "2",
+            "--steps", "8", "--cfg", "2", "--device", "cpu", *extra]
+
+
+def test_resume_after_sigkill_equals_uninterrupted(ckpts, tmp_path):
+    straight = tmp_path / "straight"
+    assert CliRunner().invoke(main, _cli(ckpts / "sit", straight)).exit_code == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "reals_cli", *_cli(ckpts / "sit", killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (killed / "parts").is_dir() and len(list((killed / "parts").glob("block_*.npz"))) >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "manifest.json").exists(), "finished before the kill"
+    result = CliRunner().invoke(main, _cli(ckpts / "sit", killed))
+    assert result.exit_code == 0, result.output
+    assert "resuming" in result.output
+    a, b = _outputs(straight), _outputs(killed)
+    assert all(np.array_equal(u, v) for u, v in zip(a, b)) and len(b[0]) == 12
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["-n", "0"], "-n/--num-samples must be at least 1, got 0"),
+    (["--cfg-interval", "0.2,1.5"], "--cfg-interval must be LOW,HIGH with 0 <= LOW <= HIGH <= 1"),
+    (["--cfg-interval", "0.8,0.2"], "--cfg-interval must be LOW,HIGH with 0 <= LOW <= HIGH <= 1"),
+    (["--cfg-interval", "0.5"], "--cfg-interval must be LOW,HIGH (two numbers in [0, 1]), got '0.5'"),
+    (["--classes", "1,3"], "class 3 is beyond this model's 3 classes (0 to 2)"),
+    (["--classes", "zebra"], "unknown class name 'zebra'"),
+    (["--sampler", "ddpm"], "--sampler ddpm does not fit a sit checkpoint; use ode or sde"),
+    (["--ckpt-novae"], "names VAE"),
+    (["--other-vae"], "was trained on latents of VAE"),
+])
+def test_bad_input_is_one_line(ckpts, tmp_path, extra, message):
+    ckpt = ckpts / "sit"
+    if extra == ["--ckpt-novae"]:
+        ckpt, extra = ckpts / "sit_novae", []
+    if extra == ["--other-vae"]:
+        extra = ["--vae", str(ckpts / "other_vae")]
+    result = CliRunner().invoke(main, ["sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "o"), "--device", "cpu",
+                                       "--steps", "2", "-n", "2", *extra])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    if "--vae" in extra:  # both ids named
+        ids = read_manifest(ckpts / "sit")["config"]["vae_id"], load_reals_vae(ckpts / "other_vae").id
+        assert all(i in result.output for i in ids)
+    if ckpt.name == "sit_novae":
+        assert "pass --vae PATH" in result.output

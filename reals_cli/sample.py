@@ -251,6 +251,31 @@ def _protocol(cfg: SampleConfig, manifest: dict, spec: SamplerSpec, classes: lis
     }
 
 
+@torch.inference_mode()
+def generate(model: DiT, config: dict, vae, labels: torch.Tensor, indices: range, seed: int, spec: SamplerSpec,
+             cfg: float = 1.0, interval: tuple[float, float] = (0.0, 1.0), precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (n x H x W x 3) and raw latents for `labels`, on the model's device.
+
+    Sample indices[j]'s noise depends only on (seed, indices[j]); the store's normalisation
+    (config's latent_mean/std) is undone before decoding.
+    """
+    device = next(model.parameters()).device
+    objective = build_objective(config)
+    shape = tuple(config["latent_shape"])
+    mean = torch.tensor(config["latent_mean"], device=device).view(-1, 1, 1)
+    std = torch.tensor(config["latent_std"], device=device).view(-1, 1, 1)
+
+    def net(x, t, y):
+        with autocast(device, precision):
+            return model(x, t, y).float()
+
+    guide = guided(net, cfg, interval, noise_level(objective), model.null_class, shape[0])
+    noise = SampleNoise(seed, indices, shape, device)
+    z = run_sampler(objective, spec, guide, noise(), labels.to(device), noise) * std + mean
+    with autocast(device, precision):
+        return _to_uint8(vae.decode(z).float()), z.cpu().numpy()
+
+
 def _generate(cfg, config, manifest, spec, bundle, blocks, labels, parts, rank, world) -> tuple[int, float]:
     """Make and write this rank's blocks; (samples made, seconds)."""
     device = resolve_device(cfg.device)
@@ -258,33 +283,20 @@ def _generate(cfg, config, manifest, spec, bundle, blocks, labels, parts, rank, 
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     model = load_model(cfg.ckpt, manifest, cfg.ema).to(device)
     vae = bundle.vae.to(device)
-    objective = build_objective(config)
-    shape = tuple(config["latent_shape"])
-    mean = torch.tensor(config["latent_mean"], device=device).view(-1, 1, 1)
-    std = torch.tensor(config["latent_std"], device=device).view(-1, 1, 1)
-
-    def net(x, t, y):
-        with autocast(device, cfg.precision):
-            return model(x, t, y).float()
-
-    guide = guided(net, cfg.cfg, cfg.cfg_interval, noise_level(objective), model.null_class, shape[0])
     n, bs = len(labels), cfg.block_size
     total = sum(min((b + 1) * bs, n) - b * bs for b in blocks)
     made, start = 0, time.perf_counter()
-    with progress() as bar, torch.inference_mode():
+    with progress() as bar:
         task = bar.add_task(f"sample{f' rank {rank}' if world > 1 else ''}", total=total)
         for b in blocks:
             lo, hi = b * bs, min((b + 1) * bs, n)
             images, latents = [], []
             for s in range(lo, hi, cfg.batch_size):
                 e = min(s + cfg.batch_size, hi)
-                noise = SampleNoise(cfg.seed, range(s, e), shape, device)
-                y = torch.from_numpy(labels[s:e]).to(device)
-                x = run_sampler(objective, spec, guide, noise(), y, noise)
-                z = x * std + mean  # undo the training store's normalisation before decoding
-                with autocast(device, cfg.precision):
-                    images.append(_to_uint8(vae.decode(z).float()))
-                latents.append(z.cpu().numpy())
+                img, z = generate(model, config, vae, torch.from_numpy(labels[s:e]), range(s, e), cfg.seed, spec,
+                                  cfg.cfg, cfg.cfg_interval, cfg.precision)
+                images.append(img)
+                latents.append(z)
                 made += e - s
                 bar.update(task, advance=e - s, status=f"{made / (time.perf_counter() - start):.3g} img/s")
             images = np.concatenate(images)

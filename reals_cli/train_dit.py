@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -46,7 +47,7 @@ from .transport import Transport
 KIND, FORMAT_VERSION = "dit", 1
 CHECKPOINT, LOG = "checkpoint.safetensors", "log.jsonl"
 MODEL_FILE, EMA_FILE, PROJECTOR_FILE = "model.safetensors", "ema.safetensors", "projector.safetensors"
-RESUMABLE_CHANGES = {"steps", "device", "workers", "log_every", "ckpt_every"}
+RESUMABLE_CHANGES = {"steps", "device", "workers", "log_every", "ckpt_every", "sample_every"}
 
 
 @dataclass
@@ -80,6 +81,7 @@ class TrainDiTConfig:
     workers: int = 4
     log_every: int = 100
     ckpt_every: int = 5000
+    sample_every: int = 10_000
 
 
 def build_objective(config: dict) -> Diffusion | Transport:
@@ -100,7 +102,7 @@ class Projector(nn.Sequential):
 
 def _check(cfg: TrainDiTConfig) -> None:
     depth = model_config(cfg.model)["depth"]
-    for name in ("steps", "batch_size", "log_every", "ckpt_every"):
+    for name in ("steps", "batch_size", "log_every", "ckpt_every", "sample_every"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if not 0 <= cfg.class_dropout < 1:
@@ -261,6 +263,8 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
                 append_log(out / LOG, record)
                 if not console.is_terminal:
                     console.print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+            if is_main and step % cfg.sample_every == 0:
+                _preview(out, ema, _model_config(cfg, store), step)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 checkpoint()
 
@@ -274,11 +278,7 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
     if projector is not None:
         artifacts.save_weights(out / PROJECTOR_FILE, projector.state_dict())
         files.append(PROJECTOR_FILE)
-    config = dataclasses.asdict(cfg) | {
-        "latent_shape": [c, h, w], "num_classes": len(store.classes), "classes": store.classes,
-        "latent_mean": store.attrs["latent_mean"], "latent_std": store.attrs["latent_std"],
-        "vae_id": store.vae_id, "vae_path": store.attrs.get("inputs", {}).get("vae", {}).get("path"),
-    }
+    config = _model_config(cfg, store)
     inputs = {"latents": {"path": cfg.latents, "kind": "latents", "id": store.attrs.get("id", "?")}}
     if cfg.init:
         inputs["init"] = artifacts.describe_input(cfg.init)
@@ -291,6 +291,34 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
 
 def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([p for p, _ in items]), torch.tensor([y for _, y in items])
+
+
+def _model_config(cfg: TrainDiTConfig, store) -> dict:
+    """What the `dit` manifest records besides the flags: what `sample` needs to use the model."""
+    c, h, w = store.latent_shape
+    return dataclasses.asdict(cfg) | {
+        "latent_shape": [c, h, w], "num_classes": len(store.classes), "classes": store.classes,
+        "latent_mean": store.attrs["latent_mean"], "latent_std": store.attrs["latent_std"],
+        "vae_id": store.vae_id, "vae_path": store.attrs.get("inputs", {}).get("vae", {}).get("path"),
+    }
+
+
+def _preview(path: Path, ema: DiT, config: dict, step: int) -> None:
+    """A grid of 8 EMA samples (class i % classes, no guidance, 25-step ODE/DDIM) decoded by the store's VAE."""
+    from PIL import Image
+
+    from .sample import generate, load_vae
+    from .samplers import resolve_sampler
+
+    if not config["vae_path"] or not Path(config["vae_path"]).exists():
+        return  # the store's VAE is elsewhere: no preview, the run itself is unaffected
+    vae = load_vae(config["vae_path"], config, str(path.parent)).vae.to(next(ema.parameters()).device)
+    spec = resolve_sampler(config["objective"], "ode" if config["objective"] == "sit" else "ddim", 25, ode_method="euler")
+    labels = torch.arange(8) % config["num_classes"]
+    images, _ = generate(ema, config, vae, labels, range(8), seed=0, spec=spec)
+    grid = np.concatenate(list(images), axis=1)
+    with artifacts.atomic_path(path / f"samples_{step:07d}.png") as tmp:
+        Image.fromarray(grid).save(tmp, format="png")
 
 
 def resolve_config(**flags: Any) -> TrainDiTConfig:

@@ -87,7 +87,7 @@ def test_loss_falls(store, tmp_path):
 def test_repa_aligns_to_the_alignment_network(store, tmp_path):
     latents, vae = store
     out = tmp_path / "repa"
-    m = train_dit(resolve_config(latents=str(latents), out=str(out), steps=3, ckpt_every=3, repa_weight=0.5,
+    m = train_dit(resolve_config(latents=str(latents), out=str(out), steps=3, ckpt_every=3, sample_every=3, repa_weight=0.5,
                                  repa_depth=2, repa_vae=str(vae), **FLAGS))
     proj = load_weights(out / "projector.safetensors")
     assert proj["4.weight"].shape[0] == 6  # projects to the alignment network's feature width
@@ -136,3 +136,13 @@ def test_unfinished_store_is_refused(tmp_path):
     result = CliRunner().invoke(main, ["train-dit", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "o"), "--device", "cpu"])
     assert result.exit_code == 2
     assert "is an unfinished latent store (0 of 1 blocks encoded)" in result.output
+
+
+def test_preview_grid_is_written(store, tmp_path):
+    latents, _ = store
+    out = tmp_path / "p"
+    train_dit(resolve_config(latents=str(latents), out=str(out), steps=2, ckpt_every=2, sample_every=2, **FLAGS))
+    from PIL import Image
+
+    grid = Image.open(out / "samples_0000002.png")
+    assert grid.size == (8 * 16, 16)  # 8 samples of 16 px, decoded by the store's VAE

@@ -40,6 +40,7 @@ def _opt(*names, **kw):
 @_opt("--workers", type=int, help="DataLoader worker processes.  [default: 4]")
 @_opt("--log-every", type=int, help="Steps between log.jsonl lines.  [default: 100]")
 @_opt("--ckpt-every", type=int, help="Steps between checkpoints.  [default: 5000]")
+@_opt("--sample-every", type=int, help="Steps between preview grids of EMA samples.  [default: 10000]")
 @click.option("--resume", is_flag=True, help="Continue the run in --out where it stopped (or train a finished one longer).")
 @device_option
 @seed_option

@@ -16,7 +16,14 @@ def ema_copy(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int | None = None) -> None:
+    """ema <- decay * ema + (1 - decay) * model.
+
+    With `step` (updates done so far), LDM's warm-up caps the decay at (1 + step) / (10 + step),
+    so that a short run's EMA is not mostly its random initialisation; DiT uses no warm-up.
+    """
+    if step is not None:
+        decay = min(decay, (1 + step) / (10 + step))
     ema_params = dict(ema.named_parameters())
     for name, p in model.named_parameters():
         ema_params[name].lerp_(p.detach().float(), 1.0 - decay)

@@ -96,8 +96,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # grid = the 8x8 latent grid of the f4 demo VAE): minutes on 2 CPU cores.
     "demo": dict(
         data="runs/demo/data", out="runs/demo/vae", vae="demo", image_size=32, teacher="vgg16",
-        teacher_resolution=64, align_hidden=256, steps=400, batch_size=32, lr=4e-4, disc_lr=4e-4,
-        disc_start=250, ckpt_every=100, image_every=200, log_every=10, val_count=256, workers=1,
+        teacher_resolution=64, align_hidden=256, steps=300, batch_size=32, lr=4e-4, disc_lr=4e-4,
+        disc_start=200, ckpt_every=100, image_every=200, log_every=10, val_count=256, workers=1,
     ),
     # The paper's setting as far as it is published (see docs): SD-VAE architecture at 256 px, DINOv2-B.
     "imagenet": dict(vae="sd-f8c4", image_size=256, teacher="dinov2-b", batch_size=8, steps=200_000),
@@ -325,7 +325,7 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
                 scaler_d.scale(d_loss).backward()
                 scaler_d.step(opt_d)
                 scaler_d.update()
-            ema_update(ema, gen, cfg.ema_decay)
+            ema_update(ema, gen, cfg.ema_decay, step)
             step += 1
 
             terms = {"loss": loss.item(), "rec": rec.item(), "lpips": perc.item(), "kl": kl.item(),

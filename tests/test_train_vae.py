@@ -195,3 +195,16 @@ def test_torchrun_two_processes(assets_home, shapes_data, tmp_path):
     state = load_state(out / "checkpoint.safetensors")
     assert state["step"] == 3 and len(state["rng"]) == 2  # one RNG state per rank
     assert (out / "manifest.json").is_file()
+
+
+def test_ema_warmup_follows_ldm():
+    from reals_cli.ema import ema_copy, ema_update
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = ema_copy(model)
+    model.weight.data.fill_(1.0)
+    ema_update(ema, model, decay=0.999, step=0)  # decay capped at 1/10
+    assert ema.weight.item() == pytest.approx(0.9)
+    ema_update(ema, model, decay=0.5, step=1000)  # the cap (1001/1010) is above 0.5
+    assert ema.weight.item() == pytest.approx(0.95)

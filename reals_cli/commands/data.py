@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 
-@click.group("data")
+@click.group("data", short_help="Export and check image datasets (class-folder layout).")
 def data() -> None:
     """Make and check image datasets (one sub-folder per class, ImageNet train layout)."""
 

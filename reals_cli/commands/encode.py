@@ -7,7 +7,7 @@ import click
 from .options import device_option, precision_option
 
 
-@click.command("encode")
+@click.command("encode", short_help="Encode an image folder into a latent store (Zarr).")
 @click.argument("images", required=False, type=click.Path(file_okay=False))
 @click.argument("out", required=False)
 @click.option("--vae", "vae_path", help="The VAE: a `reals train-vae` artifact or a diffusers AutoencoderKL folder.")

@@ -41,7 +41,7 @@ def _rows(r: dict) -> list[tuple[str, object]]:
     return rows
 
 
-@click.command("eval-fid")
+@click.command("eval-fid", short_help="FID, sFID, IS, precision/recall and KID of samples.")
 @click.argument("samples", type=click.Path(path_type=Path))
 @click.option("--ref", required=True, type=click.Path(path_type=Path),
               help="Reference: ADM reference batch (.npz with mu/sigma), .npz of images, image folder, "

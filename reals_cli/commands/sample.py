@@ -18,7 +18,7 @@ def _interval(text: str) -> tuple[float, float]:
     return low, high
 
 
-@click.command("sample")
+@click.command("sample", short_help="Generate images and latents from a trained DiT/SiT.")
 @click.option("--ckpt", required=True, help="A model folder made by `reals train-dit`.")
 @click.option("--out", required=True, help="Output folder: samples.npz, latents.zarr, grid.png, manifest.json.")
 @click.option("-n", "--num-samples", default=50_000, show_default=True, type=int, help="Number of samples (FID-50K: 50000).")

@@ -14,7 +14,7 @@ def _opt(*names, **kw):
     return click.option(*names, default=None, **kw)
 
 
-@click.command("train-dit")
+@click.command("train-dit", short_help="Train a DiT or SiT on a latent store.")
 @click.argument("latents")
 @click.option("--out", required=True, help="Output folder: the model artifact, checkpoints and log.")
 @_opt("--model", type=click.Choice([*DIT_MODELS, *(n.replace("DiT", "SiT") for n in DIT_MODELS)]), help="Network by name (DiT-* and SiT-* are the same network).  [default: SiT-B/2]")

@@ -13,7 +13,7 @@ def _opt(*names, **kw):
     return click.option(*names, default=None, **kw)
 
 
-@click.command("train-vae")
+@click.command("train-vae", short_help="Train the representation-aligned VAE (ReaLS).")
 @_opt("--preset", type=click.Choice(list(PRESETS)), help="A named recipe (demo: Fashion-MNIST, VGG16 teacher, CPU).")
 @_opt("--data", help="Image folder, one sub-folder per class (a train/ + test/ pair is split).")
 @_opt("--out", help="Output folder: the VAE artifact, checkpoints, logs and image grids.")

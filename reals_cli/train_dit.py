@@ -38,9 +38,9 @@ from .dit import DiT, build_dit, model_config
 from .ema import ema_copy, ema_update
 from .errors import UserError
 from .latent_store import LatentDataset, draw_latents
-from .runtime import autocast, resolve_device, rng_state, seed_everything, set_rng_state
+from .runtime import autocast, resolve_device, seed_everything
 from .training import (
-    append_log, check_finite, check_resume_config, check_run_folder, gather_objects, init_distributed, read_log, truncate_log,
+    append_log, check_finite, check_run_folder, init_distributed, load_checkpoint, read_log, save_checkpoint, truncate_log,
 )
 from .transport import Transport
 
@@ -183,16 +183,10 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
     opt = torch.optim.AdamW(trainable.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16" and device.type == "cuda")
 
+    stateful = {"trainable": trainable, "ema": ema, "opt": opt, "scaler": scaler}
     step = 0
     if resume:
-        state = artifacts.load_state(ckpt_path)
-        check_resume_config(state["config"], dataclasses.asdict(cfg), RESUMABLE_CHANGES)
-        trainable.load_state_dict(state["trainable"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"][rank])
-        step = state["step"]
+        step = load_checkpoint(ckpt_path, dataclasses.asdict(cfg), stateful, RESUMABLE_CHANGES, rank)
         if step >= cfg.steps:
             raise UserError(f"{out} is already trained for {step} steps; pass a larger --steps to train on")
         (out / artifacts.MANIFEST).unlink(missing_ok=True)  # training on: the old artifact is superseded
@@ -212,14 +206,6 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
         console.print(f"train-dit: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
                       f"objective {cfg.objective}, latents {c}x{h}x{w} from {cfg.latents} ({len(data)} images, "
                       f"{len(store.classes)} classes), attention {backend}, device {device}, {world} process(es)")
-
-    def checkpoint() -> None:
-        rngs = gather_objects(rng_state(), world)
-        if is_main:
-            artifacts.save_state(ckpt_path, {
-                "step": step, "config": dataclasses.asdict(cfg), "trainable": trainable.state_dict(),
-                "ema": ema.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
-            })
 
     trainable.train()
     batches = iter(loader)
@@ -266,7 +252,7 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
             if is_main and step % cfg.sample_every == 0:
                 _preview(out, ema, _model_config(cfg, store), step)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                checkpoint()
+                save_checkpoint(ckpt_path, step, dataclasses.asdict(cfg), stateful, world)
 
     if world > 1:
         dist.barrier()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +39,11 @@ from .errors import UserError
 from .image_metrics import psnr, ssim
 from .perceptual import LPIPS
 from .reals_vae import save_reals_vae
-from .runtime import autocast, resolve_device, rng_state, seed_everything, set_rng_state
+from .runtime import autocast, resolve_device, seed_everything
 from .teachers import Teacher, build_teacher
-from .training import append_log, check_finite, check_resume_config, check_run_folder, gather_objects, init_distributed, truncate_log
+from .training import (
+    append_log, check_finite, check_run_folder, init_distributed, load_checkpoint, save_checkpoint, truncate_log,
+)
 from .vae import AutoencoderKL, kl_loss, load_diffusers_vae, vae_config
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -234,19 +236,10 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
     scaler_g = torch.amp.GradScaler("cuda", enabled=fp16)
     scaler_d = torch.amp.GradScaler("cuda", enabled=fp16)
 
+    stateful = {"gen": gen, "disc": disc, "ema": ema, "opt_g": opt_g, "opt_d": opt_d, "scaler_g": scaler_g, "scaler_d": scaler_d}
     step = 0
     if resume:
-        state = artifacts.load_state(ckpt_path)
-        check_resume_config(state["config"], dataclasses.asdict(cfg), RESUMABLE_CHANGES)
-        gen.load_state_dict(state["gen"])
-        disc.load_state_dict(state["disc"])
-        ema.load_state_dict(state["ema"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        scaler_g.load_state_dict(state["scaler_g"])
-        scaler_d.load_state_dict(state["scaler_d"])
-        set_rng_state(state["rng"][rank])
-        step = state["step"]
+        step = load_checkpoint(ckpt_path, dataclasses.asdict(cfg), stateful, RESUMABLE_CHANGES, rank)
         console.print(f"resumed {out} at step {step}")
         truncate_log(out / LOG, step)
 
@@ -273,15 +266,6 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
             f"({teacher.dim}-d, {align.config.teacher_grid}x{align.config.teacher_grid} grid, patch {align.config.patch}), "
             f"device {device}, {world} process(es)"
         )
-
-    def checkpoint() -> None:
-        rngs = gather_objects(rng_state(), world)
-        if is_main:
-            artifacts.save_state(ckpt_path, {
-                "step": step, "config": dataclasses.asdict(cfg), "gen": gen.state_dict(), "disc": disc.state_dict(),
-                "ema": ema.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                "scaler_g": scaler_g.state_dict(), "scaler_d": scaler_d.state_dict(), "rng": rngs,
-            })
 
     gen.train()
     disc.train()
@@ -342,7 +326,7 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
             if is_main and step % cfg.image_every == 0:
                 _save_grid(out / f"recon_{step:07d}.png", x01, (recon.detach().float() + 1) / 2)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                checkpoint()
+                save_checkpoint(ckpt_path, step, dataclasses.asdict(cfg), stateful, world)
 
     if world > 1:
         dist.barrier()

@@ -55,6 +55,30 @@ def check_resume_config(saved: dict, current: dict, may_change: set[str]) -> Non
                         f"than the run had; resume with the original flags")
 
 
+def save_checkpoint(path: Path, step: int, config: dict, objects: dict, world: int) -> None:
+    """Everything a run needs to continue bit-for-bit: each object's state dict, the step,
+    the config and every rank's RNG states (collective: every rank calls it; rank 0 writes)."""
+    from .artifacts import save_state
+    from .runtime import rng_state
+
+    rngs = gather_objects(rng_state(), world)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        save_state(path, {"step": step, "config": config, "rng": rngs, **{k: v.state_dict() for k, v in objects.items()}})
+
+
+def load_checkpoint(path: Path, config: dict, objects: dict, may_change: set[str], rank: int) -> int:
+    """Restore what `save_checkpoint` saved into `objects` and this rank's RNG; returns the step."""
+    from .artifacts import load_state
+    from .runtime import set_rng_state
+
+    state = load_state(path)
+    check_resume_config(state["config"], config, may_change)
+    for name, obj in objects.items():
+        obj.load_state_dict(state[name])
+    set_rng_state(state["rng"][rank])
+    return state["step"]
+
+
 def check_finite(loss: torch.Tensor, step: int, checkpoint: Path, remedies: str) -> None:
     if not torch.isfinite(loss):
         where = f"last good checkpoint: {checkpoint}" if checkpoint.is_file() else "no checkpoint was written yet"

@@ -22,14 +22,6 @@ from reals_cli.diffusion import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # On oversubscribed shared cores each small op waits ~10 ms for a second intra-op
-    # thread; these tests are many small ops, so one thread is 100x faster there.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def reference_schedule(n=1000):

@@ -12,14 +12,6 @@ from reals_cli.dit import DIT_MODELS, DiT, build_dit, dit_flops
 from reals_cli.errors import UserError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # On oversubscribed shared cores each small op waits ~10 ms for a second intra-op
-    # thread; these tests are many small ops, so one thread is 100x faster there.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def official_dit_xl2_layout() -> dict[str, tuple[int, ...]]:

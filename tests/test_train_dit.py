@@ -1,6 +1,5 @@
 """train-dit: exact resume after SIGKILL, REPA on aligned features, shape checks, bad input."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -87,7 +86,7 @@ def test_loss_falls(store, tmp_path):
 def test_repa_aligns_to_the_alignment_network(store, tmp_path):
     latents, vae = store
     out = tmp_path / "repa"
-    m = train_dit(resolve_config(latents=str(latents), out=str(out), steps=3, ckpt_every=3, sample_every=3, repa_weight=0.5,
+    train_dit(resolve_config(latents=str(latents), out=str(out), steps=3, ckpt_every=3, sample_every=3, repa_weight=0.5,
                                  repa_depth=2, repa_vae=str(vae), **FLAGS))
     proj = load_weights(out / "projector.safetensors")
     assert proj["4.weight"].shape[0] == 6  # projects to the alignment network's feature width

@@ -14,14 +14,6 @@ F64 = torch.float64
 M, S = 0.7, 0.4  # the data distribution N(M, S^2), per dimension
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # On oversubscribed shared cores each small op waits ~10 ms for a second intra-op
-    # thread; these tests are many small ops, so one thread is 100x faster there.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def exact(transport: Transport, x: torch.Tensor, t: torch.Tensor):

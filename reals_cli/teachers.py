@@ -80,12 +80,13 @@ class VGGTeacher(Teacher):
 
     def __init__(self, weights: str | Path | None = None, resolution: int | None = None):
         super().__init__(resolution)
-        from torchvision.models import vgg16
+        from torchvision.models.vgg import cfgs, make_layers
 
         from .artifacts import load_weights
         from .assets import asset_path
 
-        self.features = vgg16(weights=None).features[: VGG_RELU5_3 + 1]
+        # torchvision's VGG16 conv stack without its 120M-parameter classifier.
+        self.features = make_layers(cfgs["D"])[: VGG_RELU5_3 + 1]
         state = load_weights(weights or asset_path("vgg16"))
         state = {k.removeprefix("features."): v for k, v in state.items() if int(k.split(".")[1]) <= VGG_RELU5_3}
         self.features.load_state_dict(state, strict=True)

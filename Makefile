@@ -51,8 +51,12 @@ $(DEMO)/samples/manifest.json: $(DEMO)/sit/manifest.json
 	$(REALS) sample --ckpt $(DEMO)/sit --cfg 2.0 --sampler ode --ode-method heun --steps 21 -n $(call mul,500) \
 	  --batch-size 250 --device $(DEVICE) --out $(DEMO)/samples
 
-$(DEMO)/fid.json: $(DEMO)/samples/manifest.json
-	$(REALS) eval-fid $(DEMO)/samples --ref $(DEMO)/data/test --device $(DEVICE) --out $@
+# FID reference: 1,000 test images (Inception at 299 px is slow on a CPU).
+$(DEMO)/fid-ref/manifest.json: | install assets
+	$(REALS) data fashion-mnist $(DEMO)/fid-ref --size 32 --limit 1000
+
+$(DEMO)/fid.json: $(DEMO)/samples/manifest.json $(DEMO)/fid-ref/manifest.json
+	$(REALS) eval-fid $(DEMO)/samples --ref $(DEMO)/fid-ref/test --device $(DEVICE) --out $@
 
 $(DEMO)/seg/manifest.json: $(DEMO)/vae/manifest.json
 	$(REALS) probe-seg fit --data $(DEMO)/data --limit 2000 --vae $(DEMO)/vae --device $(DEVICE) --out $(DEMO)/seg

@@ -37,3 +37,26 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def kill_after_checkpoint():
+    """Start `cmd` as a real process and SIGKILL it once `ckpt` holds step >= min_step."""
+    import signal
+    import subprocess
+    import time
+
+    from reals_cli.artifacts import load_state
+
+    def run(cmd: list[str], ckpt: Path, min_step: int, timeout: float = 240) -> int:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ckpt.is_file() and load_state(ckpt)["step"] >= min_step:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return load_state(ckpt)["step"]
+
+    return run

@@ -1,9 +1,6 @@
 """train-dit: exact resume after SIGKILL, REPA on aligned features, shape checks, bad input."""
 
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from reals_cli.alignment import AlignConfig, AlignmentNet
-from reals_cli.artifacts import load_state, load_weights, read_manifest
+from reals_cli.artifacts import load_weights, read_manifest
 from reals_cli.cli import main
 from reals_cli.encode import encode
 from reals_cli.reals_vae import save_reals_vae
@@ -48,22 +45,14 @@ def _cli_args(latents, out, steps, **extra):
 
 
 @pytest.mark.parametrize("objective", ["sit", "dit"])
-def test_resume_after_sigkill_equals_uninterrupted(store, tmp_path, objective):
+def test_resume_after_sigkill_equals_uninterrupted(store, tmp_path, objective, kill_after_checkpoint):
     latents, _ = store
     steps = 8
     straight = tmp_path / "straight"
     train_dit(resolve_config(latents=str(latents), out=str(straight), steps=steps, ckpt_every=4, objective=objective, **FLAGS))
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "reals_cli", "train-dit", *_cli_args(latents, killed, steps, ckpt_every=1, objective=objective)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = killed / "checkpoint.safetensors"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if ckpt.is_file() and load_state(ckpt)["step"] >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(cmd, killed / "checkpoint.safetensors", 3)
     assert not (killed / "manifest.json").exists(), "finished before the kill"
     result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, killed, steps, ckpt_every=1, objective=objective), "--resume"])
     assert result.exit_code == 0, result.output

@@ -1,10 +1,8 @@
 """train-vae: resume equivalence after SIGKILL, the baseline's detached alignment, bad input."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +51,7 @@ def _final_weights(out: Path) -> dict[str, torch.Tensor]:
             **{"align." + k: v for k, v in load_weights(out / "align.safetensors").items()}}
 
 
-def test_resume_after_sigkill_equals_uninterrupted_run(assets_home, shapes_data, tmp_path):
+def test_resume_after_sigkill_equals_uninterrupted_run(assets_home, shapes_data, tmp_path, kill_after_checkpoint):
     steps = 8
     straight = tmp_path / "straight"
     manifest = train_vae(resolve_config(**{**TINY_FLAGS, "data": str(shapes_data), "out": str(straight), "steps": steps, "ckpt_every": 4}))
@@ -61,17 +59,8 @@ def test_resume_after_sigkill_equals_uninterrupted_run(assets_home, shapes_data,
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "reals_cli", "train-vae", *_args(shapes_data, killed, steps, ckpt_every=1)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
-    ckpt = killed / "checkpoint.safetensors"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if ckpt.is_file() and load_state(ckpt)["step"] >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    stopped_at = kill_after_checkpoint(cmd, killed / "checkpoint.safetensors", 3)
     assert not (killed / "manifest.json").exists(), "the run finished before it could be killed"
-    stopped_at = load_state(ckpt)["step"]
     assert 3 <= stopped_at < steps
 
     result = CliRunner().invoke(main, ["train-vae", *_args(shapes_data, killed, steps, ckpt_every=1), "--resume"])

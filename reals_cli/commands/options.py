@@ -13,3 +13,9 @@ precision_option = click.option(
     "--precision", default="bf16", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]),
     help="Autocast precision on CUDA (CPU always runs fp32).",
 )
+
+
+def preset_option(*names, **kw):
+    """An option without a click default: unset flags fall back to a preset, then to the
+    library config's own defaults (which the help text states)."""
+    return click.option(*names, default=None, **kw)

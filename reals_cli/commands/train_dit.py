@@ -6,41 +6,38 @@ import click
 
 from ..dit import DIT_MODELS
 from ..train_dit import resolve_config, train_dit
-from .options import device_option, precision_option, seed_option
+from .options import device_option, precision_option, preset_option, seed_option
 
-
-def _opt(*names, **kw):
-    # No click defaults: unset flags take TrainDiTConfig's defaults, shown in the help text.
-    return click.option(*names, default=None, **kw)
 
 
 @click.command("train-dit", short_help="Train a DiT or SiT on a latent store.")
 @click.argument("latents")
 @click.option("--out", required=True, help="Output folder: the model artifact, checkpoints and log.")
-@_opt("--model", type=click.Choice([*DIT_MODELS, *(n.replace("DiT", "SiT") for n in DIT_MODELS)]), help="Network by name (DiT-* and SiT-* are the same network).  [default: SiT-B/2]")
-@_opt("--objective", type=click.Choice(["dit", "sit"]), help="dit: DDPM eps + learned sigma; sit: interpolant transport.  [default: sit]")
-@_opt("--path", type=click.Choice(["linear", "gvp"]), help="SiT interpolant.  [default: linear]")
-@_opt("--prediction", type=click.Choice(["velocity", "noise", "score"]), help="SiT prediction.  [default: velocity]")
-@_opt("--time-distribution", type=click.Choice(["uniform", "lognormal"]), help="SiT training times.  [default: uniform]")
-@_opt("--steps", type=int, help="Training steps.  [default: 400000]")
-@_opt("--batch-size", type=int, help="Latents per step per process.  [default: 256]")
-@_opt("--lr", type=float, help="AdamW learning rate.  [default: 1e-4]")
-@_opt("--weight-decay", type=float, help="AdamW weight decay.  [default: 0]")
-@_opt("--ema-decay", type=float, help="EMA decay (fp32 copy).  [default: 0.9999]")
-@_opt("--class-dropout", type=float, help="Label dropout for classifier-free guidance.  [default: 0.1]")
-@_opt("--grad-clip", type=float, help="Gradient norm clip, 0 for none.  [default: 1.0]")
-@_opt("--attn", type=click.Choice(["auto", "xformers", "sdpa", "math"]), help="Attention backend.  [default: auto]")
+@preset_option("--model", type=click.Choice([*DIT_MODELS, *(n.replace("DiT", "SiT") for n in DIT_MODELS)]), metavar="NAME",
+               help="DiT-{T,S,B,L,XL}/{2,4,8} or SiT-* (the same network).  [default: SiT-B/2]")
+@preset_option("--objective", type=click.Choice(["dit", "sit"]), help="dit: DDPM eps + learned sigma; sit: interpolant transport.  [default: sit]")
+@preset_option("--path", type=click.Choice(["linear", "gvp"]), help="SiT interpolant.  [default: linear]")
+@preset_option("--prediction", type=click.Choice(["velocity", "noise", "score"]), help="SiT prediction.  [default: velocity]")
+@preset_option("--time-distribution", type=click.Choice(["uniform", "lognormal"]), help="SiT training times.  [default: uniform]")
+@preset_option("--steps", type=int, help="Training steps.  [default: 400000]")
+@preset_option("--batch-size", type=int, help="Latents per step per process.  [default: 256]")
+@preset_option("--lr", type=float, help="AdamW learning rate.  [default: 1e-4]")
+@preset_option("--weight-decay", type=float, help="AdamW weight decay.  [default: 0]")
+@preset_option("--ema-decay", type=float, help="EMA decay (fp32 copy).  [default: 0.9999]")
+@preset_option("--class-dropout", type=float, help="Label dropout for classifier-free guidance.  [default: 0.1]")
+@preset_option("--grad-clip", type=float, help="Gradient norm clip, 0 for none.  [default: 1.0]")
+@preset_option("--attn", type=click.Choice(["auto", "xformers", "sdpa", "math"]), help="Attention backend.  [default: auto]")
 @click.option("--qk-norm", is_flag=True, default=None, help="LayerNorm on queries and keys (against late bf16 NaNs).")
 @click.option("--gradient-checkpointing", is_flag=True, default=None, help="Trade compute for memory.")
 @click.option("--compile", is_flag=True, default=None, help="torch.compile the training forward.")
-@_opt("--repa-weight", type=float, help="Weight of the REPA loss on ReaLS-aligned features; 0 for none.  [default: 0]")
-@_opt("--repa-depth", type=int, help="Block whose tokens REPA aligns (REPA: 4 for B, 8 for L/XL).  [default: 4]")
-@_opt("--repa-vae", help="The ReaLS VAE that made the latents (its alignment network gives REPA's targets).")
-@_opt("--init", help="Start from weights: an official DiT-XL-2-256x256.pt / SiT checkpoint, or a .safetensors.")
-@_opt("--workers", type=int, help="DataLoader worker processes.  [default: 4]")
-@_opt("--log-every", type=int, help="Steps between log.jsonl lines.  [default: 100]")
-@_opt("--ckpt-every", type=int, help="Steps between checkpoints.  [default: 5000]")
-@_opt("--sample-every", type=int, help="Steps between preview grids of EMA samples.  [default: 10000]")
+@preset_option("--repa-weight", type=float, help="Weight of the REPA loss on ReaLS-aligned features; 0 for none.  [default: 0]")
+@preset_option("--repa-depth", type=int, help="Block whose tokens REPA aligns (REPA: 4 for B, 8 for L/XL).  [default: 4]")
+@preset_option("--repa-vae", help="The ReaLS VAE that made the latents (its alignment network gives REPA's targets).")
+@preset_option("--init", help="Start from weights: an official DiT-XL-2-256x256.pt / SiT checkpoint, or a .safetensors.")
+@preset_option("--workers", type=int, help="DataLoader worker processes.  [default: 4]")
+@preset_option("--log-every", type=int, help="Steps between log.jsonl lines.  [default: 100]")
+@preset_option("--ckpt-every", type=int, help="Steps between checkpoints.  [default: 5000]")
+@preset_option("--sample-every", type=int, help="Steps between preview grids of EMA samples.  [default: 10000]")
 @click.option("--resume", is_flag=True, help="Continue the run in --out where it stopped (or train a finished one longer).")
 @device_option
 @seed_option

@@ -24,7 +24,7 @@ from .data import ImageFolder
 from .errors import UserError
 from .latent_store import LatentStore, create_store, is_h5, probe
 from .reals_vae import RealsVAE, load_reals_vae
-from .runtime import autocast, resolve_device
+from .runtime import autocast, local_device, resolve_device
 
 DTYPES = ("float16", "float32")
 _WAIT_FOR_RANK0_S = 600
@@ -164,9 +164,7 @@ def encode(
     batches = [list(range(s, min(s + batch_size, (b + 1) * bs, store.rows)))
                for b in mine for s in range(b * bs, min((b + 1) * bs, store.rows), batch_size)]
 
-    dev = resolve_device(device)
-    if dev.type == "cuda" and world > 1:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    dev = local_device(resolve_device(device))
     model = model.to(dev).eval()
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     loader = torch.utils.data.DataLoader(_Rows(folder), batch_sampler=batches, num_workers=workers,

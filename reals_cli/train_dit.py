@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from .errors import UserError
 from .latent_store import LatentDataset, draw_latents
 from .runtime import autocast, resolve_device, seed_everything
 from .training import (
-    append_log, check_finite, check_run_folder, init_distributed, load_checkpoint, read_log, save_checkpoint, truncate_log,
+    StepLog, check_finite, check_run_folder, init_distributed, load_checkpoint, read_log, save_checkpoint, truncate_log,
 )
 from .transport import Transport
 
@@ -209,7 +208,7 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
 
     trainable.train()
     batches = iter(loader)
-    logged_step, logged_at = step, time.perf_counter()
+    log = StepLog(out / LOG, cfg.batch_size * world, step)
     with progress(disable=not is_main) as bar:
         task = bar.add_task("train-dit", total=cfg.steps, completed=step)
         while step < cfg.steps:
@@ -241,14 +240,8 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
             step += 1
             bar.update(task, completed=step, status=f"loss {loss.item():.4f}")
             if is_main and step % cfg.log_every == 0:
-                now = time.perf_counter()
-                record = {"step": step, "loss": loss.item(), **{k: v.mean().item() for k, v in terms.items() if k != "loss"},
-                          "repa": repa.item(), "grad_norm": float(grad_norm),
-                          "img_per_s": cfg.batch_size * world * (step - logged_step) / (now - logged_at)}
-                logged_step, logged_at = step, now
-                append_log(out / LOG, record)
-                if not console.is_terminal:
-                    console.print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+                log.write(step, {"loss": loss.item(), **{k: v.mean().item() for k, v in terms.items() if k != "loss"},
+                                 "repa": repa.item(), "grad_norm": float(grad_norm)})
             if is_main and step % cfg.sample_every == 0:
                 _preview(out, ema, _model_config(cfg, store), step)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
@@ -268,8 +261,8 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
     inputs = {"latents": {"path": cfg.latents, "kind": "latents", "id": store.attrs.get("id", "?")}}
     if cfg.init:
         inputs["init"] = artifacts.describe_input(cfg.init)
-    log = read_log(out / LOG)
-    metrics = {"steps": step, "final_loss": log[-1]["loss"] if log else None}
+    records = read_log(out / LOG)
+    metrics = {"steps": step, "final_loss": records[-1]["loss"] if records else None}
     manifest = artifacts.write_manifest(out, KIND, FORMAT_VERSION, config, inputs, metrics, files=files)
     print_summary(f"{cfg.model} {out} ({manifest['id']})", {"steps": step, "final loss": metrics["final_loss"], "attention": backend})
     return manifest

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from .reals_vae import save_reals_vae
 from .runtime import autocast, resolve_device, seed_everything
 from .teachers import Teacher, build_teacher
 from .training import (
-    append_log, check_finite, check_run_folder, init_distributed, load_checkpoint, save_checkpoint, truncate_log,
+    StepLog, check_finite, check_run_folder, init_distributed, load_checkpoint, save_checkpoint, truncate_log,
 )
 from .vae import AutoencoderKL, kl_loss, load_diffusers_vae, vae_config
 
@@ -270,7 +269,7 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
     gen.train()
     disc.train()
     data_iter = iter(loader)
-    logged_step, logged_at = step, time.perf_counter()
+    log = StepLog(out / LOG, cfg.batch_size * world, step)
     with progress(disable=not is_main) as bar:
         task = bar.add_task("train-vae", total=cfg.steps, completed=step, status="")
         while step < cfg.steps:
@@ -317,12 +316,7 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
                      "d_weight": float(d_w), "d_loss": d_loss.item(), "grad_norm": float(grad_norm)}
             bar.update(task, completed=step, status=f"loss {terms['loss']:.4f} rec {terms['rec']:.4f} align {align_term.item():.3f}")
             if is_main and step % cfg.log_every == 0:
-                now = time.perf_counter()
-                terms["img_per_s"] = cfg.batch_size * world * (step - logged_step) / (now - logged_at)
-                logged_step, logged_at = step, now
-                append_log(out / LOG, {"step": step, **terms})
-                if not console.is_terminal:  # a log file gets a line where a terminal gets the bar
-                    console.print(f"step {step}/{cfg.steps} " + " ".join(f"{k} {v:.4g}" for k, v in terms.items()))
+                log.write(step, terms)
             if is_main and step % cfg.image_every == 0:
                 _save_grid(out / f"recon_{step:07d}.png", x01, (recon.detach().float() + 1) / 2)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ import torch.distributed as dist
 
 from .artifacts import atomic_write_bytes
 from .errors import UserError
+from .runtime import local_device
 
 
 def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
@@ -20,10 +22,7 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
         return 0, 1, device
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    return dist.get_rank(), world, device
+    return dist.get_rank(), world, local_device(device)
 
 
 def gather_objects(obj, world: int) -> list:
@@ -83,6 +82,25 @@ def check_finite(loss: torch.Tensor, step: int, checkpoint: Path, remedies: str)
     if not torch.isfinite(loss):
         where = f"last good checkpoint: {checkpoint}" if checkpoint.is_file() else "no checkpoint was written yet"
         raise UserError(f"loss became {loss.item()} at step {step} ({where}); resume with --resume and try {remedies}")
+
+
+class StepLog:
+    """log.jsonl lines with throughput; where stderr is not a terminal (a log file, a
+    Makefile), the same line is printed, since the progress bar is not drawn there."""
+
+    def __init__(self, path: Path, images_per_step: int, step: int):
+        self.path, self.images_per_step = path, images_per_step
+        self.step, self.time = step, time.perf_counter()
+
+    def write(self, step: int, terms: dict) -> None:
+        from .console import console
+
+        now = time.perf_counter()
+        record = {"step": step, **terms, "img_per_s": self.images_per_step * (step - self.step) / (now - self.time)}
+        self.step, self.time = step, now
+        append_log(self.path, record)
+        if not console.is_terminal:
+            console.print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
 
 
 def append_log(path: Path, record: dict) -> None:

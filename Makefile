@@ -7,7 +7,7 @@ export REALS_HOME ?= $(HOME)/.cache/reals
 # Tests reuse the assets `make assets` fetched instead of fetching their own copy.
 export REALS_TEST_HOME ?= $(REALS_HOME)
 
-.PHONY: install assets test demo bench clean-demo
+.PHONY: install assets test demo repro-small kl-sweep bench clean-demo
 
 install: $(VENV)/.installed
 
@@ -25,54 +25,100 @@ test: install assets
 
 # The demo: Fashion-MNIST at 32 px, VGG16 teacher, CPU. Every step writes an artifact with a
 # manifest, which make's dependency tracking reuses; a failed step stops the chain with its
-# own one-line error. SCALE multiplies the training budgets (SCALE=10 DEVICE=cuda on a GPU).
+# own one-line error. SCALE multiplies the training and sampling budgets (SCALE=10 DEVICE=cuda
+# on a GPU). Layout (what `reals report` reads): $(DEMO)/<variant>/{vae,latents.zarr,sit,
+# samples,fid.json,...} for the variants `reals` (aligned) and `baseline` (--align-weight 0).
 DEMO  := runs/demo
 SCALE ?= 1
+CFG   ?= 2.0
 R      = $(REALS) --device $(DEVICE)
 mul    = $(shell echo $$(( $(1) * $(SCALE) )))
+VAE_FLAGS    = --preset demo --extra-data $(DEMO)/photos --steps $(call mul,200) --device $(DEVICE)
+SIT_FLAGS    = --model SiT-T/2 --batch-size 128 --lr 4e-4 --ema-decay 0.99 --steps $(call mul,300) --log-every 20 \
+               --ckpt-every 100 --sample-every 100 --workers 1 --device $(DEVICE)
+SAMPLE_FLAGS = --sampler ode --ode-method heun --steps 21 -n $(call mul,500) --batch-size 250 --device $(DEVICE)
+FID_REF      = $(DEMO)/fid-ref/stats.npz
 
 $(DEMO)/data/manifest.json: | install assets
 	$(REALS) data fashion-mnist $(DEMO)/data --size 32 --limit 10000
 
-$(DEMO)/vae/manifest.json: $(DEMO)/data/manifest.json
-	$(REALS) train-vae --preset demo --device $(DEVICE) --steps $(call mul,200) --out $(DEMO)/vae
+# Natural-image tiles beside Fashion-MNIST, so that the VAEs have seen photographs at the
+# scale the depth probe reads (the motorcycle's depth test columns are not among them).
+$(DEMO)/photos/manifest.json: | install assets
+	$(REALS) data photos $(DEMO)/photos --size 32
 
-$(DEMO)/vae-baseline/manifest.json: $(DEMO)/data/manifest.json
-	$(REALS) train-vae --preset demo --device $(DEVICE) --steps $(call mul,200) --align-weight 0 --out $(DEMO)/vae-baseline
+$(DEMO)/reals/vae/manifest.json: $(DEMO)/data/manifest.json $(DEMO)/photos/manifest.json
+	$(REALS) train-vae $(VAE_FLAGS) --out $(@D)
 
-$(DEMO)/latents.zarr/zarr.json: $(DEMO)/vae/manifest.json
-	$(REALS) encode $(DEMO)/data/train $(DEMO)/latents.zarr --vae $(DEMO)/vae --device $(DEVICE)
+$(DEMO)/baseline/vae/manifest.json: $(DEMO)/data/manifest.json $(DEMO)/photos/manifest.json
+	$(REALS) train-vae $(VAE_FLAGS) --align-weight 0 --out $(@D)
 
-$(DEMO)/sit/manifest.json: $(DEMO)/latents.zarr/zarr.json
-	$(REALS) train-dit $(DEMO)/latents.zarr --model SiT-T/2 --batch-size 128 --lr 4e-4 --ema-decay 0.99 \
-	  --steps $(call mul,300) --log-every 20 --ckpt-every 100 --sample-every 100 --workers 1 --device $(DEVICE) --out $(DEMO)/sit
+# One recipe for every variant (reals, baseline, the KL sweep's): the same SiT budget on each.
+%/latents.zarr/zarr.json: %/vae/manifest.json
+	$(REALS) encode $(DEMO)/data/train $*/latents.zarr --vae $*/vae --device $(DEVICE)
 
-$(DEMO)/samples/manifest.json: $(DEMO)/sit/manifest.json
-	$(REALS) sample --ckpt $(DEMO)/sit --cfg 2.0 --sampler ode --ode-method heun --steps 21 -n $(call mul,500) \
-	  --batch-size 250 --device $(DEVICE) --out $(DEMO)/samples
+%/sit/manifest.json: %/latents.zarr/zarr.json
+	$(REALS) train-dit $*/latents.zarr $(SIT_FLAGS) --out $*/sit
 
-# FID reference: 1,000 test images (Inception at 299 px is slow on a CPU).
-$(DEMO)/fid-ref/manifest.json: | install assets
+%/samples/manifest.json: %/sit/manifest.json
+	$(REALS) sample --ckpt $*/sit --cfg $(CFG) $(SAMPLE_FLAGS) --out $*/samples
+
+%/samples-nocfg/manifest.json: %/sit/manifest.json
+	$(REALS) sample --ckpt $*/sit --cfg 1.0 $(SAMPLE_FLAGS) --out $*/samples-nocfg
+
+%/fid.json: %/samples/manifest.json $(FID_REF)
+	$(REALS) eval-fid $*/samples --ref $(FID_REF) --device $(DEVICE) --out $@
+
+%/fid-nocfg.json: %/samples-nocfg/manifest.json $(FID_REF)
+	$(REALS) eval-fid $*/samples-nocfg --ref $(FID_REF) --device $(DEVICE) --out $@
+
+%/analysis/analysis.json: %/latents.zarr/zarr.json
+	$(REALS) analyze $*/latents.zarr --out $*/analysis
+
+# FID reference: 1,000 test images (Inception at 299 px is slow on a CPU), their statistics
+# computed once for every evaluation.
+$(FID_REF): | install assets
 	$(REALS) data fashion-mnist $(DEMO)/fid-ref --size 32 --limit 1000
+	$(REALS) eval-fid --ref $(DEMO)/fid-ref/test --ref-size 32 --device $(DEVICE) --save-ref-stats $@
 
-$(DEMO)/fid.json: $(DEMO)/samples/manifest.json $(DEMO)/fid-ref/manifest.json
-	$(REALS) eval-fid $(DEMO)/samples --ref $(DEMO)/fid-ref/test --device $(DEVICE) --out $@
+$(DEMO)/seg/manifest.json: $(DEMO)/reals/vae/manifest.json
+	$(REALS) probe-seg fit --data $(DEMO)/data --limit 2000 --vae $(DEMO)/reals/vae --device $(DEVICE) --out $(DEMO)/seg
 
-$(DEMO)/seg/manifest.json: $(DEMO)/vae/manifest.json
-	$(REALS) probe-seg fit --data $(DEMO)/data --limit 2000 --vae $(DEMO)/vae --device $(DEVICE) --out $(DEMO)/seg
+$(DEMO)/seg/eval-test/metrics.json: $(DEMO)/seg/manifest.json $(DEMO)/baseline/vae/manifest.json $(DEMO)/reals/samples/manifest.json
+	$(REALS) probe-seg eval --data $(DEMO)/data --limit 1000 --vae $(DEMO)/reals/vae --head $(DEMO)/seg \
+	  --baseline-vae $(DEMO)/baseline/vae --latents $(DEMO)/reals/samples/latents.zarr --device $(DEVICE)
 
-$(DEMO)/seg/eval-test/metrics.json: $(DEMO)/seg/manifest.json $(DEMO)/vae-baseline/manifest.json $(DEMO)/samples/manifest.json
-	$(REALS) probe-seg eval --data $(DEMO)/data --limit 1000 --vae $(DEMO)/vae --head $(DEMO)/seg \
-	  --baseline-vae $(DEMO)/vae-baseline --latents $(DEMO)/samples/latents.zarr --device $(DEVICE)
+$(DEMO)/depth/manifest.json: $(DEMO)/reals/vae/manifest.json
+	$(REALS) probe-depth fit --data motorcycle --vae $(DEMO)/reals/vae --device $(DEVICE) --out $(DEMO)/depth
 
-$(DEMO)/depth/manifest.json: $(DEMO)/vae/manifest.json
-	$(REALS) probe-depth fit --data motorcycle --vae $(DEMO)/vae --device $(DEVICE) --out $(DEMO)/depth
+$(DEMO)/depth/eval-test/metrics.json: $(DEMO)/depth/manifest.json $(DEMO)/baseline/vae/manifest.json
+	$(REALS) probe-depth eval --data motorcycle --vae $(DEMO)/reals/vae --head $(DEMO)/depth \
+	  --baseline-vae $(DEMO)/baseline/vae --device $(DEVICE)
 
-$(DEMO)/depth/eval-test/metrics.json: $(DEMO)/depth/manifest.json $(DEMO)/vae-baseline/manifest.json
-	$(REALS) probe-depth eval --data motorcycle --vae $(DEMO)/vae --head $(DEMO)/depth \
-	  --baseline-vae $(DEMO)/vae-baseline --device $(DEVICE)
+DEMO_STEPS = $(DEMO)/reals/fid.json $(DEMO)/reals/analysis/analysis.json $(DEMO)/baseline/analysis/analysis.json \
+             $(DEMO)/seg/eval-test/metrics.json $(DEMO)/depth/eval-test/metrics.json
 
-demo: $(DEMO)/fid.json $(DEMO)/seg/eval-test/metrics.json $(DEMO)/depth/eval-test/metrics.json
+# The report is cheap: rewritten (only if it changed) and its table printed on every run.
+demo: $(DEMO_STEPS)
+	$(REALS) report $(DEMO) --title "ReaLS demo: Fashion-MNIST, VGG16 teacher"
+
+# The paper's control experiment in miniature: the baseline VAE gets the same SiT budget as
+# ReaLS, both are sampled with and without guidance, and the table goes to docs/.
+repro-small: $(DEMO_STEPS) $(foreach v,reals baseline,$(DEMO)/$(v)/fid.json $(DEMO)/$(v)/fid-nocfg.json)
+	$(REALS) report $(DEMO) --title "ReaLS demo: Fashion-MNIST, VGG16 teacher"
+	$(REALS) report $(DEMO) --out docs/reproduction.md --title "repro-small: the baseline VAE against ReaLS"
+
+# The paper's Figure 5 in miniature: the KL weight against latent std and FID of a fixed SiT.
+KL_SWEEP := runs/kl-sweep
+KLS      ?= 1e-8 1e-6 1e-4 1e-2
+$(KL_SWEEP)/kl%/vae/manifest.json: $(DEMO)/data/manifest.json $(DEMO)/photos/manifest.json
+	$(REALS) train-vae $(VAE_FLAGS) --kl $* --out $(@D)
+
+kl-sweep: $(foreach k,$(KLS),$(KL_SWEEP)/kl$(k)/fid.json)
+	$(REALS) report $(KL_SWEEP) --out docs/kl-sweep.md --title "kl-sweep: KL weight against latent std and FID"
+
+.PRECIOUS: %/latents.zarr/zarr.json %/sit/manifest.json %/samples/manifest.json %/samples-nocfg/manifest.json \
+           %/analysis/analysis.json %/vae/manifest.json
 
 bench: install assets
 	$(PY) -m reals_cli.bench --out docs/benchmarks.md

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -178,6 +179,18 @@ def artifact_id(kind: str, config: dict, files: dict[str, str]) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
+# The `reals ...` command line running now and when it started; the CLI sets it, so every
+# artifact records what made it and how long that took (None when called from Python).
+invocation: dict | None = None
+
+
+def provenance() -> dict:
+    """{"command", "wall_s"} of the running `reals` command, for manifests and metric files."""
+    if invocation is None:
+        return {"command": None, "wall_s": None}
+    return {"command": invocation["command"], "wall_s": round(time.time() - invocation["started"], 1)}
+
+
 def write_manifest(
     directory: str | os.PathLike,
     kind: str,
@@ -205,6 +218,7 @@ def write_manifest(
         "reals_version": __version__,
         "torch_version": torch.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **provenance(),
     }
     atomic_write_json(directory / MANIFEST, manifest)
     return manifest
@@ -238,9 +252,10 @@ def read_manifest(directory: str | os.PathLike, kind: str | None = None, format_
 def verify_files(directory: str | os.PathLike, manifest: dict) -> None:
     """Check every file the manifest lists against its recorded sha256."""
     directory = Path(directory)
+    remedy = f"delete {directory} and run `{manifest['command']}` again" if manifest.get("command") else "re-create the artifact"
     for name, expected in manifest.get("files", {}).items():
         f = directory / name
         if not f.is_file():
-            raise UserError(f"{f} is missing (listed in {directory / MANIFEST}); re-create the artifact")
+            raise UserError(f"{f} is missing (listed in {directory / MANIFEST}); {remedy}")
         if sha256_file(f) != expected:
-            raise UserError(f"{f} does not match the hash in its manifest (corrupt or replaced); re-create the artifact")
+            raise UserError(f"{f} does not match the hash in its manifest (corrupt or replaced); {remedy}")

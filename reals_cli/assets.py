@@ -183,7 +183,7 @@ def _build_fashion(asset: Asset, package: Path, work: Path) -> None:
         os.replace(work / "deb/usr/share/datasets/fashion-mnist" / name, work / name)
 
 
-def _build_motorcycle(asset: Asset, package: Path, work: Path) -> None:
+def _build_skimage(asset: Asset, package: Path, work: Path) -> None:
     with zipfile.ZipFile(package) as z:
         for name in asset.files:
             with z.open(f"skimage/data/{name}") as src, open(work / name, "wb") as dst:
@@ -208,9 +208,26 @@ ASSETS: dict[str, Asset] = {a.name: a for a in [
            "t10k-labels-idx1-ubyte.gz": ("8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05", 5125)},
           folder=True),
     Asset("motorcycle", "Middlebury 2014 Motorcycle left view + ground-truth disparity (depth probe demo)",
-          SKIMAGE_WHEEL, _build_motorcycle,
+          SKIMAGE_WHEEL, _build_skimage,
           {"motorcycle_left.png": ("db18e9c4157617403c3537a6ba355dfeafe9a7eabb6b9b94cb33f6525dd49179", 644701),
            "motorcycle_disp.npz": ("2e49c8cebff3fa20359a0cc6880c82e1c03bbb106da81a177218281bc2f113d7", 1146173)},
+          folder=True),
+    Asset("photos", "14 photographs from scikit-image's data folder: VAE training tiles beside the depth demo",
+          SKIMAGE_WHEEL, _build_skimage,
+          {"astronaut.png": ("88431cd9653ccd539741b555fb0a46b61558b301d4110412b5bc28b5e3ea6cb5", 791555),
+           "brick.png": ("7966caf324f6ba843118d98f7a07746d22f6a343430add0233eca5f6eaaa8fcf", 106634),
+           "camera.png": ("b0793d2adda0fa6ae899c03989482bff9a42d3d5690fc7e3648f2795d730c23a", 139512),
+           "chelsea.png": ("596aa1e7cb875eb79f437e310381d26b338a81c2da23439704a73c4651e8c4bb", 240512),
+           "coffee.png": ("cc02f8ca188b167c775a7101b5d767d1e71792cf762c33d6fa15a4599b5a8de7", 466706),
+           "coins.png": ("f8d773fc9cfa6f4d8e5942dc34d0a0788fcaed2a4fefbbed0aef5398d7ef4cba", 75825),
+           "color.png": ("7d2df993de2b4fa2a78e04e5df8050f49a9c511aa75e59ab3bd56ac9c98aef7e", 85584),
+           "grass.png": ("b6b6022426b38936c43a4ac09635cd78af074e90f42ffa8227ac8b7452d39f89", 217893),
+           "gravel.png": ("c48615b451bf1e606fbd72c0aa9f8cc0f068ab7111ef7d93bb9b0f2586440c12", 194247),
+           "hubble_deep_field.jpg": ("3a19c5dd8a927a9334bb1229a6d63711b1c0c767fb27e2286e7c84a3e2c2f5f4", 527940),
+           "ihc.png": ("f8dd1aa387ddd1f49d8ad13b50921b237df8e9b262606d258770687b0ef93cef", 477916),
+           "moon.png": ("78739619d11f7eb9c165bb5d2efd4772cee557812ec847532dbb1d92ef71f577", 50177),
+           "retina.jpg": ("38a07f36f27f095e818aea7b96d34202c05176d30253c66733f2e00379e9e0e6", 269564),
+           "rocket.jpg": ("c2dd0de7c538df8d111e479619b129464d0269d0ae5fd18ca91d33a7fdfea95c", 112525)},
           folder=True),
 ]}
 

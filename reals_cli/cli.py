@@ -7,16 +7,23 @@ the traceback instead.
 
 from __future__ import annotations
 
+import shlex
 import sys
+import time
 
 import click
 
-from . import __version__
+from . import __version__, artifacts
 from .console import console
 from .errors import UserError
 
 
 class RealsGroup(click.Group):
+    def main(self, args=None, *rest, **kwargs):
+        argv = list(args) if args is not None else sys.argv[1:]
+        artifacts.invocation = {"command": shlex.join(["reals", *argv]), "started": time.time()}
+        return super().main(args, *rest, **kwargs)
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(self.commands)  # pipeline order, not alphabetical
 

@@ -635,3 +635,53 @@ def export_fashion_mnist(
         "classes": FASHION_MNIST_CLASSES, "written": written, "kept": kept,
         "seconds": time.perf_counter() - started, "workers": workers,
     }
+
+
+# -- photo tiles ----------------------------------------------------------------------------------
+
+def export_photo_tiles(out: str | os.PathLike, size: int = 32, per_photo: int = 300,
+                       source: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Tiles of scikit-image's photographs as a class-folder dataset artifact (one folder per photo).
+
+    The tiles have the depth demo's geometry (96 px every 32 px, resized to `size`), so a VAE
+    trained on them with `train-vae --extra-data` has seen natural images at the scale the
+    depth probe reads. The motorcycle's left view contributes only its training columns: the
+    depth test tiles stay unseen. At most `per_photo` tiles, evenly spaced, per photo.
+    """
+    from .artifacts import atomic_write_json, describe_input, write_manifest
+    from .assets import asset_path
+    from .probe_data import MotorcycleDepth
+
+    started = time.perf_counter()
+    if size < 1 or per_photo < 1:
+        raise UserError(f"--size and --per-photo must be positive, got {size} and {per_photo}")
+    out, source = Path(out), Path(source) if source else asset_path("photos")
+    tile, stride = MotorcycleDepth.TILE, MotorcycleDepth.STRIDE
+    photos = {p: None for p in sorted(source.glob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS}
+    motorcycle = asset_path("motorcycle") / "motorcycle_left.png"
+    photos[motorcycle] = MotorcycleDepth.SPLIT_COLUMN
+    if len(photos) == 1:
+        raise UserError(f"no photographs in {source}; run `reals assets fetch`")
+    counts = {}
+    for path, right_edge in photos.items():
+        img = to_rgb(Image.open(path))
+        w, h = img.size
+        w = min(w, right_edge or w)
+        corners = [(x, y) for y in range(0, h - tile + 1, stride) for x in range(0, w - tile + 1, stride)]
+        keep = np.unique(np.linspace(0, len(corners) - 1, min(per_photo, len(corners))).round().astype(int))
+        folder = out / "train" / path.stem
+        folder.mkdir(parents=True, exist_ok=True)
+        for x, y in (corners[i] for i in keep):
+            target = folder / f"{x:04d}_{y:04d}.png"
+            if not target.exists():
+                crop = img.crop((x, y, x + tile, y + tile)).resize((size, size), Image.BICUBIC)
+                _write_new(str(target), _png_bytes(crop))
+        counts[path.stem] = len(keep)
+    atomic_write_json(out / "classes.json", [{"label": i, "folder": k, "name": k} for i, k in enumerate(sorted(counts))])
+    write_manifest(out, kind="dataset", format_version=1,
+                   config={"source": "photos", "size": size, "per_photo": per_photo, "tile": tile, "stride": stride},
+                   inputs={"photos": describe_input(source), "motorcycle": describe_input(motorcycle)},
+                   metrics={"train": sum(counts.values()), "per_photo": counts,
+                            "seconds": round(time.perf_counter() - started, 2)},
+                   files=["classes.json"])
+    return {"out": str(out), "train": sum(counts.values()), "per_photo": counts}

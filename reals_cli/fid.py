@@ -630,3 +630,24 @@ def _tf_version() -> str:
     import torch_fidelity
 
     return torch_fidelity.__version__
+
+
+def compute_reference_stats(ref: str | os.PathLike, out: str | os.PathLike, ref_size: int | None = None,
+                            batch_size: int = 50, device: str = "auto", extractor: str = "auto",
+                            inception_weights: str | os.PathLike | None = None, progress: bool = True) -> dict:
+    """Reference statistics alone (no samples): every later `eval-fid --ref OUT` then costs only its samples."""
+    from .console import progress as make_progress
+    from .runtime import resolve_device
+
+    started = time.perf_counter()
+    ref_src = open_input(ref, ref_size)
+    if not isinstance(ref_src, ImageSource):
+        raise UserError(f"{ref} already holds statistics; --save-ref-stats needs reference images")
+    dev = resolve_device(device)
+    choice = choose_extractor(extractor, inception_weights)
+    net = choice.build(sorted({POOL_FEATURE, SFID_FEATURE}), dev)
+    with make_progress() if progress else contextlib.nullcontext() as bar:
+        got = _extract(ref_src, net, {POOL_FEATURE, SFID_FEATURE}, {POOL_FEATURE}, dev, batch_size, bar, "reference")
+    save_reference_stats(out, got, choice, ref_src)
+    return {"out": str(out), "count": ref_src.count, "resolution": list(ref_src.resolution),
+            "extractor": choice.describe(), "seconds": round(time.perf_counter() - started, 2)}

@@ -40,7 +40,7 @@ from PIL import Image, ImageDraw, ImageFont
 from rich.table import Table
 from torch import nn
 
-from .artifacts import (atomic_path, atomic_write_json, describe_input, load_weights, read_manifest, save_weights,
+from .artifacts import (atomic_path, atomic_write_json, describe_input, load_weights, provenance, read_manifest, save_weights,
                         torch_load, verify_files, write_manifest)
 from .console import console, print_summary, progress, warn
 from .errors import UserError
@@ -468,7 +468,7 @@ def evaluate_head(data: DataSpec, vae: str | os.PathLike, head_path: str | os.Pa
         "task": data.task, "split": split, "data": test.describe(), "head": describe_input(head_path),
         "vae": describe_input(vae), "baseline_vae": describe_input(baseline_vae) if baseline_vae else None,
         "teacher": spec.name, "results": results, "primary_metric": key,
-        "reals_beats_baseline": beats, "panels": str(out / "panels.png"),
+        "reals_beats_baseline": beats, "panels": str(out / "panels.png"), **provenance(),
     }
     if latents is not None:
         report["latents"] = _latent_panels(latents, vaes["reals"][1], head, config, out, panels, dev, precision)

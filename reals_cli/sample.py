@@ -14,7 +14,7 @@ makes an index twice. Once every block is there, rank 0 assembles the outputs:
 
   samples.npz   ADM format: arr_0 = N x H x W x 3 uint8, arr_1 = N labels
   latents.zarr  the raw (unnormalised) latents as a latent store, for the probes
-  grid.png      a preview of the first 64 images; images/NNNNNN.png with --png
+  grid.png      a preview, one row per class (the first 10 classes, 8 images each); images/NNNNNN.png with --png
   manifest.json kind "samples": the full protocol, written last
 """
 
@@ -46,7 +46,7 @@ from .train_dit import EMA_FILE, FORMAT_VERSION as DIT_VERSION, KIND as DIT_KIND
 KIND, FORMAT_VERSION = "samples", 1
 PARTS, PROTOCOL = "parts", "protocol.json"
 NPZ, GRID, LATENTS, PNG_DIR = "samples.npz", "grid.png", "latents.zarr", "images"
-GRID_IMAGES = 64
+GRID_ROWS, GRID_COLS = 10, 8
 _POLL_S = 2.0
 TIME_CONVENTION = "noise level tau in [0, 1]: 0 data, 1 noise; SiT tau = 1 - t, DiT tau = step / 999"
 
@@ -328,7 +328,7 @@ def _assemble(cfg, config, protocol, parts, num_blocks, summary) -> dict:
         "config": store_config, "vae_id": config["vae_id"], "image_size": h, "classes": config["classes"],
         "inputs": {"images": {"path": str(out / NPZ), "count": n}, "vae": vae}, "reals_version": __version__,
     })
-    labels, preview = [], []
+    labels, preview = [], {}
     with artifacts.atomic_path(out / NPZ) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as npz:
         with npz.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (n, h, w, 3)})
@@ -340,14 +340,18 @@ def _assemble(cfg, config, protocol, parts, num_blocks, summary) -> dict:
                 # As a posterior [mean, std] = [z, 0], one view: readers take the mean.
                 store.write_block(b, np.stack([z, np.zeros_like(z)], 1)[:, None], part["labels"])
                 labels.append(part["labels"])
-                preview += list(part["images"][: GRID_IMAGES - len(preview)])
+                for img, label in zip(part["images"], part["labels"].tolist()):
+                    if label in preview or len(preview) < GRID_ROWS:
+                        row = preview.setdefault(label, [])
+                        if len(row) < GRID_COLS:
+                            row.append(img)
         with npz.open("arr_1.npy", "w") as f:
             np.lib.format.write_array(f, np.concatenate(labels))
     store.finalize()
-    cols = math.ceil(math.sqrt(len(preview)))
-    grid = np.zeros((math.ceil(len(preview) / cols) * h, cols * w, 3), np.uint8)
-    for k, img in enumerate(preview):
-        grid[k // cols * h:(k // cols + 1) * h, k % cols * w:(k % cols + 1) * w] = img
+    grid = np.zeros((len(preview) * h, max(map(len, preview.values())) * w, 3), np.uint8)
+    for r, label in enumerate(sorted(preview)):
+        for c, img in enumerate(preview[label]):
+            grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
     with artifacts.atomic_path(out / GRID) as tmp:
         Image.fromarray(grid).save(tmp, format="PNG")
     full = {**protocol, "image_size": [h, w], "latent_shape": list(shape), "latent_mean": config["latent_mean"],

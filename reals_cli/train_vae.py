@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from . import artifacts
 from .alignment import AlignConfig, AlignmentNet, alignment_loss, feature_cosine
@@ -55,6 +55,7 @@ RESUMABLE_CHANGES = {"steps", "device", "workers", "log_every", "ckpt_every", "i
 class TrainVAEConfig:
     data: str
     out: str
+    extra_data: list[str] = dataclasses.field(default_factory=list)  # more training folders; validation uses `data`
     vae: str = "sd-f8c4"
     init: str | None = None
     image_size: int = 256
@@ -159,13 +160,14 @@ def _datasets(cfg: TrainVAEConfig) -> tuple[torch.utils.data.Dataset, torch.util
     """Training set, and held-out images: the `test` split when there is one, else a seeded hold-out."""
     root = Path(cfg.data)
     train = ImageFolder(root, cfg.image_size, flip=False)  # flips are drawn per step, see _flip
+    extra = [ImageFolder(folder, cfg.image_size, flip=False) for folder in cfg.extra_data]
     if (root / "test").is_dir() and train.split == "train":
         val = ImageFolder(root, cfg.image_size, flip=False, split="test")
         keep = torch.linspace(0, len(val) - 1, min(cfg.val_count, len(val))).long().tolist()
-        return train, Subset(val, keep)
+        return ConcatDataset([train, *extra]), Subset(val, keep)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     n_val = min(cfg.val_count, len(train) // 10)
-    return Subset(train, order[n_val:]), Subset(train, order[:n_val])
+    return ConcatDataset([Subset(train, order[n_val:]), *extra]), Subset(train, order[:n_val])
 
 
 def _flip(x: torch.Tensor, seed: int, step: int, rank: int) -> torch.Tensor:
@@ -329,6 +331,7 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
     metrics = evaluate(ema.vae, ema.align, teacher, lpips, val_loader, device)
     metrics["steps"] = step
     inputs = {"data": artifacts.describe_input(cfg.data)}
+    inputs |= {f"extra_data_{i}": artifacts.describe_input(folder) for i, folder in enumerate(cfg.extra_data)}
     if cfg.init:
         inputs["init"] = artifacts.describe_input(cfg.init)
     if cfg.teacher_weights:

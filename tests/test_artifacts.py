@@ -91,3 +91,20 @@ def test_load_weights_errors(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x01\x02")
     with pytest.raises(UserError, match="is not a readable safetensors file"):
         artifacts.load_weights(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.assets
+def test_manifest_records_the_command_and_a_broken_file_names_it(tmp_path, assets_home):
+    from click.testing import CliRunner
+
+    from reals_cli.cli import main
+
+    out = tmp_path / "photos"
+    assert CliRunner().invoke(main, ["data", "photos", str(out), "--per-photo", "1"]).exit_code == 0
+    m = artifacts.read_manifest(out, "dataset")
+    assert m["command"] == f"reals data photos {out} --per-photo 1" and 0 <= m["wall_s"] < 60
+    (out / "classes.json").unlink()
+    with pytest.raises(UserError) as e:
+        artifacts.verify_files(out, m)
+    assert str(e.value) == (f"{out}/classes.json is missing (listed in {out}/manifest.json); "
+                            f"delete {out} and run `reals data photos {out} --per-photo 1` again")

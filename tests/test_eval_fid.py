@@ -378,3 +378,20 @@ def test_error_reference_at_another_resolution(run, tmp_path):
 def test_error_stats_from_another_extractor(fm, run, converted_weights):
     r = _invoke(fm["samples"], "--ref", run["stats"], "--inception-weights", converted_weights)
     _one_line_error(r, f"from extractor {OFFLINE}", f"this run uses {TORCH_FIDELITY}")
+
+
+@pytest.mark.assets
+def test_reference_statistics_alone_equal_those_saved_beside_an_evaluation(fm, run, tmp_path):
+    alone = tmp_path / "alone.npz"
+    r = _invoke("--ref", fm["ref"], "--ref-size", 32, "--extractor", "offline", "--batch-size", 10, "--save-ref-stats", alone,
+                "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    with np.load(alone) as a, np.load(run["stats"]) as b:
+        assert a.files == b.files
+        for k in b.files:
+            if b[k].dtype.kind == "f":
+                np.testing.assert_array_equal(a[k], b[k])
+    nothing = _invoke("--ref", fm["ref"])
+    assert nothing.exit_code == 2
+    assert nothing.output.strip() == ("error: give SAMPLES to evaluate, or --save-ref-stats FILE to cache the "
+                                      "reference statistics alone")

@@ -258,7 +258,10 @@ def test_outputs_formats_and_normalisation(ckpts, tmp_path):
         decoded = ((vae.decode(torch.from_numpy(z)).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
     assert np.abs(decoded.numpy().astype(int) - images).max() <= 1
     assert np.array_equal(np.asarray(Image.open(out / "images" / "000003.png")), images[3])
-    assert Image.open(out / "grid.png").size == (3 * 16, 2 * 16)  # 5 images: 3 columns, 2 rows
+    grid = np.asarray(Image.open(out / "grid.png"))  # one row per class, by class id: [1, 3, blank], [0, 2, 4]
+    assert grid.shape == (2 * 16, 3 * 16, 3)
+    assert np.array_equal(grid[:16, :32], np.concatenate([images[1], images[3]], 1)) and not grid[:16, 32:].any()
+    assert np.array_equal(grid[16:], np.concatenate([images[0], images[2], images[4]], 1))
     m = read_manifest(out, "samples", 1)
     assert m["config"]["sampler"] == "ode" and m["config"]["ode_method"] == "heun" and m["config"]["cfg"] == 3.0
     assert m["config"]["cfg_interval"] == [0.0, 0.7] and m["config"]["weights"] == "ema" and m["config"]["classes"] == [2, 0]

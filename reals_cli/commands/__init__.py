@@ -1,13 +1,16 @@
 """Thin click wrappers, one module per subcommand; `COMMANDS` is what `reals` lists."""
 
+from .analyze import analyze_command
 from .assets import assets
 from .data import data
 from .encode import encode_command
 from .eval_fid import eval_fid_command
 from .probe import probe_depth, probe_seg
+from .report import report_command
 from .sample import sample_command
 from .train_dit import train_dit_command
 from .train_vae import train_vae_command
 
 # In pipeline order, as `reals --help` lists them.
-COMMANDS = [assets, data, train_vae_command, encode_command, train_dit_command, sample_command, eval_fid_command, probe_seg, probe_depth]
+COMMANDS = [assets, data, train_vae_command, encode_command, train_dit_command, sample_command, eval_fid_command, analyze_command,
+            probe_seg, probe_depth, report_command]

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
-from ..artifacts import atomic_write_json
+from ..artifacts import atomic_write_json, provenance
 from ..console import print_summary, warn
+from ..errors import UserError
 from .options import device_option
 
 # fid.METRICS and inception.EXTRACTORS, spelled out so that `reals --help` does not import
@@ -42,7 +43,7 @@ def _rows(r: dict) -> list[tuple[str, object]]:
 
 
 @click.command("eval-fid", short_help="FID, sFID, IS, precision/recall and KID of samples.")
-@click.argument("samples", type=click.Path(path_type=Path))
+@click.argument("samples", required=False, type=click.Path(path_type=Path))
 @click.option("--ref", required=True, type=click.Path(path_type=Path),
               help="Reference: ADM reference batch (.npz with mu/sigma), .npz of images, image folder, "
                    "class-folder tree, or a statistics file from --save-ref-stats.")
@@ -67,9 +68,20 @@ def eval_fid_command(samples: Path, ref: Path, out: Path | None, save_ref_stats:
 
     SAMPLES: an ADM .npz (arr_0 = N x H x W x 3 uint8), a `reals sample` folder (samples.npz
     + manifest.json, whose config is recorded as the protocol) or a folder of images.
-    The result is labelled FID-50K only for exactly 50,000 samples.
+    The result is labelled FID-50K only for exactly 50,000 samples. Without SAMPLES,
+    `--save-ref-stats` computes the reference statistics alone, once for many runs.
     """
-    from ..fid import compute_metrics
+    from ..fid import compute_metrics, compute_reference_stats
+
+    if samples is None:
+        if save_ref_stats is None:
+            raise UserError("give SAMPLES to evaluate, or --save-ref-stats FILE to cache the reference statistics alone")
+        done = compute_reference_stats(ref, save_ref_stats, ref_size=ref_size, batch_size=batch_size, device=device,
+                                       extractor=extractor, inception_weights=inception_weights)
+        print_summary(f"reference statistics -> {save_ref_stats}", [
+            ("images", done["count"]), ("resolution", "x".join(map(str, done["resolution"]))),
+            ("extractor", done["extractor"]["name"]), ("seconds", done["seconds"])])
+        return
 
     chosen = [m.strip() for m in metrics.split(",") if m.strip()]
     result = compute_metrics(samples, ref, metrics=chosen, batch_size=batch_size, device=device,
@@ -79,6 +91,6 @@ def eval_fid_command(samples: Path, ref: Path, out: Path | None, save_ref_stats:
         warn(message)
     print_summary(f"eval-fid: {samples} vs {ref}", _rows(result))
     if out is not None:
-        atomic_write_json(out, result)
+        atomic_write_json(out, result | provenance())
     else:
         click.echo(json.dumps(result, indent=2, sort_keys=True))

@@ -12,6 +12,7 @@ from .options import device_option, precision_option, preset_option, seed_option
 @click.command("train-vae", short_help="Train the representation-aligned VAE (ReaLS).")
 @preset_option("--preset", type=click.Choice(list(PRESETS)), help="A named recipe (demo: Fashion-MNIST, VGG16 teacher, CPU).")
 @preset_option("--data", help="Image folder, one sub-folder per class (a train/ + test/ pair is split).")
+@click.option("--extra-data", multiple=True, help="More image folders mixed into training (repeatable); validation uses --data.")
 @preset_option("--out", help="Output folder: the VAE artifact, checkpoints, logs and image grids.")
 @preset_option("--vae", help="Architecture preset: sd-f8c4 (SD's KL-f8, the paper's), demo, tiny.  [default: sd-f8c4]")
 @preset_option("--init", help="A diffusers AutoencoderKL folder to fine-tune from (e.g. sd-vae-ft-ema).")
@@ -47,6 +48,6 @@ from .options import device_option, precision_option, preset_option, seed_option
 @device_option
 @seed_option
 @precision_option
-def train_vae_command(preset, resume, **flags):
+def train_vae_command(preset, resume, extra_data, **flags):
     """Train a representation-aligned KL VAE (ReaLS) and save it with its alignment network."""
-    train_vae(resolve_config(preset, **flags), resume=resume)
+    train_vae(resolve_config(preset, extra_data=list(extra_data) or None, **flags), resume=resume)

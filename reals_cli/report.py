@@ -1,0 +1,232 @@
+"""One Markdown page from a pipeline folder: the metrics table, the pictures, the commands.
+
+The Makefile pipelines lay their artifacts out the same way, and this module reads that
+layout (nothing is recomputed; a missing artifact is a blank cell):
+
+    ROOT/<variant>/vae/               train-vae         (a variant: any folder holding vae/)
+    ROOT/<variant>/latents.zarr       encode
+    ROOT/<variant>/sit/               train-dit
+    ROOT/<variant>/samples/, fid.json               sample + eval-fid with guidance
+    ROOT/<variant>/samples-nocfg/, fid-nocfg.json   the same without guidance
+    ROOT/<variant>/analysis/analysis.json           analyze (latent linear probe)
+    ROOT/seg/eval-test/metrics.json, ROOT/depth/eval-test/metrics.json   probe-seg / probe-depth eval
+
+The probe files name the VAEs they compared; each result lands in the row of its VAE.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from .artifacts import MANIFEST, atomic_path, atomic_write_bytes
+from .console import console
+from .errors import UserError
+
+COLUMNS = [  # (header, key, format)
+    ("KL weight", "kl", "{:g}"), ("align weight", "align_weight", "{:g}"), ("PSNR", "psnr", "{:.2f}"), ("LPIPS", "lpips", "{:.3f}"), ("cos patch", "cos_patch", "{:.3f}"),
+    ("cos global", "cos_global", "{:.3f}"), ("latent std", "latent_std", "{:.2f}"), ("SiT loss", "dit_loss", "{:.3f}"),
+    ("FID", "fid", "{:.1f}"), ("FID no cfg", "fid_nocfg", "{:.1f}"), ("sFID", "sfid", "{:.1f}"),
+    ("Prec", "precision", "{:.3f}"), ("Rec", "recall", "{:.3f}"), ("probe acc", "probe_acc", "{:.3f}"),
+    ("mIoU", "miou", "{:.3f}"), ("depth RMSE", "rmse", "{:.3f}"),
+]
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def variants(root: Path) -> list[Path]:
+    """Sub-folders holding a finished VAE: the `baseline` first, as in the paper's tables, then by KL weight."""
+    found = [p for p in root.iterdir() if (p / "vae" / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: (p.name != "baseline", _json(p / "vae" / MANIFEST)["config"].get("kl", 0), p.name))
+
+
+def _probe_results(root: Path) -> dict[str, dict]:
+    """{resolved VAE path: {"miou" or "rmse": value}} from the probe evaluations under root."""
+    by_vae: dict[str, dict] = {}
+    for task, key in (("seg", "miou"), ("depth", "rmse")):
+        m = _json(root / task / "eval-test" / "metrics.json")
+        if not m:
+            continue
+        for way, side in (("reals", "vae"), ("baseline", "baseline_vae")):
+            if m.get(side) and way in m["results"]:
+                by_vae.setdefault(str(Path(m[side]["path"]).resolve()), {})[key] = m["results"][way][key]
+    return by_vae
+
+
+def variant_row(folder: Path, probes: dict[str, dict]) -> dict:
+    """Every number the pipeline measured for one variant (absent ones left out)."""
+    row: dict = {}
+    vae = _json(folder / "vae" / MANIFEST)
+    if vae:
+        v = vae["metrics"]
+        row |= {"psnr": v.get("psnr"), "lpips": v.get("lpips"), "cos_patch": v.get("align_cos_patch"),
+                "cos_global": v.get("align_cos_global"), "kl": vae["config"].get("kl"),
+                "align_weight": vae["config"].get("align_weight")}
+        if v.get("latent_std"):
+            row["latent_std"] = sum(v["latent_std"]) / len(v["latent_std"])
+    dit = _json(folder / "sit" / MANIFEST)
+    if dit:
+        row["dit_loss"] = dit["metrics"].get("final_loss")
+    for name, suffix in (("fid.json", ""), ("fid-nocfg.json", "_nocfg")):
+        fid = _json(folder / name)
+        if fid:
+            row[f"fid{suffix}"] = fid.get("fid")
+            if not suffix:
+                row |= {k: fid.get(k) for k in ("sfid", "precision", "recall")}
+                row["fid_label"] = fid.get("label")
+    analysis = _json(folder / "analysis" / "analysis.json")
+    if analysis:
+        row["probe_acc"] = analysis["stores"][0]["probe"]["test_accuracy"]
+    row |= probes.get(str((folder / "vae").resolve()), {})
+    return {k: v for k, v in row.items() if v is not None}
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    return fmt.format(row[key]) if key in row else "–"
+
+
+def results_table(rows: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells: the columns some row has; a setting (KL, alignment weight) only where it varies."""
+    settings = {"kl", "align_weight"}
+    cols = [c for c in COLUMNS if any(c[1] in r for r in rows.values())
+            and (c[1] not in settings or len({r.get(c[1]) for r in rows.values()}) > 1)]
+    return ["variant", *[h for h, _, _ in cols]], [[name, *[_cell(r, k, f) for _, k, f in cols]] for name, r in rows.items()]
+
+
+def markdown_table(headers: list[str], cells: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu}, {os.cpu_count()} CPU threads{gpu}; torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def _manifests(root: Path) -> list[tuple[Path, dict]]:
+    """Every artifact and metrics file under root that records the command that made it, oldest first."""
+    found = []
+    for path in sorted(root.rglob("*.json")):
+        if path.name in (MANIFEST, "metrics.json") or path.parent == root or path.name.startswith("fid"):
+            m = _json(path)
+            if m and m.get("command"):
+                found.append((path, m))
+    return sorted(found, key=lambda pm: pm[0].stat().st_mtime)
+
+
+def _image(md: list[str], out: Path, root: Path, title: str, path: Path) -> None:
+    """Link a picture; a page outside ROOT (docs/) gets its own copy in <page>-images/."""
+    if not path.is_file():
+        return
+    if not out.resolve().is_relative_to(root.resolve()):
+        copy = out.parent / f"{out.stem}-images" / str(path.relative_to(root)).replace(os.sep, "-")
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        if not copy.is_file() or copy.read_bytes() != path.read_bytes():
+            atomic_write_bytes(copy, path.read_bytes())
+        path = copy
+    md += [f"**{title}**", "", f"![{title}]({os.path.relpath(path, out.parent)})", ""]
+
+
+def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None, title: str | None = None) -> dict:
+    """Write `out` (default ROOT/report.md) from the artifacts under `root`; return the rows."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder; run the pipeline first (e.g. `make demo`)")
+    found = variants(root)
+    if not found:
+        raise UserError(f"{root} holds no <variant>/vae/{MANIFEST}: no finished train-vae step to report on")
+    out = Path(out) if out else root / "report.md"
+    probes = _probe_results(root)
+    rows = {p.name: variant_row(p, probes) for p in found}
+    headers, cells = results_table(rows)
+    md = [f"# {title or f'ReaLS pipeline report: {root}'}", "", f"Machine: {machine()}.", "",
+          "## Results", "", markdown_table(headers, cells), ""]
+    labels = sorted({r["fid_label"] for r in rows.values() if "fid_label" in r})
+    md += [
+        "PSNR, LPIPS and the alignment cosines (alignment-network output against the teacher's patch and "
+        "global features) are measured on held-out images; latent std is the mean over channels. "
+        f"FID, sFID, precision and recall: {', '.join(labels) or 'not run'}, against the test split. "
+        "Probe acc: linear probe on pooled latents (`reals analyze`). mIoU and depth RMSE: heads fitted on "
+        "teacher features of real images, applied to each VAE's alignment-network features (no training on them).",
+        "",
+    ]
+    for task, label in (("seg", "Segmentation probe"), ("depth", "Depth probe")):
+        m = _json(root / task / "eval-test" / "metrics.json")
+        if m:
+            metrics = sorted(next(iter(m["results"].values())).keys() - {"images", "images_without_depth"})
+            md += [f"### {label} ({m['data']['format']}, {m['data']['images']} test images, teacher {m['teacher']})", "",
+                   markdown_table(["features", *metrics],
+                                  [[way, *[f"{r[k]:.3f}" for k in metrics]] for way, r in m["results"].items()]), ""]
+    md += ["## Pictures", ""]
+    for p in found:
+        recon = sorted((p / "vae").glob("recon_*.png"))
+        if recon:
+            _image(md, out, root, f"{p.name}: reconstructions (top: input, bottom: VAE)", recon[-1])
+        _image(md, out, root, f"{p.name}: samples, one row per class", p / "samples" / "grid.png")
+        _image(md, out, root, f"{p.name}: latent t-SNE coloured by class", next(iter(sorted((p / "analysis").glob("*.png"))), Path()))
+    for task in ("seg", "depth"):
+        _image(md, out, root, f"probe-{task}: image | ground truth | predictions", root / task / "eval-test" / "panels.png")
+        _image(md, out, root, f"probe-{task} on generated latents", root / task / "eval-test" / "latents.png")
+    if len({r.get("kl") for r in rows.values()}) >= 3:
+        plot = out.parent / f"{out.stem}-kl.png"
+        kl_plot(rows, plot)
+        md += [f"![KL weight against latent std and FID]({os.path.relpath(plot, out.parent)})", ""]
+    steps = _manifests(root)
+    if steps:
+        total = sum(m.get("wall_s") or 0 for _, m in steps)
+        md += ["## Commands", "", f"Each step, in the order it ran ({total / 60:.1f} min in all):", "",
+               markdown_table(["output", "seconds", "command"],
+                              [[str(path.relative_to(root)), f"{m.get('wall_s') or 0:.0f}", f"`{m['command']}`"]
+                               for path, m in steps]), ""]
+    text = "\n".join(md)
+    if not out.is_file() or out.read_text() != text:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out, text.encode())
+    return {"out": str(out), "rows": rows, "headers": headers, "cells": cells}
+
+
+def kl_plot(rows: dict[str, dict], path: Path) -> None:
+    """The paper's Figure 5 in miniature: latent std and FID against the KL weight (log x axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted((r["kl"], r.get("latent_std"), r.get("fid")) for r in rows.values() if "kl" in r)
+    fig, left = plt.subplots(figsize=(5, 3.2), dpi=120)
+    left.set_xscale("log")
+    left.set_xlabel("KL weight")
+    left.plot([p[0] for p in pts if p[1] is not None], [p[1] for p in pts if p[1] is not None], "o-", color="tab:blue")
+    left.set_ylabel("latent std (mean over channels)", color="tab:blue")
+    right = left.twinx()
+    right.plot([p[0] for p in pts if p[2] is not None], [p[2] for p in pts if p[2] is not None], "s--", color="tab:red")
+    right.set_ylabel("FID", color="tab:red")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def print_table(report: dict) -> None:
+    table = Table(title=f"report: {report['out']}")
+    for h in report["headers"]:
+        table.add_column(h, justify="left" if h == "variant" else "right")
+    for row in report["cells"]:
+        table.add_row(*row)
+    console.print(table)

@@ -22,7 +22,10 @@ class RealsGroup(click.Group):
     def main(self, args=None, *rest, **kwargs):
         argv = list(args) if args is not None else sys.argv[1:]
         artifacts.invocation = {"command": shlex.join(["reals", *argv]), "started": time.time()}
-        return super().main(args, *rest, **kwargs)
+        try:
+            return super().main(args, *rest, **kwargs)
+        finally:
+            artifacts.invocation = None  # a notebook's later library calls are not this command
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(self.commands)  # pipeline order, not alphabetical

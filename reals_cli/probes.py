@@ -61,27 +61,43 @@ WAYS = {"teacher": ("teacher (upper bound)", "teacher"), "reals": ("ReaLS VAE: a
 
 # -- heads ----------------------------------------------------------------------------------------
 
+def unit_features(patch: torch.Tensor, glob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token and the global feature scaled to unit length.
+
+    The alignment loss is 90% cosine: the alignment network learns the teacher's feature
+    directions, not their norms (its outputs are a few percent of a VGG feature's norm). A
+    head that reads directions only applies to teacher and aligned features alike.
+    """
+    return F.normalize(patch, dim=1), F.normalize(glob, dim=1)
+
+
 class SegHead(nn.Module):
-    def __init__(self, dim: int, num_classes: int):
+    def __init__(self, dim: int, num_classes: int, unit: bool = True):
         super().__init__()
         self.bn = nn.BatchNorm2d(dim)
         self.conv_seg = nn.Conv2d(dim, num_classes, 1)
+        self.unit = unit
 
     def forward(self, patch: torch.Tensor, glob: torch.Tensor, size: int) -> torch.Tensor:
         """Class logits B x K x size x size."""
+        if self.unit:
+            patch, glob = unit_features(patch, glob)
         return F.interpolate(self.conv_seg(self.bn(patch)), size=(size, size), mode="bilinear", align_corners=False)
 
 
 class DepthHead(nn.Module):
-    def __init__(self, dim: int, min_depth: float, max_depth: float, bins: int = 256, norm: str = "softmax"):
+    def __init__(self, dim: int, min_depth: float, max_depth: float, bins: int = 256, norm: str = "softmax",
+                 unit: bool = True):
         super().__init__()
         self.bn = nn.BatchNorm2d(2 * dim)
         self.conv_depth = nn.Conv2d(2 * dim, bins, 1)
-        self.norm = norm
+        self.norm, self.unit = norm, unit
         self.register_buffer("centres", torch.linspace(min_depth, max_depth, bins), persistent=False)
 
     def forward(self, patch: torch.Tensor, glob: torch.Tensor, size: int) -> torch.Tensor:
         """Depth B x size x size, in the units of the bins (metres)."""
+        if self.unit:
+            patch, glob = unit_features(patch, glob)
         x = torch.cat([patch, glob[:, :, None, None].expand_as(patch)], dim=1)
         logits = self.conv_depth(self.bn(x))
         # DINOv2 upsamples the features before the conv; both are linear per pixel, so this is the same.
@@ -97,9 +113,10 @@ class DepthHead(nn.Module):
 
 
 def build_head(config: dict) -> nn.Module:
+    unit = config.get("features") == "unit"
     if config["task"] == "seg":
-        return SegHead(config["teacher_dim"], len(config["classes"]))
-    return DepthHead(config["teacher_dim"], config["min_depth"], config["max_depth"], config["bins"], config["norm"])
+        return SegHead(config["teacher_dim"], len(config["classes"]), unit)
+    return DepthHead(config["teacher_dim"], config["min_depth"], config["max_depth"], config["bins"], config["norm"], unit)
 
 
 def predict(head: nn.Module, task: str, patch: torch.Tensor, glob: torch.Tensor, size: int) -> torch.Tensor:
@@ -329,7 +346,7 @@ def fit_head(data: DataSpec, vae: str | os.PathLike, out: str | os.PathLike, *, 
         lo = 0.001 if min_depth is None else min_depth  # the release's NYU range
         hi = 10.0 if max_depth is None else max_depth
         config |= {"min_depth": lo, "max_depth": hi, "bins": state["conv_depth.weight"].shape[0], "norm": "linear",
-                   "source": "dinov2-release",
+                   "source": "dinov2-release", "features": "raw",
                    "note": "trained on DINOv2's last-block tokens before the final LayerNorm; this project's "
                            "teacher features are after it, so expect a shift"}
         head = build_head(config)
@@ -345,7 +362,7 @@ def fit_head(data: DataSpec, vae: str | os.PathLike, out: str | os.PathLike, *, 
             lo, hi = _depth_range(train, feats["target"], min_depth, max_depth)
             config |= {"min_depth": lo, "max_depth": hi, "bins": bins, "norm": "softmax"}
         config |= {"source": "fit", "data": train.describe(), "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                   "seed": seed}
+                   "seed": seed, "features": "unit"}
         head = build_head(config).to(dev)
         loss = _train_head(head, config, feats, epochs, batch_size, lr, seed, dev)
         metrics = {"final_loss": loss, "train": _score_features(head, config, feats, dev, batch_size)}

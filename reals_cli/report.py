@@ -207,7 +207,7 @@ def kl_plot(rows: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = sorted((r["kl"], r.get("latent_std"), r.get("fid")) for r in rows.values() if "kl" in r)
+    pts = sorted(((r["kl"], r.get("latent_std"), r.get("fid")) for r in rows.values() if "kl" in r), key=lambda p: p[0])
     fig, left = plt.subplots(figsize=(5, 3.2), dpi=120)
     left.set_xscale("log")
     left.set_xlabel("KL weight")
@@ -224,9 +224,11 @@ def kl_plot(rows: dict[str, dict], path: Path) -> None:
 
 
 def print_table(report: dict) -> None:
+    """The results with one column per variant: a terminal is narrower than the Markdown table."""
     table = Table(title=f"report: {report['out']}")
-    for h in report["headers"]:
-        table.add_column(h, justify="left" if h == "variant" else "right")
+    table.add_column("")
     for row in report["cells"]:
-        table.add_row(*row)
-    console.print(table)
+        table.add_column(row[0], justify="right")
+    for i, header in enumerate(report["headers"][1:], start=1):
+        table.add_row(header, *[row[i] for row in report["cells"]])
+    console.print(table, soft_wrap=True)

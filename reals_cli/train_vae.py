@@ -97,7 +97,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Fashion-MNIST at 32 px (28 px natively), VGG16 teacher on a 64 px upsample (8x8 relu4_3
     # grid = the 8x8 latent grid of the f4 demo VAE): minutes on 2 CPU cores.
     "demo": dict(
-        data="runs/demo/data", out="runs/demo/vae", vae="demo", image_size=32, teacher="vgg16",
+        data="runs/demo/data", out="runs/demo/reals/vae", vae="demo", image_size=32, teacher="vgg16",
         teacher_resolution=64, align_hidden=256, steps=300, batch_size=32, lr=4e-4, disc_lr=4e-4,
         disc_start=200, ckpt_every=100, image_every=200, log_every=10, val_count=256, workers=1,
     ),

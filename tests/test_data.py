@@ -419,3 +419,23 @@ def test_cli_check_empty_folder(tmp_path):
     r = CliRunner().invoke(main, ["data", "check", str(tmp_path)])
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
     assert "no images found in" in r.output
+
+
+@pytest.mark.assets
+def test_photo_tiles_keep_the_depth_test_columns_out(assets_home, tmp_path):
+    from reals_cli.assets import asset_path
+    from reals_cli.data import export_photo_tiles
+    from reals_cli.probe_data import MotorcycleDepth
+
+    result = export_photo_tiles(tmp_path / "photos", size=24, per_photo=5)
+    assert result["per_photo"]["motorcycle_left"] == 5 and len(result["per_photo"]) == 15
+    tiles = sorted((tmp_path / "photos" / "train" / "motorcycle_left").glob("*.png"))
+    assert len(tiles) == 5
+    full = Image.open(asset_path("motorcycle") / "motorcycle_left.png").convert("RGB")
+    for tile in tiles:
+        x, y = map(int, tile.stem.split("_"))
+        assert x + MotorcycleDepth.TILE <= MotorcycleDepth.SPLIT_COLUMN and x % 32 == 0 == y % 32
+        crop = full.crop((x, y, x + 96, y + 96)).resize((24, 24), Image.BICUBIC)
+        assert np.array_equal(np.asarray(Image.open(tile)), np.asarray(crop))
+    ds = ImageFolder(tmp_path / "photos", 24, flip=False)
+    assert len(ds) == result["train"] and "astronaut" in ds.classes

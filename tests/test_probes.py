@@ -16,7 +16,7 @@ from reals_cli.cli import main
 from reals_cli.errors import UserError
 from reals_cli.probe_data import MotorcycleDepth, open_probe_data
 from reals_cli.probe_metrics import DepthMeter, SegMeter, depth_image_scores
-from reals_cli.probes import DepthHead, load_dinov2_depth_head
+from reals_cli.probes import DepthHead, SegHead, load_dinov2_depth_head
 
 
 
@@ -148,13 +148,27 @@ def test_motorcycle_tiles_are_disjoint_and_metric(assets_home):
     assert 0.05 < (train.depth == 0).mean() < 0.1  # the disparity map's inf pixels
 
 
+def test_fitted_heads_read_feature_directions_only():
+    """The alignment network matches the teacher's directions, not its norms: heads must not care."""
+    torch.manual_seed(0)
+    patch, glob = torch.randn(3, 6, 2, 2), torch.randn(3, 6)
+    scale = torch.rand(3, 1, 2, 2) * 20 + 0.05  # a different norm for every token
+    for head in (SegHead(6, 4), DepthHead(6, 1.0, 5.0, 16)):
+        head.eval()
+        for p in head.parameters():
+            torch.nn.init.normal_(p)
+        same = head(patch * scale, glob * 0.03, 8)
+        assert torch.allclose(same, head(patch, glob, 8), atol=1e-5)
+        assert not torch.allclose(same, head(patch.flip(1), glob, 8), atol=1e-3)
+
+
 def test_dinov2_release_head_keys(tmp_path):
     dim, rng = 6, torch.Generator().manual_seed(0)
     weight, bias = torch.randn(256, 2 * dim, 1, 1, generator=rng), torch.randn(256, generator=rng)
     path = tmp_path / "dinov2_vits14_nyu_linear_head.pth"
     torch.save({"meta": {"note": "mmcv"}, "state_dict": {"decode_head.conv_depth.weight": weight,
                                                          "decode_head.conv_depth.bias": bias}}, path)
-    head = DepthHead(dim, 0.001, 10.0, 256, norm="linear")
+    head = DepthHead(dim, 0.001, 10.0, 256, norm="linear", unit=False)  # the release reads raw tokens
     head.load_state_dict(load_dinov2_depth_head(path, dim))
     head.eval()
     patch, glob = torch.randn(1, dim, 2, 2, generator=rng), torch.randn(1, dim, generator=rng)

@@ -197,3 +197,17 @@ def test_ema_warmup_follows_ldm():
     assert ema.weight.item() == pytest.approx(0.9)
     ema_update(ema, model, decay=0.5, step=1000)  # the cap (1001/1010) is above 0.5
     assert ema.weight.item() == pytest.approx(0.95)
+
+
+def test_extra_data_joins_training_only(shapes_data, tmp_path):
+    from reals_cli.train_vae import _datasets
+
+    extra = tmp_path / "extra"
+    (extra / "train" / "noise").mkdir(parents=True)
+    for i in range(7):
+        Image.fromarray(np.full((16, 16, 3), i * 30, np.uint8)).save(extra / "train" / "noise" / f"{i}.png")
+    cfg = resolve_config(**{**TINY_FLAGS, "data": str(shapes_data), "out": str(tmp_path / "o"), "extra_data": [str(extra)]})
+    train, val = _datasets(cfg)
+    alone, val_alone = _datasets(resolve_config(**{**TINY_FLAGS, "data": str(shapes_data), "out": str(tmp_path / "o")}))
+    assert len(train) == len(alone) + 7 and len(val) == len(val_alone) == 4
+    assert torch.equal(train[len(alone) + 3][0], torch.full((3, 16, 16), 90 / 255))

@@ -1,0 +1,83 @@
+"""report: the table comes from the artifacts' own numbers, each probe result in its VAE's row."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from reals_cli.artifacts import atomic_write_json, write_manifest
+from reals_cli.cli import main
+from reals_cli.report import write_report
+
+
+def _vae(folder: Path, kl: float, align: float, psnr: float, std: list[float]) -> None:
+    folder.mkdir(parents=True)
+    (folder / "recon_0000010.png").write_bytes(b"\x89PNG fake")
+    write_manifest(folder, "vae", 1, {"kl": kl, "align_weight": align},
+                   metrics={"psnr": psnr, "lpips": 0.2, "align_cos_patch": 0.5, "align_cos_global": 0.6, "latent_std": std})
+
+
+@pytest.fixture
+def pipeline(tmp_path) -> Path:
+    root = tmp_path / "demo"
+    _vae(root / "reals" / "vae", 1e-6, 1.0, 20.5, [1.0, 3.0])
+    _vae(root / "baseline" / "vae", 1e-6, 0.0, 21.0, [2.0, 2.0])
+    write_manifest(root / "reals" / "sit", "dit", 1, {}, metrics={"final_loss": 0.53})
+    atomic_write_json(root / "reals" / "fid.json", {"fid": 177.46, "sfid": 40.0, "precision": 0.06, "recall": 0.2,
+                                                   "label": "FID-500 (not FID-50K)", "command": "reals eval-fid x", "wall_s": 12.0})
+    atomic_write_json(root / "baseline" / "fid-nocfg.json", {"fid": 190.0})
+    (root / "reals" / "analysis").mkdir()
+    atomic_write_json(root / "reals" / "analysis" / "analysis.json", {"stores": [{"probe": {"test_accuracy": 0.821}}]})
+    atomic_write_json(root / "seg" / "eval-test" / "metrics.json", {
+        "vae": {"path": str(root / "reals" / "vae")}, "baseline_vae": {"path": str(root / "baseline" / "vae")},
+        "data": {"format": "masks", "images": 10}, "teacher": "vgg16",
+        "results": {"teacher": {"miou": 0.9, "accuracy": 0.95}, "reals": {"miou": 0.81, "accuracy": 0.9},
+                    "baseline": {"miou": 0.75, "accuracy": 0.88}}})
+    (root / "seg" / "eval-test" / "panels.png").write_bytes(b"\x89PNG panels")
+    return root
+
+
+def test_rows_hold_each_artifacts_numbers(pipeline):
+    report = write_report(pipeline)
+    assert list(report["rows"]) == ["baseline", "reals"]  # the baseline first, as in the paper's tables
+    reals, baseline = report["rows"]["reals"], report["rows"]["baseline"]
+    assert reals["psnr"] == 20.5 and reals["latent_std"] == 2.0 and reals["dit_loss"] == 0.53
+    assert reals["fid"] == 177.46 and reals["probe_acc"] == 0.821 and "fid_nocfg" not in reals
+    assert baseline["fid_nocfg"] == 190.0 and "fid" not in baseline
+    assert (reals["miou"], baseline["miou"]) == (0.81, 0.75)  # the probe file names which VAE is which
+    # Settings that do not vary (KL, and here not the alignment weight either) get no column.
+    assert report["headers"][:3] == ["variant", "align weight", "PSNR"] and "KL weight" not in report["headers"]
+    assert report["cells"][0][:3] == ["baseline", "0", "21.00"] and "–" in report["cells"][0]
+    text = (pipeline / "report.md").read_text()
+    assert "| reals | 1 | 20.50 |" in text and "FID-500 (not FID-50K)" in text
+    assert "![probe-seg: image | ground truth | predictions](seg/eval-test/panels.png)" in text
+    assert "| reals/fid.json | 12 | `reals eval-fid x` |" in text
+    mtime = (pipeline / "report.md").stat().st_mtime_ns
+    write_report(pipeline)
+    assert (pipeline / "report.md").stat().st_mtime_ns == mtime  # unchanged content: not rewritten
+
+
+def test_a_page_outside_the_folder_gets_its_own_pictures_and_a_kl_plot(pipeline, tmp_path):
+    _vae(pipeline / "kl1e-02" / "vae", 1e-2, 1.0, 18.0, [0.5, 0.5])
+    _vae(pipeline / "kl1e-04" / "vae", 1e-4, 1.0, 19.0, [0.8, 0.8])
+    out = tmp_path / "docs" / "page.md"
+    report = write_report(pipeline, out, title="t")
+    assert [r.get("kl") for r in report["rows"].values()] == [1e-6, 1e-6, 1e-4, 1e-2]
+    assert "KL weight" in report["headers"]
+    text = out.read_text()
+    assert "(page-images/seg-eval-test-panels.png)" in text
+    assert (out.parent / "page-images" / "seg-eval-test-panels.png").read_bytes() == b"\x89PNG panels"
+    assert "(page-kl.png)" in text and (out.parent / "page-kl.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_prints_the_table_and_refuses_an_empty_folder(pipeline, tmp_path):
+    r = CliRunner().invoke(main, ["report", str(pipeline)])
+    assert r.exit_code == 0 and "177.5" in r.output and "0.821" in r.output
+    (tmp_path / "empty").mkdir()
+    r = CliRunner().invoke(main, ["report", str(tmp_path / "empty")])
+    assert r.exit_code == 2
+    assert r.output.strip() == (f"error: {tmp_path / 'empty'} holds no <variant>/vae/manifest.json: no finished "
+                                "train-vae step to report on")

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from pathlib import Path
 
-import torch
 from rich.table import Table
 
 from .artifacts import MANIFEST, atomic_path, atomic_write_bytes
 from .console import console
 from .errors import UserError
+from .runtime import describe_machine
 
 COLUMNS = [  # (header, key, format)
     ("KL weight", "kl", "{:g}"), ("align weight", "align_weight", "{:g}"), ("PSNR", "psnr", "{:.2f}"), ("LPIPS", "lpips", "{:.3f}"), ("cos patch", "cos_patch", "{:.3f}"),
@@ -108,16 +107,6 @@ def markdown_table(headers: list[str], cells: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return f"{cpu}, {os.cpu_count()} CPU threads{gpu}; torch {torch.__version__}, Python {platform.python_version()}"
-
-
 def _manifests(root: Path) -> list[tuple[Path, dict]]:
     """Every artifact and metrics file under root that records the command that made it, oldest first."""
     found = []
@@ -154,7 +143,7 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None, 
     probes = _probe_results(root)
     rows = {p.name: variant_row(p, probes) for p in found}
     headers, cells = results_table(rows)
-    md = [f"# {title or f'ReaLS pipeline report: {root}'}", "", f"Machine: {machine()}.", "",
+    md = [f"# {title or f'ReaLS pipeline report: {root}'}", "", f"Machine: {describe_machine()}.", "",
           "## Results", "", markdown_table(headers, cells), ""]
     labels = sorted({r["fid_label"] for r in rows.values() if "fid_label" in r})
     md += [

@@ -67,3 +67,21 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def describe_machine(device: torch.device | None = None) -> str:
+    """CPU model and threads, the GPU if any, torch and Python: the line reports and benchmarks print."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if device is not None and device.type == "cuda":
+        accelerator = f"GPU {torch.cuda.get_device_name(device)}"
+    else:
+        accelerator = f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} CPU threads (torch uses {torch.get_num_threads()}), {accelerator}; "
+            f"torch {torch.__version__}, Python {platform.python_version()}")

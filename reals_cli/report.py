@@ -11,7 +11,7 @@ layout (nothing is recomputed; a missing artifact is a blank cell):
     ROOT/<variant>/analysis/analysis.json           analyze (latent linear probe)
     ROOT/seg/eval-test/metrics.json, ROOT/depth/eval-test/metrics.json   probe-seg / probe-depth eval
 
-The probe files name the VAEs they compared; each result lands in the row of its VAE.
+The probe files name the VAEs they compared (by id); each result lands in the row of its VAE.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def variants(root: Path) -> list[Path]:
 
 
 def _probe_results(root: Path) -> dict[str, dict]:
-    """{resolved VAE path: {"miou" or "rmse": value}} from the probe evaluations under root."""
+    """{VAE id: {"miou" or "rmse": value}} from the probe evaluations under root."""
     by_vae: dict[str, dict] = {}
     for task, key in (("seg", "miou"), ("depth", "rmse")):
         m = _json(root / task / "eval-test" / "metrics.json")
@@ -58,7 +58,7 @@ def _probe_results(root: Path) -> dict[str, dict]:
             continue
         for way, side in (("reals", "vae"), ("baseline", "baseline_vae")):
             if m.get(side) and way in m["results"]:
-                by_vae.setdefault(str(Path(m[side]["path"]).resolve()), {})[key] = m["results"][way][key]
+                by_vae.setdefault(m[side]["id"], {})[key] = m["results"][way][key]
     return by_vae
 
 
@@ -86,7 +86,7 @@ def variant_row(folder: Path, probes: dict[str, dict]) -> dict:
     analysis = _json(folder / "analysis" / "analysis.json")
     if analysis:
         row["probe_acc"] = analysis["stores"][0]["probe"]["test_accuracy"]
-    row |= probes.get(str((folder / "vae").resolve()), {})
+    row |= probes.get(vae["id"], {}) if vae else {}
     return {k: v for k, v in row.items() if v is not None}
 
 

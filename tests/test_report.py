@@ -20,6 +20,10 @@ def _vae(folder: Path, kl: float, align: float, psnr: float, std: list[float]) -
                    metrics={"psnr": psnr, "lpips": 0.2, "align_cos_patch": 0.5, "align_cos_global": 0.6, "latent_std": std})
 
 
+def _id(variant: Path) -> str:
+    return json.loads((variant / "vae" / "manifest.json").read_text())["id"]
+
+
 @pytest.fixture
 def pipeline(tmp_path) -> Path:
     root = tmp_path / "demo"
@@ -32,7 +36,7 @@ def pipeline(tmp_path) -> Path:
     (root / "reals" / "analysis").mkdir()
     atomic_write_json(root / "reals" / "analysis" / "analysis.json", {"stores": [{"probe": {"test_accuracy": 0.821}}]})
     atomic_write_json(root / "seg" / "eval-test" / "metrics.json", {
-        "vae": {"path": str(root / "reals" / "vae")}, "baseline_vae": {"path": str(root / "baseline" / "vae")},
+        "vae": {"id": _id(root / "reals")}, "baseline_vae": {"id": _id(root / "baseline")},
         "data": {"format": "masks", "images": 10}, "teacher": "vgg16",
         "results": {"teacher": {"miou": 0.9, "accuracy": 0.95}, "reals": {"miou": 0.81, "accuracy": 0.9},
                     "baseline": {"miou": 0.75, "accuracy": 0.88}}})

@@ -33,7 +33,7 @@ SCALE ?= 1
 CFG   ?= 2.0
 R      = $(REALS) --device $(DEVICE)
 mul    = $(shell echo $$(( $(1) * $(SCALE) )))
-VAE_FLAGS    = --preset demo --extra-data $(DEMO)/photos --steps $(call mul,200) --device $(DEVICE)
+VAE_FLAGS    = --preset demo --extra-data $(DEMO)/photos --steps $(call mul,180) --device $(DEVICE)
 SIT_FLAGS    = --model SiT-T/2 --batch-size 128 --lr 4e-4 --ema-decay 0.99 --steps $(call mul,300) --log-every 20 \
                --ckpt-every 100 --sample-every 100 --workers 1 --device $(DEVICE)
 SAMPLE_FLAGS = --sampler ode --ode-method heun --steps 21 -n $(call mul,500) --batch-size 250 --device $(DEVICE)
@@ -82,7 +82,7 @@ $(FID_REF): | install assets
 	$(REALS) eval-fid --ref $(DEMO)/fid-ref/test --ref-size 32 --device $(DEVICE) --save-ref-stats $@
 
 $(DEMO)/seg/manifest.json: $(DEMO)/reals/vae/manifest.json
-	$(REALS) probe-seg fit --data $(DEMO)/data --limit 2000 --vae $(DEMO)/reals/vae --device $(DEVICE) --out $(DEMO)/seg
+	$(REALS) probe-seg fit --data $(DEMO)/data --limit 1500 --vae $(DEMO)/reals/vae --device $(DEVICE) --out $(DEMO)/seg
 
 $(DEMO)/seg/eval-test/metrics.json: $(DEMO)/seg/manifest.json $(DEMO)/baseline/vae/manifest.json $(DEMO)/reals/samples/manifest.json
 	$(REALS) probe-seg eval --data $(DEMO)/data --limit 1000 --vae $(DEMO)/reals/vae --head $(DEMO)/seg \
@@ -110,9 +110,13 @@ repro-small: $(DEMO_STEPS) $(foreach v,reals baseline,$(DEMO)/$(v)/fid.json $(DE
 
 # The paper's Figure 5 in miniature: the KL weight against latent std and FID of a fixed SiT.
 KL_SWEEP := runs/kl-sweep
-KLS      ?= 1e-8 1e-6 1e-4 1e-2
+KLS      ?= 1e-6 1e-4 1e-2
 $(KL_SWEEP)/kl%/vae/manifest.json: $(DEMO)/data/manifest.json $(DEMO)/photos/manifest.json
 	$(REALS) train-vae $(VAE_FLAGS) --kl $* --out $(@D)
+
+# The demo's ReaLS VAE is the sweep's 1e-6 point (train-vae's default KL weight): reused, not retrained.
+$(KL_SWEEP)/kl1e-6/vae/manifest.json: | $(DEMO)/reals/fid.json
+	mkdir -p $(KL_SWEEP) && ln -sfn ../demo/reals $(KL_SWEEP)/kl1e-6
 
 kl-sweep: $(foreach k,$(KLS),$(KL_SWEEP)/kl$(k)/fid.json)
 	$(REALS) report $(KL_SWEEP) --out docs/kl-sweep.md --title "kl-sweep: KL weight against latent std and FID"

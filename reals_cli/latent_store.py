@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .artifacts import provenance
 from .errors import UserError
 
 KIND, FORMAT_VERSION = "latents", 1
@@ -376,7 +377,8 @@ class LatentStore:
         mean = total[SUMS:SUMS + c] / n
         std = np.sqrt(np.maximum(total[SUMS + c:SUMS + 2 * c] / n - mean**2, 0.0))
         self.attrs.update(complete=True, count=int(total[IMAGES]), skipped=int(total[SKIPPED]),
-                          latent_mean=mean.tolist(), latent_std=std.tolist(), stats=STATS_NOTE, finished=_now())
+                          latent_mean=mean.tolist(), latent_std=std.tolist(), stats=STATS_NOTE, finished=_now(),
+                          **provenance())
         self._io.update_attrs(self.attrs)
 
 

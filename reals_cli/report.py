@@ -113,8 +113,13 @@ def _manifests(root: Path) -> list[tuple[Path, dict]]:
     for path in sorted(root.rglob("*.json")):
         if path.name in (MANIFEST, "metrics.json") or path.parent == root or path.name.startswith("fid"):
             m = _json(path)
-            if m and m.get("command"):
-                found.append((path, m))
+        elif path.name == "zarr.json" and path.parent.suffix == ".zarr":  # a latent store keeps it in its attributes
+            m = (_json(path) or {}).get("attributes")
+            path = path.parent
+        else:
+            continue
+        if m and m.get("command"):
+            found.append((path, m))
     return sorted(found, key=lambda pm: pm[0].stat().st_mtime)
 
 
@@ -157,7 +162,8 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None, 
     for task, label in (("seg", "Segmentation probe"), ("depth", "Depth probe")):
         m = _json(root / task / "eval-test" / "metrics.json")
         if m:
-            metrics = sorted(next(iter(m["results"].values())).keys() - {"images", "images_without_depth"})
+            metrics = sorted(k for k, v in next(iter(m["results"].values())).items()
+                             if isinstance(v, float))  # the scores, not the counts or per-class lists
             md += [f"### {label} ({m['data']['format']}, {m['data']['images']} test images, teacher {m['teacher']})", "",
                    markdown_table(["features", *metrics],
                                   [[way, *[f"{r[k]:.3f}" for k in metrics]] for way, r in m["results"].items()]), ""]

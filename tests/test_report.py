@@ -38,8 +38,11 @@ def pipeline(tmp_path) -> Path:
     atomic_write_json(root / "seg" / "eval-test" / "metrics.json", {
         "vae": {"id": _id(root / "reals")}, "baseline_vae": {"id": _id(root / "baseline")},
         "data": {"format": "masks", "images": 10}, "teacher": "vgg16",
-        "results": {"teacher": {"miou": 0.9, "accuracy": 0.95}, "reals": {"miou": 0.81, "accuracy": 0.9},
-                    "baseline": {"miou": 0.75, "accuracy": 0.88}}})
+        "results": {"teacher": {"miou": 0.9, "accuracy": 0.95, "iou": [0.9, 0.9], "pixels": 10},
+                    "reals": {"miou": 0.81, "accuracy": 0.9, "iou": [0.8, 0.82], "pixels": 10},
+                    "baseline": {"miou": 0.75, "accuracy": 0.88, "iou": [0.7, 0.8], "pixels": 10}}})
+    atomic_write_json(root / "reals" / "latents.zarr" / "zarr.json",
+                      {"zarr_format": 3, "attributes": {"command": "reals encode y", "wall_s": 20.4}})
     (root / "seg" / "eval-test" / "panels.png").write_bytes(b"\x89PNG panels")
     return root
 
@@ -58,7 +61,8 @@ def test_rows_hold_each_artifacts_numbers(pipeline):
     text = (pipeline / "report.md").read_text()
     assert "| reals | 1 | 20.50 |" in text and "FID-500 (not FID-50K)" in text
     assert "![probe-seg: image | ground truth | predictions](seg/eval-test/panels.png)" in text
-    assert "| reals/fid.json | 12 | `reals eval-fid x` |" in text
+    assert "| reals/fid.json | 12 | `reals eval-fid x` |" in text and "| reals/latents.zarr | 20 | `reals encode y` |" in text
+    assert "| features | accuracy | miou |" in text and "| reals | 0.900 | 0.810 |" in text
     mtime = (pipeline / "report.md").stat().st_mtime_ns
     write_report(pipeline)
     assert (pipeline / "report.md").stat().st_mtime_ns == mtime  # unchanged content: not rewritten

@@ -20,6 +20,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 from rich.table import Table
 
 from .artifacts import MANIFEST, atomic_path, atomic_write_bytes
@@ -123,6 +124,18 @@ def _manifests(root: Path) -> list[tuple[Path, dict]]:
     return sorted(found, key=lambda pm: pm[0].stat().st_mtime)
 
 
+def _grid_rows(samples: Path) -> str:
+    """The class of each row of `reals sample`'s grid: the first ten classes drawn, by class id."""
+    classes = ((_json(samples / "latents.zarr" / "zarr.json") or {}).get("attributes") or {}).get("classes")
+    try:
+        with np.load(samples / "samples.npz") as npz:
+            labels = npz["arr_1"].tolist()
+    except (OSError, KeyError, ValueError):
+        return ""
+    rows = sorted(list(dict.fromkeys(labels))[:10])
+    return f" (top to bottom: {', '.join(classes[i] if classes else str(i) for i in rows)})"
+
+
 def _image(md: list[str], out: Path, root: Path, title: str, path: Path) -> None:
     """Link a picture; a page outside ROOT (docs/) gets its own copy in <page>-images/."""
     if not path.is_file():
@@ -172,7 +185,7 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None, 
         recon = sorted((p / "vae").glob("recon_*.png"))
         if recon:
             _image(md, out, root, f"{p.name}: reconstructions (top: input, bottom: VAE)", recon[-1])
-        _image(md, out, root, f"{p.name}: samples, one row per class", p / "samples" / "grid.png")
+        _image(md, out, root, f"{p.name}: samples, one row per class{_grid_rows(p / 'samples')}", p / "samples" / "grid.png")
         _image(md, out, root, f"{p.name}: latent t-SNE coloured by class", next(iter(sorted((p / "analysis").glob("*.png"))), Path()))
     for task in ("seg", "depth"):
         _image(md, out, root, f"probe-{task}: image | ground truth | predictions", root / task / "eval-test" / "panels.png")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -41,6 +42,10 @@ def pipeline(tmp_path) -> Path:
         "results": {"teacher": {"miou": 0.9, "accuracy": 0.95, "iou": [0.9, 0.9], "pixels": 10},
                     "reals": {"miou": 0.81, "accuracy": 0.9, "iou": [0.8, 0.82], "pixels": 10},
                     "baseline": {"miou": 0.75, "accuracy": 0.88, "iou": [0.7, 0.8], "pixels": 10}}})
+    (root / "reals" / "samples").mkdir()
+    np.savez(root / "reals" / "samples" / "samples.npz", arr_0=np.zeros((5, 2, 2, 3), np.uint8), arr_1=[2, 0, 2, 0, 2])
+    (root / "reals" / "samples" / "grid.png").write_bytes(b"\x89PNG grid")
+    atomic_write_json(root / "reals" / "samples" / "latents.zarr" / "zarr.json", {"attributes": {"classes": ["a", "b", "c"]}})
     atomic_write_json(root / "reals" / "latents.zarr" / "zarr.json",
                       {"zarr_format": 3, "attributes": {"command": "reals encode y", "wall_s": 20.4}})
     (root / "seg" / "eval-test" / "panels.png").write_bytes(b"\x89PNG panels")
@@ -62,6 +67,7 @@ def test_rows_hold_each_artifacts_numbers(pipeline):
     assert "| reals | 1 | 20.50 |" in text and "FID-500 (not FID-50K)" in text
     assert "![probe-seg: image | ground truth | predictions](seg/eval-test/panels.png)" in text
     assert "| reals/fid.json | 12 | `reals eval-fid x` |" in text and "| reals/latents.zarr | 20 | `reals encode y` |" in text
+    assert "samples, one row per class (top to bottom: a, c)](reals/samples/grid.png)" in text
     assert "| features | accuracy | miou |" in text and "| reals | 0.900 | 0.810 |" in text
     mtime = (pipeline / "report.md").stat().st_mtime_ns
     write_report(pipeline)

@@ -249,11 +249,13 @@ def read_manifest(directory: str | os.PathLike, kind: str | None = None, format_
     return manifest
 
 
-def verify_files(directory: str | os.PathLike, manifest: dict) -> None:
-    """Check every file the manifest lists against its recorded sha256."""
+def verify_files(directory: str | os.PathLike, manifest: dict, names: list[str] | None = None) -> None:
+    """Check the files the manifest lists (or those of them in `names`) against their recorded sha256."""
     directory = Path(directory)
     remedy = f"delete {directory} and run `{manifest['command']}` again" if manifest.get("command") else "re-create the artifact"
     for name, expected in manifest.get("files", {}).items():
+        if names is not None and name not in names:
+            continue
         f = directory / name
         if not f.is_file():
             raise UserError(f"{f} is missing (listed in {directory / MANIFEST}); {remedy}")

@@ -143,7 +143,7 @@ def load_vae(path: str, config: dict, ckpt: str) -> RealsVAE:
 def load_model(ckpt: str | Path, manifest: dict, ema: bool = True) -> DiT:
     """The checkpoint's network with its EMA (default) or raw weights, hash-checked, in eval mode."""
     config, name = manifest["config"], EMA_FILE if ema else MODEL_FILE
-    artifacts.verify_files(ckpt, {"files": {name: manifest["files"][name]}})
+    artifacts.verify_files(ckpt, manifest, [name])
     c, h, _ = config["latent_shape"]
     # attn "auto": the kernel does not change the maths, and the training run's may not exist here.
     model = build_dit(config["model"], h, c, config["num_classes"], learn_sigma=config["learn_sigma"],

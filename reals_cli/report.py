@@ -111,17 +111,19 @@ def markdown_table(headers: list[str], cells: list[list[str]]) -> str:
 def _manifests(root: Path) -> list[tuple[Path, dict]]:
     """Every artifact and metrics file under root that records the command that made it, oldest first."""
     found = []
-    for path in sorted(root.rglob("*.json")):
+    for source in sorted(root.rglob("*.json")):
+        path = source
         if path.name in (MANIFEST, "metrics.json") or path.parent == root or path.name.startswith("fid"):
             m = _json(path)
-        elif path.name == "zarr.json" and path.parent.suffix == ".zarr":  # a latent store keeps it in its attributes
+        elif path.name == "zarr.json" and path.parent.suffix == ".zarr" and not (path.parent.parent / MANIFEST).is_file():
+            # an `encode` store keeps it in its attributes (a store inside another artifact is that one's)
             m = (_json(path) or {}).get("attributes")
             path = path.parent
         else:
             continue
         if m and m.get("command"):
-            found.append((path, m))
-    return sorted(found, key=lambda pm: pm[0].stat().st_mtime)
+            found.append((path, m, source.stat().st_mtime))
+    return [(path, m) for path, m, _ in sorted(found, key=lambda item: item[2])]
 
 
 def _grid_rows(samples: Path) -> str:

@@ -319,7 +319,7 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
             bar.update(task, completed=step, status=f"loss {terms['loss']:.4f} rec {terms['rec']:.4f} align {align_term.item():.3f}")
             if is_main and step % cfg.log_every == 0:
                 log.write(step, terms)
-            if is_main and step % cfg.image_every == 0:
+            if is_main and (step % cfg.image_every == 0 or step == cfg.steps):  # the last step always shows
                 _save_grid(out / f"recon_{step:07d}.png", x01, (recon.detach().float() + 1) / 2)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 save_checkpoint(ckpt_path, step, dataclasses.asdict(cfg), stateful, world)

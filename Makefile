@@ -115,7 +115,7 @@ $(KL_SWEEP)/kl%/vae/manifest.json: $(DEMO)/data/manifest.json $(DEMO)/photos/man
 	$(REALS) train-vae $(VAE_FLAGS) --kl $* --out $(@D)
 
 # The demo's ReaLS VAE is the sweep's 1e-6 point (train-vae's default KL weight): reused, not retrained.
-$(KL_SWEEP)/kl1e-6/vae/manifest.json: | $(DEMO)/reals/fid.json
+$(KL_SWEEP)/kl1e-6/fid.json: | $(DEMO)/reals/fid.json
 	mkdir -p $(KL_SWEEP) && ln -sfn ../demo/reals $(KL_SWEEP)/kl1e-6
 
 kl-sweep: $(foreach k,$(KLS),$(KL_SWEEP)/kl$(k)/fid.json)

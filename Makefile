@@ -121,8 +121,8 @@ $(KL_SWEEP)/kl1e-6/fid.json: | $(DEMO)/reals/fid.json
 kl-sweep: $(foreach k,$(KLS),$(KL_SWEEP)/kl$(k)/fid.json)
 	$(REALS) report $(KL_SWEEP) --out docs/kl-sweep.md --title "kl-sweep: KL weight against latent std and FID"
 
-.PRECIOUS: %/latents.zarr/zarr.json %/sit/manifest.json %/samples/manifest.json %/samples-nocfg/manifest.json \
-           %/analysis/analysis.json %/vae/manifest.json
+# Every artifact is kept: none of them is an intermediate file for make to delete.
+.SECONDARY:
 
 bench: install assets
 	$(PY) -m reals_cli.bench --out docs/benchmarks.md

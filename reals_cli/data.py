@@ -185,7 +185,9 @@ class ImageFolder(torch.utils.data.Dataset):
             raise UserError(f"dataset folder not found: {root}" if not root.exists() else f"{root} is not a folder")
         if size < 1:
             raise UserError(f"image size must be positive, got {size}")
-        has_splits = (root / "train").is_dir() and (root / "test").is_dir()
+        # Split folders (train/ with test/ or val/, or train/ alone), or else the classes themselves.
+        subfolders = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+        has_splits = "train" in subfolders and subfolders <= {"train", "test", "val"}
         if split is not None:
             if not (root / split).is_dir():
                 found = ", ".join(sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")))

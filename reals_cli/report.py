@@ -29,8 +29,9 @@ from .errors import UserError
 from .runtime import describe_machine
 
 COLUMNS = [  # (header, key, format)
-    ("KL weight", "kl", "{:g}"), ("align weight", "align_weight", "{:g}"), ("PSNR", "psnr", "{:.2f}"), ("LPIPS", "lpips", "{:.3f}"), ("cos patch", "cos_patch", "{:.3f}"),
-    ("cos global", "cos_global", "{:.3f}"), ("latent std", "latent_std", "{:.2f}"), ("SiT loss", "dit_loss", "{:.3f}"),
+    ("KL weight", "kl", "{:g}"), ("align weight", "align_weight", "{:g}"), ("PSNR", "psnr", "{:.2f}"),
+    ("LPIPS", "lpips", "{:.3f}"), ("cos patch", "cos_patch", "{:.3f}"), ("cos global", "cos_global", "{:.3f}"),
+    ("latent std", "latent_std", "{:.2f}"), ("SiT loss", "dit_loss", "{:.3f}"),
     ("FID", "fid", "{:.1f}"), ("FID no cfg", "fid_nocfg", "{:.1f}"), ("sFID", "sfid", "{:.1f}"),
     ("Prec", "precision", "{:.3f}"), ("Rec", "recall", "{:.3f}"), ("probe acc", "probe_acc", "{:.3f}"),
     ("mIoU", "miou", "{:.3f}"), ("depth RMSE", "rmse", "{:.3f}"),

@@ -33,7 +33,7 @@ SCALE ?= 1
 CFG   ?= 2.0
 R      = $(REALS) --device $(DEVICE)
 mul    = $(shell echo $$(( $(1) * $(SCALE) )))
-VAE_FLAGS    = --preset demo --extra-data $(DEMO)/photos --steps $(call mul,180) --device $(DEVICE)
+VAE_FLAGS    = --preset demo --extra-data $(DEMO)/photos --steps $(call mul,150) --device $(DEVICE)
 SIT_FLAGS    = --model SiT-T/2 --batch-size 128 --lr 4e-4 --ema-decay 0.99 --steps $(call mul,300) --log-every 20 \
                --ckpt-every 100 --sample-every 100 --workers 1 --device $(DEVICE)
 SAMPLE_FLAGS = --sampler ode --ode-method heun --steps 21 -n $(call mul,500) --batch-size 250 --device $(DEVICE)
@@ -75,14 +75,14 @@ $(DEMO)/baseline/vae/manifest.json: $(DEMO)/data/manifest.json $(DEMO)/photos/ma
 %/analysis/analysis.json: %/latents.zarr/zarr.json
 	$(REALS) analyze $*/latents.zarr --out $*/analysis
 
-# FID reference: 1,000 test images (Inception at 299 px is slow on a CPU), their statistics
+# FID reference: 500 test images (Inception at 299 px is slow on a CPU), their statistics
 # computed once for every evaluation.
 $(FID_REF): | install assets
-	$(REALS) data fashion-mnist $(DEMO)/fid-ref --size 32 --limit 1000
+	$(REALS) data fashion-mnist $(DEMO)/fid-ref --size 32 --limit 500
 	$(REALS) eval-fid --ref $(DEMO)/fid-ref/test --ref-size 32 --device $(DEVICE) --save-ref-stats $@
 
 $(DEMO)/seg/manifest.json: $(DEMO)/reals/vae/manifest.json
-	$(REALS) probe-seg fit --data $(DEMO)/data --limit 1500 --vae $(DEMO)/reals/vae --device $(DEVICE) --out $(DEMO)/seg
+	$(REALS) probe-seg fit --data $(DEMO)/data --limit 1000 --vae $(DEMO)/reals/vae --device $(DEVICE) --out $(DEMO)/seg
 
 $(DEMO)/seg/eval-test/metrics.json: $(DEMO)/seg/manifest.json $(DEMO)/baseline/vae/manifest.json $(DEMO)/reals/samples/manifest.json
 	$(REALS) probe-seg eval --data $(DEMO)/data --limit 1000 --vae $(DEMO)/reals/vae --head $(DEMO)/seg \

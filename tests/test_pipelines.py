@@ -58,5 +58,5 @@ def test_kl_sweep_varies_only_the_kl_weight(tmp_path):
 
 def test_scale_multiplies_the_budgets(tmp_path):
     plan = _plan("demo", tmp_path, "SCALE=10", "DEVICE=cuda")
-    assert "--steps 1800" in plan[2] and "--steps 3000" in plan[4] and "-n 5000" in plan[5]
+    assert "--steps 1500" in plan[2] and "--steps 3000" in plan[4] and "-n 5000" in plan[5]
     assert all("--device cuda" in c for c in plan if _sub(c) in ("train-vae", "train-dit", "sample", "eval-fid"))

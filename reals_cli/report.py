@@ -51,15 +51,22 @@ def variants(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: (p.name != "baseline", _json(p / "vae" / MANIFEST)["config"].get("kl", 0), p.name))
 
 
-def _probe_results(root: Path) -> dict[str, dict]:
-    """{VAE id: {"miou" or "rmse": value}} from the probe evaluations under root."""
+PROBES = (("seg", "miou"), ("depth", "rmse"))  # (task, the score each VAE's row shows)
+
+
+def _probe_evaluations(root: Path) -> dict[str, dict]:
+    """{task: its eval-test/metrics.json} for the probe evaluations under root."""
+    found = {task: _json(root / task / "eval-test" / "metrics.json") for task, _ in PROBES}
+    return {task: m for task, m in found.items() if m}
+
+
+def _probe_results(evaluations: dict[str, dict]) -> dict[str, dict]:
+    """{VAE id: {"miou" or "rmse": value}}: each probe score under the VAE it was measured through."""
     by_vae: dict[str, dict] = {}
-    for task, key in (("seg", "miou"), ("depth", "rmse")):
-        m = _json(root / task / "eval-test" / "metrics.json")
-        if not m:
-            continue
+    for task, key in PROBES:
+        m = evaluations.get(task)
         for way, side in (("reals", "vae"), ("baseline", "baseline_vae")):
-            if m.get(side) and way in m["results"]:
+            if m and m.get(side) and way in m["results"]:
                 by_vae.setdefault(m[side]["id"], {})[key] = m["results"][way][key]
     return by_vae
 
@@ -161,7 +168,8 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None, 
     if not found:
         raise UserError(f"{root} holds no <variant>/vae/{MANIFEST}: no finished train-vae step to report on")
     out = Path(out) if out else root / "report.md"
-    probes = _probe_results(root)
+    evaluations = _probe_evaluations(root)
+    probes = _probe_results(evaluations)
     rows = {p.name: variant_row(p, probes) for p in found}
     headers, cells = results_table(rows)
     md = [f"# {title or f'ReaLS pipeline report: {root}'}", "", f"Machine: {describe_machine()}.", "",
@@ -176,7 +184,7 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None, 
         "",
     ]
     for task, label in (("seg", "Segmentation probe"), ("depth", "Depth probe")):
-        m = _json(root / task / "eval-test" / "metrics.json")
+        m = evaluations.get(task)
         if m:
             metrics = sorted(k for k, v in next(iter(m["results"].values())).items()
                              if isinstance(v, float))  # the scores, not the counts or per-class lists

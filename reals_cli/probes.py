@@ -56,7 +56,7 @@ DEPTH_UPSAMPLE = 4  # DINOv2's BNHead upsamples the patch grid 4x before predict
 SIG_LAMBDA, SIG_EPS = 0.15, 1e-3  # DINOv2's SigLoss
 # (table row, panel column) of each feature source
 WAYS = {"teacher": ("teacher (upper bound)", "teacher"), "reals": ("ReaLS VAE: align(latent)", "ReaLS"),
-        "baseline": ("baseline VAE: align(latent)", "baseline")}
+        "baseline": ("baseline VAE: align(latent)", "baseline"), "constant": ("constant (training prior)", "constant")}
 
 
 # -- heads ----------------------------------------------------------------------------------------
@@ -278,6 +278,15 @@ def _score_features(head, config: dict, feats: dict, device, batch_size: int) ->
 
 # -- fit ------------------------------------------------------------------------------------------
 
+def training_prior(task: str, targets: torch.Tensor) -> float | int:
+    """The best feature-free guess: the mean measured depth, or the most frequent labelled class.
+    Evaluation scores it beside the features: features that do not beat it carry nothing."""
+    t = targets.numpy()
+    if task == "depth":
+        return float(t[valid_depth(t)].astype(np.float64).mean())
+    return int(np.bincount(t[t != IGNORE_INDEX].ravel().astype(np.int64)).argmax())
+
+
 def _depth_range(data: ProbeData, targets: torch.Tensor, min_depth: float | None, max_depth: float | None):
     measured = targets[torch.from_numpy(valid_depth(targets.numpy()))]
     if measured.numel() == 0:
@@ -361,6 +370,7 @@ def fit_head(data: DataSpec, vae: str | os.PathLike, out: str | os.PathLike, *, 
         else:
             lo, hi = _depth_range(train, feats["target"], min_depth, max_depth)
             config |= {"min_depth": lo, "max_depth": hi, "bins": bins, "norm": "softmax"}
+        config["constant"] = training_prior(data.task, feats["target"])
         config |= {"source": "fit", "data": train.describe(), "epochs": epochs, "batch_size": batch_size, "lr": lr,
                    "seed": seed, "features": "unit"}
         head = build_head(config).to(dev)
@@ -470,27 +480,32 @@ def evaluate_head(data: DataSpec, vae: str | os.PathLike, head_path: str | os.Pa
     results, shown = _score_split(test, feats, head, config, {w: b for w, (_, b) in vaes.items()}, panels, batch_size,
                                   dev, precision)
     key, higher_is_better = ("miou", True) if data.task == "seg" else ("rmse", False)
-    beats = None
-    if "baseline" in results:
-        b, c = results["reals"][key], results["baseline"][key]
-        beats = bool(b > c) if higher_is_better else bool(b < c)
+
+    def better(way: str, other: str) -> bool | None:
+        if other not in results:
+            return None
+        b, c = results[way][key], results[other][key]
+        return bool(b > c) if higher_is_better else bool(b < c)
+
+    beats, informative = better("reals", "baseline"), better("reals", "constant")
 
     out = Path(out) if out else Path(head_path) / f"eval-{split}"
     out.mkdir(parents=True, exist_ok=True)
-    columns = ["image", "ground truth", *[WAYS[w][1] for w in results]]
-    cells = [[_rgb(shown["image"][i])] + [_colorize(shown[k][i], config) for k in ["target", *results]]
+    drawn = [w for w in results if w != "constant"]  # a flat map says nothing on a panel
+    columns = ["image", "ground truth", *[WAYS[w][1] for w in drawn]]
+    cells = [[_rgb(shown["image"][i])] + [_colorize(shown[k][i], config) for k in ["target", *drawn]]
              for i in range(len(shown["image"]))]
     _save_png(out / "panels.png", _panel(columns, cells, config))
     report = {
         "task": data.task, "split": split, "data": test.describe(), "head": describe_input(head_path),
         "vae": describe_input(vae), "baseline_vae": describe_input(baseline_vae) if baseline_vae else None,
         "teacher": spec.name, "results": results, "primary_metric": key,
-        "reals_beats_baseline": beats, "panels": str(out / "panels.png"), **provenance(),
+        "reals_beats_baseline": beats, "reals_beats_constant": informative, "panels": str(out / "panels.png"), **provenance(),
     }
     if latents is not None:
         report["latents"] = _latent_panels(latents, vaes["reals"][1], head, config, out, panels, dev, precision)
     atomic_write_json(out / "metrics.json", report)
-    _print_results(data.task, results, test, beats)
+    _print_results(data.task, results, test, beats, informative)
     console.print(f"metrics: {out / 'metrics.json'}; panels: {out / 'panels.png'}", soft_wrap=True)
     return report
 
@@ -501,7 +516,7 @@ def _score_split(data: ProbeData, feats: dict, head, config: dict, vaes: dict[st
     """Scores of each feature source over `data`, and images, targets and predictions of `panels`
     images evenly spaced over it (the first few would often all be of one class)."""
     task, size = config["task"], data.size
-    ways = ["teacher", *vaes]
+    ways = ["teacher", *vaes, *(["constant"] if "constant" in config else [])]
     meters = {w: _meter(task, config.get("classes")) for w in ways}
     picks = torch.from_numpy(np.unique(np.linspace(0, len(data) - 1, panels).round().astype(np.int64)))
     shown: dict[str, list[torch.Tensor]] = {k: [] for k in ["image", "target", *ways]}
@@ -515,6 +530,8 @@ def _score_split(data: ProbeData, feats: dict, head, config: dict, vaes: dict[st
                 mean, _ = bundle.vae.encode(images.to(dev) * 2 - 1)  # the posterior mean, as `reals encode` stores it
                 patch, glob = bundle.align(mean)
             preds[way] = predict(head, task, patch, glob, size)
+        if "constant" in config:
+            preds["constant"] = torch.full_like(targets, config["constant"])
         for way in ways:
             meters[way].add(preds[way].numpy(), targets.numpy())
         keep = torch.isin(idx, picks)
@@ -536,7 +553,7 @@ def _latent_panels(path: str, bundle: RealsVAE, head, config: dict, out: Path, c
     return {"path": str(path), "count": len(z), "panels": str(out / "latents.png")}
 
 
-def _print_results(task: str, results: dict, data: ProbeData, beats: bool | None) -> None:
+def _print_results(task: str, results: dict, data: ProbeData, beats: bool | None, informative: bool | None) -> None:
     metrics = [("miou", "mIoU"), ("pixel_acc", "pixel accuracy")] if task == "seg" else \
         [("rmse", "RMSE (m)"), ("absrel", "AbsRel"), ("delta1", "delta1"), ("images", "images scored")]
     table = Table(title=f"{KINDS[task]} on {data.path} ({data.split}, {len(data)} images)", title_justify="left")
@@ -548,6 +565,10 @@ def _print_results(task: str, results: dict, data: ProbeData, beats: bool | None
     console.print(table)
     if beats is not None:
         console.print(f"ReaLS aligned features {'beat' if beats else 'do not beat'} the baseline VAE's", soft_wrap=True)
+    if informative is False:
+        what = "segmentation" if task == "seg" else "depth"
+        warn(f"ReaLS aligned features do not beat the constant training prior: they carry no {what} information "
+             f"on this data (the alignment does not reach it)")
 
 
 # -- panels ---------------------------------------------------------------------------------------

@@ -2,9 +2,10 @@
 
 Sample i is a function of (seed, i) alone: its initial noise and every per-step
 noise come from its own generator, seeded by (seed, i), drawn on the CPU and then
-moved, and its label is classes[i % len(classes)]. So the result does not depend on
-the number of processes or on where a killed run stopped, nor on the batch size
-beyond the float rounding of batched matmuls (~1e-6 relative in the latents).
+moved, and its label is classes[i % len(classes)]. The network and the decoder always
+run on exactly `forward_batch` rows (the last pass padded): a matmul's rounding
+depends on its shape, so with a fixed shape the result does not depend on the batch
+size, the number of processes or where a killed run stopped, bit for bit.
 
 The indices are cut into blocks of `block_size`; under `torchrun` rank r takes
 blocks r, r + world, ... Each finished block is written atomically to
@@ -26,7 +27,9 @@ import os
 import shutil
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +70,7 @@ class SampleConfig:
     ema: bool = True
     vae: str | None = None
     batch_size: int = 64
+    forward_batch: int = 128
     block_size: int = 256
     png: bool = False
     seed: int = 0
@@ -96,8 +100,8 @@ def _check(cfg: SampleConfig) -> None:
         raise UserError(f"--cfg-interval must be LOW,HIGH with 0 <= LOW <= HIGH <= 1 ({TIME_CONVENTION}), got {low},{high}")
     if not (math.isfinite(cfg.cfg) and cfg.cfg >= 0):
         raise UserError(f"--cfg must be a number >= 0 (1: no guidance), got {cfg.cfg}")
-    if cfg.batch_size < 1 or cfg.block_size < 1:
-        raise UserError("--batch-size and --block-size must be at least 1")
+    if min(cfg.batch_size, cfg.forward_batch, cfg.block_size) < 1:
+        raise UserError("--batch-size, --forward-batch and --block-size must be at least 1")
     if cfg.seed < 0:
         raise UserError(f"--seed must be >= 0, got {cfg.seed}")
     if cfg.precision not in PRECISIONS:
@@ -247,17 +251,37 @@ def _protocol(cfg: SampleConfig, manifest: dict, spec: SamplerSpec, classes: lis
         "cfg_interval_time": TIME_CONVENTION,
         "classes": None if cfg.classes is None else classes, "labels": "sample i has class classes[i % len(classes)]",
         "seed": cfg.seed, "noise": "per sample: torch CPU generator seeded by SeedSequence([seed, i])",
-        "num_samples": cfg.num_samples, "block_size": cfg.block_size, "precision": cfg.precision, "png": cfg.png,
+        "num_samples": cfg.num_samples, "block_size": cfg.block_size, "forward_batch": cfg.forward_batch,
+        "precision": cfg.precision, "png": cfg.png,
     }
+
+
+def in_fixed_batches(fn: Callable[..., torch.Tensor], rows: int) -> Callable[..., torch.Tensor]:
+    """fn over its inputs' rows in passes of exactly `rows` rows, the last padded with copies
+    of its final row: every row then goes through kernels of one shape, so its result does
+    not depend on how many rows came in (fn must treat rows independently)."""
+    def run(*inputs: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for start in range(0, len(inputs[0]), rows):
+            part = [x[start:start + rows] for x in inputs]
+            n = len(part[0])
+            if n < rows:
+                part = [torch.cat([x, x[-1:].expand(rows - n, *x.shape[1:])]) for x in part]
+            outs.append(fn(*part)[:n])
+        return torch.cat(outs)
+
+    return run
 
 
 @torch.inference_mode()
 def generate(model: DiT, config: dict, vae, labels: torch.Tensor, indices: range, seed: int, spec: SamplerSpec,
-             cfg: float = 1.0, interval: tuple[float, float] = (0.0, 1.0), precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
+             cfg: float = 1.0, interval: tuple[float, float] = (0.0, 1.0), precision: str = "fp32",
+             forward_batch: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (n x H x W x 3) and raw latents for `labels`, on the model's device.
 
     Sample indices[j]'s noise depends only on (seed, indices[j]); the store's normalisation
-    (config's latent_mean/std) is undone before decoding.
+    (config's latent_mean/std) is undone before decoding. The network and the decoder run
+    on `forward_batch` rows at a time, whatever the number of labels.
     """
     device = next(model.parameters()).device
     objective = build_objective(config)
@@ -265,15 +289,20 @@ def generate(model: DiT, config: dict, vae, labels: torch.Tensor, indices: range
     mean = torch.tensor(config["latent_mean"], device=device).view(-1, 1, 1)
     std = torch.tensor(config["latent_std"], device=device).view(-1, 1, 1)
 
+    @partial(in_fixed_batches, rows=forward_batch)
     def net(x, t, y):
         with autocast(device, precision):
             return model(x, t, y).float()
 
+    @partial(in_fixed_batches, rows=forward_batch)
+    def decode(z):
+        with autocast(device, precision):
+            return vae.decode(z).float()
+
     guide = guided(net, cfg, interval, noise_level(objective), model.null_class, shape[0])
     noise = SampleNoise(seed, indices, shape, device)
     z = run_sampler(objective, spec, guide, noise(), labels.to(device), noise) * std + mean
-    with autocast(device, precision):
-        return _to_uint8(vae.decode(z).float()), z.cpu().numpy()
+    return _to_uint8(decode(z)), z.cpu().numpy()
 
 
 def _generate(cfg, config, manifest, spec, bundle, blocks, labels, parts, rank, world) -> tuple[int, float]:
@@ -292,7 +321,7 @@ def _generate(cfg, config, manifest, spec, bundle, blocks, labels, parts, rank, 
             for s in range(lo, hi, cfg.batch_size):
                 e = min(s + cfg.batch_size, hi)
                 img, z = generate(model, config, vae, torch.from_numpy(labels[s:e]), range(s, e), cfg.seed, spec,
-                                  cfg.cfg, cfg.cfg_interval, cfg.precision)
+                                  cfg.cfg, cfg.cfg_interval, cfg.precision, cfg.forward_batch)
                 images.append(img)
                 latents.append(z)
                 made += e - s

@@ -294,7 +294,7 @@ def _preview(path: Path, ema: DiT, config: dict, step: int) -> None:
     vae = load_vae(config["vae_path"], config, str(path.parent)).vae.to(next(ema.parameters()).device)
     spec = resolve_sampler(config["objective"], "ode" if config["objective"] == "sit" else "ddim", 25, ode_method="euler")
     labels = torch.arange(8) % config["num_classes"]
-    images, _ = generate(ema, config, vae, labels, range(8), seed=0, spec=spec)
+    images, _ = generate(ema, config, vae, labels, range(8), seed=0, spec=spec, forward_batch=len(labels))
     grid = np.concatenate(list(images), axis=1)
     with artifacts.atomic_path(path / f"samples_{step:07d}.png") as tmp:
         Image.fromarray(grid).save(tmp, format="png")

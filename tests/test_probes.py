@@ -260,9 +260,16 @@ def test_seg_fit_cache_and_three_way_eval(vaes, mask_data, cache, tmp_path):
         "--device", "cpu", "--cache-dir", str(cache), "--panels", "4"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "metrics.json").read_text())
-    assert set(report["results"]) == {"teacher", "reals", "baseline"}
+    assert set(report["results"]) == {"teacher", "reals", "baseline", "constant"}
     for scores in report["results"].values():
         assert 0 <= scores["miou"] <= 1 and 0 <= scores["pixel_acc"] <= 1 and scores["pixels"] == 16 * 16 * 16
+    # The constant row predicts the training set's majority class everywhere.
+    train_labels = np.concatenate([t.numpy().ravel() for _, t in open_probe_data("seg", mask_data, "train", 16)])
+    majority = np.bincount(train_labels).argmax()
+    assert manifest["config"]["constant"] == majority
+    test_labels = np.concatenate([t.numpy().ravel() for _, t in open_probe_data("seg", mask_data, "test", 16)])
+    assert report["results"]["constant"]["pixel_acc"] == pytest.approx((test_labels == majority).mean())
+    assert isinstance(report["reals_beats_constant"], bool)
     assert isinstance(report["reals_beats_baseline"], bool)
     assert "teacher (upper bound)" in result.output and "baseline VAE" in result.output
     assert Image.open(out / "panels.png").size[1] > 4 * 96 and report["latents"]["count"] == 3
@@ -282,6 +289,13 @@ def test_depth_fit_and_three_way_eval_on_motorcycle(vaes, cache, tmp_path):
     report = json.loads((tmp_path / "eval/metrics.json").read_text())
     for scores in report["results"].values():
         assert scores["images"] == 40 and 0 < scores["rmse"] < 3 and 0 <= scores["delta1"] <= 1
+    # The constant row: the training tiles' mean measured depth everywhere, scored per image in float64.
+    train = np.stack([t.numpy() for _, t in open_probe_data("depth", "motorcycle", "train", 16, limit=40)])
+    mean = train[train > 0].astype(np.float64).mean()
+    assert config["constant"] == pytest.approx(mean, rel=1e-6)
+    test = [t.numpy().astype(np.float64) for _, t in open_probe_data("depth", "motorcycle", "test", 16, limit=40)]
+    rmse = np.mean([np.sqrt(((mean - t[t > 0]) ** 2).mean()) for t in test])
+    assert report["results"]["constant"]["rmse"] == pytest.approx(rmse, rel=1e-5)
     assert (tmp_path / "eval/panels.png").is_file()
 
 

@@ -40,7 +40,12 @@ def _interval(text: str) -> tuple[float, float]:
 @click.option("--atol", default=1e-6, show_default=True, type=float, help="dopri5 absolute tolerance.")
 @click.option("--no-ema", "ema", flag_value=False, default=True, help="Use the raw weights instead of the EMA weights.")
 @click.option("--vae", help="The VAE folder, if not at the path the checkpoint records (its id must match).")
-@click.option("--batch-size", default=64, show_default=True, type=int, help="Samples per forward pass (x2 while guided).")
+@click.option("--batch-size", default=64, show_default=True, type=int,
+              help="Samples integrated together (memory; the results do not depend on it).")
+@click.option("--forward-batch", default=128, show_default=True, type=int,
+              help="Rows in every network and decoder pass (guided samples take two rows; the last pass is padded). "
+                   "Fixed, so the samples do not depend on --batch-size or the number of processes; part of the "
+                   "protocol. Raise it on a large GPU for throughput.")
 @click.option("--block-size", default=256, show_default=True, type=int, help="Samples per resumable block.")
 @click.option("--png", is_flag=True, help="Also write every image as images/NNNNNN.png.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]),

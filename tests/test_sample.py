@@ -268,7 +268,7 @@ def test_outputs_formats_and_normalisation(ckpts, tmp_path):
     assert m["config"]["cfg_interval"] == [0.0, 0.7] and m["config"]["weights"] == "ema" and m["config"]["classes"] == [2, 0]
     assert m["inputs"]["ckpt"]["id"] == manifest["id"] and not (out / "parts").exists()
     same = ["-n", "5", "--block-size", "2", "--steps", "5", "--cfg", "3", "--cfg-interval", "0,0.7", "--sampler", "ode",
-            "--ode-method", "heun", "--png", "--classes", "2,a"]
+            "--ode-method", "heun", "--png", "--classes", "2,a", "--forward-batch", "4"]
     again = CliRunner().invoke(main, ["sample", "--ckpt", str(ckpts / "sit"), "--out", str(out), "--device", "cpu", *same])
     assert again.exit_code == 0 and "already complete" in again.output, again.output
     other = CliRunner().invoke(main, ["sample", "--ckpt", str(ckpts / "sit"), "--out", str(out), "-n", "5", "--device", "cpu"])

@@ -347,6 +347,7 @@ def test_resume_after_sigkill_equals_uninterrupted(ckpts, tmp_path):
     (["--classes", "1,3"], "class 3 is beyond this model's 3 classes (0 to 2)"),
     (["--classes", "zebra"], "unknown class name 'zebra'"),
     (["--sampler", "ddpm"], "--sampler ddpm does not fit a sit checkpoint; use ode or sde"),
+    (["--forward-batch", "0"], "--batch-size, --forward-batch and --block-size must be at least 1"),
     (["--ckpt-novae"], "names VAE"),
     (["--other-vae"], "was trained on latents of VAE"),
 ])

@@ -51,19 +51,20 @@ def variants(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: (p.name != "baseline", _json(p / "vae" / MANIFEST)["config"].get("kl", 0), p.name))
 
 
-PROBES = (("seg", "miou"), ("depth", "rmse"))  # (task, the score each VAE's row shows)
+# (task, the score each VAE's row shows, the heading of the task's own table)
+PROBES = (("seg", "miou", "Segmentation probe"), ("depth", "rmse", "Depth probe"))
 
 
 def _probe_evaluations(root: Path) -> dict[str, dict]:
     """{task: its eval-test/metrics.json} for the probe evaluations under root."""
-    found = {task: _json(root / task / "eval-test" / "metrics.json") for task, _ in PROBES}
+    found = {task: _json(root / task / "eval-test" / "metrics.json") for task, _, _ in PROBES}
     return {task: m for task, m in found.items() if m}
 
 
 def _probe_results(evaluations: dict[str, dict]) -> dict[str, dict]:
     """{VAE id: {"miou" or "rmse": value}}: each probe score under the VAE it was measured through."""
     by_vae: dict[str, dict] = {}
-    for task, key in PROBES:
+    for task, key, _ in PROBES:
         m = evaluations.get(task)
         for way, side in (("reals", "vae"), ("baseline", "baseline_vae")):
             if m and m.get(side) and way in m["results"]:
@@ -183,7 +184,7 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None, 
         "teacher features of real images, applied to each VAE's alignment-network features (no training on them).",
         "",
     ]
-    for task, label in (("seg", "Segmentation probe"), ("depth", "Depth probe")):
+    for task, _, label in PROBES:
         m = evaluations.get(task)
         if m:
             metrics = sorted(k for k, v in next(iter(m["results"].values())).items()

@@ -244,6 +244,7 @@ class LatentStore:
                             f"this reals reads version {FORMAT_VERSION}; encode the images again")
         self._labels: np.ndarray | None = None
         self._fast: _ShardReader | bool | None = None  # None: not looked at yet; False: Zarr reads
+        self._stats_on: dict = {}  # (device, dtype) -> (mean, std): one copy to a GPU, not one per batch
 
     @property
     def _io(self):
@@ -253,7 +254,7 @@ class LatentStore:
         return self._handle
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_handle": None, "_pid": None}
+        return {**self.__dict__, "_handle": None, "_pid": None, "_stats_on": {}}
 
     # -- what readers use ------------------------------------------------------------------------
     @property
@@ -311,22 +312,24 @@ class LatentStore:
             self._fast = _ShardReader.open(self.path) or False
         return self._fast.read(rows) if self._fast else self._io.read(POSTERIOR, rows)
 
-    def _stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.complete:
-            raise UserError(f"{self.path} is an unfinished latent store: it has no latent statistics yet; "
-                            f"run the same `reals encode` command again to finish it")
-        mean = torch.tensor(self.attrs["latent_mean"], dtype=torch.float32)[:, None, None]
-        std = torch.tensor(self.attrs["latent_std"], dtype=torch.float32)[:, None, None]
-        return mean, std
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (like.device, like.dtype)
+        if key not in self._stats_on:
+            if not self.complete:
+                raise UserError(f"{self.path} is an unfinished latent store: it has no latent statistics yet; "
+                                f"run the same `reals encode` command again to finish it")
+            mean, std = (torch.tensor(self.attrs[k], dtype=torch.float32)[:, None, None] for k in ("latent_mean", "latent_std"))
+            self._stats_on[key] = mean.to(like), std.to(like)
+        return self._stats_on[key]
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         """(z - mean_c) / std_c over the channel dimension of (..., C, H, W) latents."""
-        mean, std = self._stats()
-        return (z - mean.to(z)) / std.to(z)
+        mean, std = self._stats(z)
+        return (z - mean) / std
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self._stats()
-        return x * std.to(x) + mean.to(x)
+        mean, std = self._stats(x)
+        return x * std + mean
 
     # -- what the writer uses --------------------------------------------------------------------
     @property
@@ -412,9 +415,10 @@ def open_store(path: str | os.PathLike) -> LatentStore:
 def draw_latents(posterior: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Raw latent samples from stored posteriors (n x V x 2 x C x H x W): a random view
     (image or its flip) per row and a fresh z = mean + std * eps; not normalised."""
-    view = torch.randint(posterior.shape[1], (len(posterior),), generator=generator)
-    mean, std = posterior[torch.arange(len(posterior)), view].unbind(1)
-    return mean + std * torch.randn(mean.shape, generator=generator)
+    device = posterior.device
+    view = torch.randint(posterior.shape[1], (len(posterior),), generator=generator, device=device)
+    mean, std = posterior[torch.arange(len(posterior), device=device), view].unbind(1)
+    return mean + std * torch.randn(mean.shape, generator=generator, device=device)
 
 
 class LatentDataset(torch.utils.data.Dataset):

@@ -39,7 +39,7 @@ from .errors import UserError
 from .latent_store import LatentDataset, draw_latents
 from .runtime import autocast, resolve_device, seed_everything
 from .training import (
-    StepLog, check_finite, check_run_folder, init_distributed, load_checkpoint, read_log, save_checkpoint, truncate_log,
+    FiniteGuard, StepLog, check_run_folder, init_distributed, load_checkpoint, read_log, save_checkpoint, truncate_log,
 )
 from .transport import Transport
 
@@ -209,15 +209,19 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
     trainable.train()
     batches = iter(loader)
     log = StepLog(out / LOG, cfg.batch_size * world, step)
+    guard = FiniteGuard(device, ckpt_path, "--qk-norm, --precision fp32, a lower --lr or a smaller --grad-clip")
+    # Nothing below reads a value back from the GPU except at log and checkpoint steps, so the
+    # host queues step after step; the draws use a generator on the device for that reason.
+    g = torch.Generator(device)
     with progress(disable=not is_main) as bar:
         task = bar.add_task("train-dit", total=cfg.steps, completed=step)
         while step < cfg.steps:
             post, y = next(batches)
-            g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + rank)
+            post, y = post.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            g.manual_seed((cfg.seed * 1_000_003 + step) * 64 + rank)
             z = draw_latents(post, g)  # raw latent samples, normalised below
-            t = objective.sample_time(len(z), "cpu", g).to(device)
-            noise = torch.randn(z.shape, generator=g).to(device)
-            z, y = z.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            t = objective.sample_time(len(z), device, g)
+            noise = torch.randn(z.shape, generator=g, device=device)
             x1 = store.normalize(z)
             x_t = objective.q_sample(x1, t, noise)
             with autocast(device, cfg.precision):
@@ -229,7 +233,6 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
                         target = align(z)[0].flatten(2).transpose(1, 2)  # B x T x D, from the clean raw latent
                     repa = -F.cosine_similarity(projected.float(), target.float(), dim=-1).mean()
                 loss = terms["loss"].mean() + cfg.repa_weight * repa
-            check_finite(loss, step, ckpt_path, "--qk-norm, --precision fp32, a lower --lr or a smaller --grad-clip")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
@@ -238,8 +241,12 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
             scaler.update()
             ema_update(ema, model, cfg.ema_decay)
             step += 1
-            bar.update(task, completed=step, status=f"loss {loss.item():.4f}")
+            guard.observe(loss, step)  # numbered as the log numbers steps: 1 is the first
+            bar.update(task, completed=step)
+            if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.steps:
+                guard.check()
             if is_main and step % cfg.log_every == 0:
+                bar.update(task, status=f"loss {loss.item():.4f}")
                 log.write(step, {"loss": loss.item(), **{k: v.mean().item() for k, v in terms.items() if k != "loss"},
                                  "repa": repa.item(), "grad_norm": float(grad_norm)})
             if is_main and step % cfg.sample_every == 0:

@@ -41,7 +41,7 @@ from .reals_vae import save_reals_vae
 from .runtime import autocast, resolve_device, seed_everything
 from .teachers import Teacher, build_teacher
 from .training import (
-    StepLog, check_finite, check_run_folder, init_distributed, load_checkpoint, save_checkpoint, truncate_log,
+    FiniteGuard, StepLog, check_run_folder, init_distributed, load_checkpoint, save_checkpoint, truncate_log,
 )
 from .vae import AutoencoderKL, kl_loss, load_diffusers_vae, vae_config
 
@@ -273,6 +273,7 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
     disc.train()
     data_iter = iter(loader)
     log = StepLog(out / LOG, cfg.batch_size * world, step)
+    guard = FiniteGuard(device, ckpt_path, "--precision fp32, a lower --lr or a smaller --grad-clip")
     with progress(disable=not is_main) as bar:
         task = bar.add_task("train-vae", total=cfg.steps, completed=step, status="")
         while step < cfg.steps:
@@ -295,7 +296,6 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
                     g_loss = hinge_g_loss(model_d(recon.float()))
                     d_w = adaptive_weight(nll, g_loss, last_layer) * cfg.disc_weight
                     loss = loss + d_w * g_loss
-            check_finite(loss, step, ckpt_path, "--precision fp32, a lower --lr or a smaller --grad-clip")
             opt_g.zero_grad(set_to_none=True)
             scaler_g.scale(loss).backward()
             scaler_g.unscale_(opt_g)
@@ -313,11 +313,13 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
                 scaler_d.update()
             ema_update(ema, gen, cfg.ema_decay, step)
             step += 1
+            guard.observe(loss, step)  # numbered as the log numbers steps: 1 is the first
 
             terms = {"loss": loss.item(), "rec": rec.item(), "lpips": perc.item(), "kl": kl.item(),
                      "align_patch": align_patch.item(), "align_global": align_glob.item(),
                      "d_weight": float(d_w), "d_loss": d_loss.item(), "grad_norm": float(grad_norm)}
             bar.update(task, completed=step, status=f"loss {terms['loss']:.4f} rec {terms['rec']:.4f} align {align_term.item():.3f}")
+            guard.check()  # the line above has synchronised already: stop at the first bad step
             if is_main and step % cfg.log_every == 0:
                 log.write(step, terms)
             if is_main and (step % cfg.image_every == 0 or step == cfg.steps):  # the last step always shows

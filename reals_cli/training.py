@@ -78,10 +78,27 @@ def load_checkpoint(path: Path, config: dict, objects: dict, may_change: set[str
     return state["step"]
 
 
-def check_finite(loss: torch.Tensor, step: int, checkpoint: Path, remedies: str) -> None:
-    if not torch.isfinite(loss):
-        where = f"last good checkpoint: {checkpoint}" if checkpoint.is_file() else "no checkpoint was written yet"
-        raise UserError(f"loss became {loss.item()} at step {step} ({where}); resume with --resume and try {remedies}")
+class FiniteGuard:
+    """Stops a run whose loss stopped being finite, with a one-line error naming the first
+    bad step. `observe` runs every step on the device, without the host sync that a
+    per-step `if` would cost; `check` (at log steps and before every checkpoint, so that
+    no checkpoint holds the broken weights) reads the verdict back.
+    """
+
+    def __init__(self, device: torch.device, checkpoint: Path, remedies: str):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.checkpoint, self.remedies = checkpoint, remedies
+
+    def observe(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss.detach()) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, step, self.first_bad)
+
+    def check(self) -> None:
+        step = int(self.first_bad)
+        if step >= 0:
+            where = f"last good checkpoint: {self.checkpoint}" if self.checkpoint.is_file() else "no checkpoint was written yet"
+            raise UserError(f"the loss stopped being finite at step {step} ({where}); "
+                            f"resume with --resume and try {self.remedies}")
 
 
 class StepLog:

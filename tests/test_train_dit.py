@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from reals_cli.alignment import AlignConfig, AlignmentNet
-from reals_cli.artifacts import load_weights, read_manifest
+from reals_cli.artifacts import load_state, load_weights, read_manifest
 from reals_cli.cli import main
 from reals_cli.encode import encode
 from reals_cli.reals_vae import save_reals_vae
@@ -114,6 +114,20 @@ def test_init_loads_an_official_layout_checkpoint(store, tmp_path):
     train_dit(resolve_config(latents=str(latents), out=str(out), steps=1, ckpt_every=1, init=str(tmp_path / "init.pt"), **{**FLAGS, "lr": 0.0}))
     got = load_weights(out / "model.safetensors")
     assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_a_diverging_run_stops_before_checkpointing_broken_weights(store, tmp_path):
+    latents, _ = store
+    out = tmp_path / "nan"
+    # lr 1e30: the first update is finite, the second step's loss overflows.
+    result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, out, 6, ckpt_every=1, lr=1e30)])
+    assert result.exit_code == 2
+    ckpt = out / "checkpoint.safetensors"
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: the loss stopped being finite at step 2 (last good checkpoint: {ckpt}); resume with --resume "
+        "and try --qk-norm, --precision fp32, a lower --lr or a smaller --grad-clip")
+    state = load_state(ckpt)
+    assert state["step"] == 1 and all(torch.isfinite(v).all() for v in state["trainable"].values())
 
 
 def test_unfinished_store_is_refused(tmp_path):

@@ -199,6 +199,24 @@ def test_ema_warmup_follows_ldm():
     assert ema.weight.item() == pytest.approx(0.95)
 
 
+def test_ema_update_matches_float64_recurrence():
+    from reals_cli.ema import ema_copy, ema_update
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    ema = ema_copy(model)
+    expected = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema_update(ema, model, decay=0.9)
+        for n, p in model.named_parameters():
+            expected[n] = 0.9 * expected[n] + 0.1 * p.detach().double()
+    for n, p in ema.named_parameters():
+        torch.testing.assert_close(p.double(), expected[n], atol=1e-6, rtol=1e-6)
+
+
 def test_extra_data_joins_training_only(shapes_data, tmp_path):
     from reals_cli.train_vae import _datasets
 

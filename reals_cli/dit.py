@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import Attention
+from .attention import Attention, resolve_attention
 from .errors import UserError
 
 _SIZES = {  # depth, width, heads
@@ -203,6 +203,16 @@ class DiT(nn.Module):
         ]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    def compile_blocks(self, device: torch.device | str) -> None:
+        """torch.compile each transformer block ("regional" compilation). The blocks share
+        one code object, so the first one's compiled graph serves all of them: compiling
+        takes the time of one block rather than of the whole network, and the elementwise
+        work (norms, adaLN modulation, gates, GELU) fuses as it would in a whole-graph compile.
+        """
+        for block in self.blocks:
+            block.attn.backend = resolve_attention(block.attn.backend, device)  # "auto" is decided outside the graph
+            block.compile()
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """B x T x (p*p*C) -> B x C x H x W."""

@@ -76,6 +76,7 @@ class SampleConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
+    compile: bool = False
 
 
 class SampleNoise:
@@ -252,7 +253,7 @@ def _protocol(cfg: SampleConfig, manifest: dict, spec: SamplerSpec, classes: lis
         "classes": None if cfg.classes is None else classes, "labels": "sample i has class classes[i % len(classes)]",
         "seed": cfg.seed, "noise": "per sample: torch CPU generator seeded by SeedSequence([seed, i])",
         "num_samples": cfg.num_samples, "block_size": cfg.block_size, "forward_batch": cfg.forward_batch,
-        "precision": cfg.precision, "png": cfg.png,
+        "precision": cfg.precision, "compile": cfg.compile, "png": cfg.png,
     }
 
 
@@ -309,6 +310,8 @@ def _generate(cfg, config, manifest, spec, bundle, blocks, labels, parts, rank, 
     """Make and write this rank's blocks; (samples made, seconds)."""
     device = local_device(resolve_device(cfg.device))
     model = load_model(cfg.ckpt, manifest, cfg.ema).to(device)
+    if cfg.compile:
+        model.compile_blocks(device)
     vae = bundle.vae.to(device)
     n, bs = len(labels), cfg.block_size
     total = sum(min((b + 1) * bs, n) - b * bs for b in blocks)

@@ -191,10 +191,11 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
         (out / artifacts.MANIFEST).unlink(missing_ok=True)  # training on: the old artifact is superseded
         truncate_log(out / LOG, step)
 
+    if cfg.compile:
+        model.compile_blocks(device)
     net = trainable
     if world > 1:
         net = nn.parallel.DistributedDataParallel(trainable, device_ids=[device.index] if device.type == "cuda" else None)
-    forward = torch.compile(net) if cfg.compile else net
     sampler = ResumableBatchSampler(len(data), cfg.batch_size, cfg.seed, step, rank, world)
     loader = DataLoader(data, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda",
                         persistent_workers=cfg.workers > 0, generator=torch.Generator(), collate_fn=_collate)
@@ -225,7 +226,7 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
             x1 = store.normalize(z)
             x_t = objective.q_sample(x1, t, noise)
             with autocast(device, cfg.precision):
-                out_t, projected = forward(x_t, t, y)
+                out_t, projected = net(x_t, t, y)
                 terms = objective.loss(out_t.float(), x1, x_t, t, noise)
                 repa = torch.zeros((), device=device)
                 if projected is not None:

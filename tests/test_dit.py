@@ -191,3 +191,32 @@ def test_xformers_matches_math_on_cuda():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 64, 4, 64, device="cuda", dtype=torch.float16) for _ in range(3))
     torch.testing.assert_close(attention(q, k, v, "xformers"), attention(q, k, v, "math"), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager_and_share_one_graph():
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    model = build_dit("DiT-T/2", 8, 4, 3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))  # away from adaLN-Zero's identity blocks
+    x, t, y = torch.randn(6, 4, 8, 8), torch.rand(6), torch.randint(0, 3, (6,))
+
+    def forward_backward():
+        model.zero_grad()
+        out = model(x, t, y)
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    eager_out, eager_grads = forward_backward()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model.compile_blocks("cpu")
+    out, grads = forward_backward()
+    torch.testing.assert_close(out, eager_out, atol=1e-5, rtol=1e-5)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-4)
+    assert len(model.blocks) == 6 and torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert list(model.state_dict()) == list(build_dit("DiT-T/2", 8, 4, 3).state_dict())  # checkpoints unchanged

@@ -273,6 +273,9 @@ def test_outputs_formats_and_normalisation(ckpts, tmp_path):
     assert again.exit_code == 0 and "already complete" in again.output, again.output
     other = CliRunner().invoke(main, ["sample", "--ckpt", str(ckpts / "sit"), "--out", str(out), "-n", "5", "--device", "cpu"])
     assert other.exit_code == 2 and "holds samples made with other settings" in other.output
+    compiled = CliRunner().invoke(main, ["sample", "--ckpt", str(ckpts / "sit"), "--out", str(out), "--device", "cpu",
+                                         *same, "--compile"])
+    assert compiled.exit_code == 2 and "holds samples made with other settings" in compiled.output
 
 
 def test_in_fixed_batches_runs_every_pass_at_one_shape():
@@ -304,6 +307,14 @@ def test_batch_size_and_ranks_do_not_change_the_samples(ckpts, tmp_path, monkeyp
         assert result["generated"] == (2 if rank == 1 else 3)  # blocks 1 and 0, 2 (of 2, 2, 1 samples)
     images, labels, z = _outputs(tmp_path / "two")
     assert np.array_equal(images, ref_images) and np.array_equal(z, ref_z) and np.array_equal(labels, ref_labels)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_sample_as_eager(ckpts, tmp_path):
+    _run(ckpts, tmp_path / "eager", num_samples=2)
+    _run(ckpts, tmp_path / "compiled", num_samples=2, compile=True)
+    assert read_manifest(tmp_path / "compiled")["config"]["compile"] is True
+    np.testing.assert_allclose(_outputs(tmp_path / "compiled")[2], _outputs(tmp_path / "eager")[2], atol=1e-4, rtol=1e-4)
 
 
 def test_no_ema_switches_weights(ckpts, tmp_path):

@@ -148,3 +148,16 @@ def test_preview_grid_is_written(store, tmp_path):
 
     grid = Image.open(out / "samples_0000002.png")
     assert grid.size == (8 * 16, 16)  # 8 samples of 16 px, decoded by the store's VAE
+
+
+@pytest.mark.slow
+def test_compile_trains_as_eager(store, tmp_path):
+    latents, _ = store
+    runs = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compile-{compiled}"
+        train_dit(resolve_config(latents=str(latents), out=str(out), steps=3, ckpt_every=3, compile=compiled, **FLAGS))
+        runs[compiled] = load_weights(out / "model.safetensors")
+    assert runs[True].keys() == runs[False].keys()
+    for k in runs[False]:
+        torch.testing.assert_close(runs[True][k], runs[False][k], atol=1e-4, rtol=1e-3)

@@ -50,6 +50,8 @@ def _interval(text: str) -> tuple[float, float]:
 @click.option("--png", is_flag=True, help="Also write every image as images/NNNNNN.png.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]),
               help="Autocast precision on CUDA (CPU always runs fp32).")
+@click.option("--compile", is_flag=True, help="torch.compile each transformer block (one graph at the fixed "
+              "--forward-batch); part of the protocol, since fused kernels round differently.")
 @device_option
 @seed_option
 def sample_command(cfg_interval: str, classes: str | None, **flags):

@@ -29,7 +29,8 @@ from .options import device_option, precision_option, preset_option, seed_option
 @preset_option("--attn", type=click.Choice(["auto", "xformers", "sdpa", "math"]), help="Attention backend.  [default: auto]")
 @click.option("--qk-norm", is_flag=True, default=None, help="LayerNorm on queries and keys (against late bf16 NaNs).")
 @click.option("--gradient-checkpointing", is_flag=True, default=None, help="Trade compute for memory.")
-@click.option("--compile", is_flag=True, default=None, help="torch.compile the training forward.")
+@click.option("--compile", is_flag=True, default=None,
+              help="torch.compile each transformer block: one block's compile time, the elementwise work fused.")
 @preset_option("--repa-weight", type=float, help="Weight of the REPA loss on ReaLS-aligned features; 0 for none.  [default: 0]")
 @preset_option("--repa-depth", type=int, help="Block whose tokens REPA aligns (REPA: 4 for B, 8 for L/XL).  [default: 4]")
 @preset_option("--repa-vae", help="The ReaLS VAE that made the latents (its alignment network gives REPA's targets).")

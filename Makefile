@@ -7,7 +7,7 @@ export REALS_HOME ?= $(HOME)/.cache/reals
 # Tests reuse the assets `make assets` fetched instead of fetching their own copy.
 export REALS_TEST_HOME ?= $(REALS_HOME)
 
-.PHONY: install assets test demo repro-small kl-sweep bench clean-demo
+.PHONY: install assets test demo repro-small kl-sweep bench gpu-wheels gpu-check clean-demo
 
 install: $(VENV)/.installed
 
@@ -126,6 +126,33 @@ kl-sweep: $(foreach k,$(KLS),$(KL_SWEEP)/kl$(k)/fid.json)
 
 bench: install assets
 	$(PY) -m reals_cli.bench --out docs/benchmarks.md
+
+# The GPU checks (attention backends, a bf16 DiT-XL/2 step at batch 64, training MFU, sampling
+# throughput) in one run, on a GPU machine whose Python (3.12) has torch but no internet:
+# `make gpu-wheels` here downloads the wheels its image lacks into .whl/; there,
+# `make gpu-check GPU_OUT=dir` installs them beside the project, runs the CUDA tests and the
+# GPU benchmarks, and leaves the log and docs/benchmarks.{md,json} in dir.
+GPU_WHEELS := .whl
+GPU_PY     ?= python3
+GPU_OUT    ?= gpu-check
+GPU_SITE   := /tmp/reals-gpu-site
+GPU_REQS   := xformers==0.0.35 zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0 \
+              torch-fidelity==0.4.0 lpips==0.1.4 nvidia-cuda-runtime-cu12==12.8.90
+
+gpu-wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d $(GPU_WHEELS) $(GPU_REQS)
+
+gpu-check:
+	$(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --target $(GPU_SITE) $(GPU_WHEELS)/*.whl
+	mkdir -p $(GPU_OUT)
+	export PYTHONPATH=$(GPU_SITE):$(CURDIR) PYTHONUNBUFFERED=1; \
+	$(GPU_PY) -c "import torch, xformers; print('torch', torch.__version__, 'xformers', xformers.__version__, torch.cuda.get_device_name())" 2>&1 | tee $(GPU_OUT)/log.txt; \
+	nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv 2>&1 | tee -a $(GPU_OUT)/log.txt; \
+	$(GPU_PY) -m pytest -q -rs -k cuda tests/test_dit.py 2>&1 | tee -a $(GPU_OUT)/log.txt; \
+	$(GPU_PY) -m reals_cli.bench --device cuda --only train-dit --only sample 2>&1 | tee -a $(GPU_OUT)/log.txt; \
+	cp docs/benchmarks.md docs/benchmarks.json $(GPU_OUT)/
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -13,8 +13,10 @@ checkpoints were saved from.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +27,27 @@ from .errors import UserError
 BACKENDS = ("auto", "xformers", "sdpa", "math")
 
 
+def _preload_cuda12_runtime() -> None:
+    """xformers' wheels link libcudart.so.12 (their kernels use torch's stable C ABI, so they
+    load into any torch >= 2.10). A CUDA 13 torch ships no such runtime; the `cuda` extra's
+    nvidia-cuda-runtime-cu12 does, and loading it first lets xformers' library find it."""
+    try:
+        import nvidia.cuda_runtime as runtime
+    except ImportError:
+        return
+    for folder in runtime.__path__:
+        lib = Path(folder) / "lib" / "libcudart.so.12"
+        if lib.is_file():
+            ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+            return
+
+
 @functools.cache
 def _xformers_works(device_type: str) -> bool:
     if device_type != "cuda":
         return False
     try:
+        _preload_cuda12_runtime()
         import xformers.ops as xops
 
         q = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.float16)

@@ -142,17 +142,17 @@ def _encode_against_bare(vae, tmp: Path, data: Path, count: int, batch: int, siz
     ]
 
 
-def _random_store(path: Path, rows: int, shape=(4, 32, 32), views: int = 2):
+def _random_store(path: Path, rows: int, shape=(4, 32, 32), views: int = 2, classes: int = 10):
     from .latent_store import create_store
 
     store = create_store(path, rows=rows, latent_shape=shape, views=views, dtype="float16", block_size=256,
-                         attrs={"vae_id": "bench", "config": {"block_size": 256}, "classes": [str(i) for i in range(10)]})
+                         attrs={"vae_id": "bench", "config": {"block_size": 256}, "classes": [str(i) for i in range(classes)]})
     rng = np.random.default_rng(0)
     for block in range(-(-rows // 256)):
         n = min(256, rows - block * 256)
         post = rng.standard_normal((n, views, 2, *shape)).astype(np.float16)
         post[:, :, 1] = np.abs(post[:, :, 1])
-        store.write_block(block, post, rng.integers(0, 10, n))
+        store.write_block(block, post, rng.integers(0, classes, n))
     store.finalize()
 
 
@@ -173,34 +173,62 @@ def bench_latent_reads(device: torch.device) -> list[tuple[str, float, str]]:
         for _ in range(20):
             n += len(next(it)[0])
         reads = n / (time.perf_counter() - start)
-    step_rate = bench_train_dit_rate(device, "DiT-B/2", 32)
+    step_rate = _train_dit_run(device, "DiT-B/2", compile=device.type == "cuda")["rate"]
     return [
         ("LatentDataset random minibatches (256 of 4x32x32, flip views, 2 workers)", reads, "latents/s"),
-        ("DiT-B/2 training consumption at 32x32x4 (same machine)", step_rate, "latents/s"),
+        ("DiT-B/2 training consumption at 32x32x4 (`train_dit`, same machine)", step_rate, "latents/s"),
         ("ratio reads / consumption (goal >= 20)", reads / step_rate, "x"),
     ]
 
 
-def bench_train_dit_rate(device: torch.device, name: str, size: int, reference: bool = False) -> float:
-    """Training images/s of one model: our step (SDPA/xformers, autocast, fused AdamW) or, with
-    reference=True, a plain eager fp32 step (explicit attention, plain AdamW)."""
+def _dit_batch(device: torch.device, name: str) -> int:
+    return (64 if "XL" in name else 128) if device.type == "cuda" else 8
+
+
+def _train_dit_run(device: torch.device, name: str, compile: bool) -> dict:
+    """`train_dit` itself for a few dozen steps at 256 px (32x32x4 latents, 1000 classes) on a
+    random latent store: loading, the step, clipping, the EMA and the NaN guard, all as a
+    user runs them. Images/s is the median of the log's windows after the warm-up (which
+    holds the compilation); the final loss is read from the log."""
+    from .train_dit import LOG, resolve_config, train_dit
+    from .training import read_log
+
+    cuda = device.type == "cuda"
+    batch = _dit_batch(device, name)
+    torch._dynamo.reset()  # each model compiles afresh: another model's shapes would turn on dynamic shapes
+    steps, log_every, warmup_windows = (30, 5, 2) if cuda else (6, 1, 2)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        _random_store(tmp / "s.zarr", rows=max(4 * batch, 256), classes=1000)
+        train_dit(resolve_config(
+            latents=str(tmp / "s.zarr"), out=str(tmp / "run"), model=name, batch_size=batch, steps=steps,
+            log_every=log_every, ckpt_every=10**9, sample_every=10**9, workers=4 if cuda else 1, device=device.type,
+            precision="bf16", compile=compile))
+        log = read_log(tmp / "run" / LOG)
+    return {"rate": float(np.median([r["img_per_s"] for r in log[warmup_windows:]])), "loss": log[-1]["loss"],
+            "batch": batch, "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")}
+
+
+def _reference_step_rate(device: torch.device, name: str) -> float:
+    """Training images/s of a plain eager fp32 step of the same model: explicit attention,
+    plain AdamW, no autocast, no EMA (the CPU reference of #5)."""
     from .dit import build_dit
-    from .runtime import autocast
     from .transport import Transport
 
-    batch = (64 if "XL" in name else 128) if device.type == "cuda" else 8
-    model = build_dit(name, size, 4, 1000, attn="math" if reference else "auto").to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" and not reference)
+    batch = _dit_batch(device, name)
+    model = build_dit(name, 32, 4, 1000, attn="math").to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     objective = Transport()
-    x1 = torch.randn(batch, 4, size, size, device=device)
+    x1 = torch.randn(batch, 4, 32, 32, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
 
     def step():
         t = objective.sample_time(batch, device)
         x0 = torch.randn_like(x1)
         x_t = objective.q_sample(x1, t, x0)
-        with autocast(device, "fp32" if reference else "bf16"):
-            loss = objective.loss(model(x_t, t, y).float(), x1, x_t, t, x0)["loss"].mean()
+        loss = objective.loss(model(x_t, t, y), x1, x_t, t, x0)["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -208,23 +236,36 @@ def bench_train_dit_rate(device: torch.device, name: str, size: int, reference: 
     return batch / _timed(step, repeats=3 if device.type == "cpu" else 10, warmup=1 if device.type == "cpu" else 3)
 
 
+def _peak_flops(device: torch.device) -> float:
+    """Dense bf16 peak of the GPU (NaN where unknown): H100 SXM and H200 share 989 TFLOP/s."""
+    name = torch.cuda.get_device_name(device)
+    return 989e12 if "H100" in name or "H200" in name else float("nan")
+
+
 def bench_train_dit(device: torch.device) -> list[tuple[str, float, str]]:
-    """Training throughput and model-FLOP utilisation (3 x forward FLOPs, counted analytically)."""
+    """`train_dit` throughput and model-FLOP utilisation: training FLOPs = 3 x the forward
+    FLOPs, counted analytically (`dit_flops`: 2 x the multiply-adds of every matmul)."""
+    from .attention import resolve_attention
     from .dit import dit_flops
 
     rows = []
-    for name in (["DiT-B/2", "DiT-XL/2"] if device.type == "cuda" else ["DiT-B/2"]):
-        ours = bench_train_dit_rate(device, name, 32)
-        rows.append((f"{name} training at 32x32x4 (256 px)", ours, "images/s"))
-        flops = 3 * dit_flops(name, 32, 4) * ours
-        rows.append((f"{name} training FLOP rate (3 x analytic forward FLOPs)", flops / 1e12, "TFLOP/s"))
+    attn = resolve_attention("auto", device)
+    runs = [("DiT-B/2", True), ("DiT-XL/2", False), ("DiT-XL/2", True)] if device.type == "cuda" else [("DiT-B/2", False)]
+    for name, compiled in runs:
+        run = _train_dit_run(device, name, compiled)
+        what = f"{name} `train_dit`, batch {run['batch']}, {attn} attention{', --compile' if compiled else ''}"
+        flops = 3 * dit_flops(name, 32, 4) * run["rate"]
+        rows += [(f"{what}: training", run["rate"], "images/s"),
+                 (f"{what}: FLOP rate (3 x analytic forward FLOPs)", flops / 1e12, "TFLOP/s")]
         if device.type == "cuda":
-            peak = 989e12 if "H100" in torch.cuda.get_device_name(device) else float("nan")  # dense bf16
-            rows.append((f"{name} MFU (bf16 dense peak {peak / 1e12:.0f} TFLOP/s)", 100 * flops / peak, "%"))
+            peak = _peak_flops(device)
+            rows += [(f"{what}: MFU (bf16 dense peak {peak / 1e12:.0f} TFLOP/s; goal for XL/2 >= 55%)", 100 * flops / peak, "%"),
+                     (f"{what}: final loss (finite: no NaN in bf16)", run["loss"], ""),
+                     (f"{what}: peak memory", run["peak_gib"], "GiB")]
         else:
-            reference = bench_train_dit_rate(device, name, 32, reference=True)
-            rows.append((f"{name} plain eager fp32 reference step", reference, "images/s"))
-            rows.append((f"{name} ratio ours / reference", ours / reference, "x"))
+            reference = _reference_step_rate(device, name)
+            rows += [(f"{name} plain eager fp32 reference step", reference, "images/s"),
+                     (f"{name} ratio `train_dit` / reference", run["rate"] / reference, "x")]
     return rows
 
 
@@ -244,40 +285,59 @@ def bench_inception(device: torch.device) -> list[tuple[str, float, str]]:
 
 
 def bench_sample(device: torch.device) -> list[tuple[str, float, str]]:
-    """Sampling throughput: SiT 250-step SDE with cfg 4 (two rows per sample and step), latents only;
-    on CUDA also the projected hours for 50,000 samples."""
-    from .dit import build_dit
+    """Sampling throughput: SiT 250-step SDE with cfg 4, latents only (the VAE decode of 50,000
+    images costs minutes, the sampler hours). On CUDA also the model-FLOP utilisation, the
+    projected hours for 50,000 samples, and the same for the guidance interval [0, 0.75]
+    of the REPA/ReaLS protocol."""
+    from .dit import build_dit, dit_flops
     from .sample import in_fixed_batches
     from .samplers import guided, noise_level, run_sampler, resolve_sampler
     from .runtime import autocast
     from .transport import Transport
 
-    rows = []
-    names = ["SiT-B/2", "SiT-XL/2"] if device.type == "cuda" else ["SiT-B/2"]
-    for name in names:
-        model = build_dit(name, 32, 4, 1000).to(device).eval()
-        objective = Transport()
-        batch, steps = (256, 250) if device.type == "cuda" else (2, 5)
-        spec = resolve_sampler("sit", "sde", steps)
+    cuda = device.type == "cuda"
+    objective = Transport()
+    batch, steps = (256, 50) if cuda else (2, 5)  # per-step cost is constant: measured over `steps`, scaled to 250
 
-        @partial(in_fixed_batches, rows=2 * batch)  # = `reals sample --batch-size B --forward-batch 2B`
+    def rate(model, rows: int, interval: tuple[float, float]) -> float:
+        @partial(in_fixed_batches, rows=rows)  # = `reals sample --batch-size {batch} --forward-batch {rows}`
         def net(x, t, y):
             with autocast(device, "bf16"):
                 return model(x, t, y).float()
 
-        guide = guided(net, 4.0, (0.0, 1.0), noise_level(objective), model.null_class, 4)
+        guide = guided(net, 4.0, interval, noise_level(objective), model.null_class, 4)
         x = torch.randn(batch, 4, 32, 32, device=device)
         y = torch.randint(0, 1000, (batch,), device=device)
 
-        def run():
+        def run(spec=resolve_sampler("sit", "sde", steps)):
             with torch.inference_mode():
                 run_sampler(objective, spec, guide, x, y)
 
-        rate = batch / _timed(run, repeats=1) * steps / 250  # scaled to the 250-step protocol
-        rows.append((f"{name}, 250-step SDE, cfg 4, 256 px latents, batch {batch}, forward batch {2 * batch} "
-                     f"(measured over {steps} steps)", rate, "images/s"))
-        if device.type == "cuda":
-            rows.append((f"{name}: 50,000 samples (sampler only, no VAE decode)", 50_000 / rate / 3600, "hours"))
+        run(resolve_sampler("sit", "sde", 3))  # warm-up (and compilation) on a short run
+        return batch / _timed(run, repeats=1, warmup=0) * steps / 250
+
+    rows = []
+    for name in ["SiT-B/2", "SiT-XL/2"] if cuda else ["SiT-B/2"]:
+        model = build_dit(name, 32, 4, 1000).to(device).eval()
+        if cuda:
+            torch._dynamo.reset()
+            model.compile_blocks(device)  # = `reals sample --compile`
+        what = f"{name}, 250-step SDE, cfg 4, 256 px latents, batch {batch}"
+        full = rate(model, 2 * batch, (0.0, 1.0))
+        rows.append((f"{what}, forward batch {2 * batch}{', --compile, bf16' if cuda else ''} "
+                     f"(measured over {steps} steps)", full, "images/s"))
+        if not cuda:
+            continue
+        flops = 250 * 2 * dit_flops(name, 32, 4)  # per image: 250 steps, a conditional and an unconditional row
+        peak = _peak_flops(device)
+        rows += [(f"{name}: MFU of that run (bf16 dense peak {peak / 1e12:.0f} TFLOP/s)", 100 * full * flops / peak, "%"),
+                 (f"{name}: 50,000 samples at that rate", 50_000 / full / 3600, "hours"),
+                 (f"{name}: 50,000 samples at 100% of the bf16 peak (the FLOP floor)", 50_000 * flops / peak / 3600, "hours")]
+        if "XL" in name:
+            # The unguided steps run `batch` rows: a forward batch of `batch` pads none of them.
+            interval = rate(model, batch, (0.0, 0.75))
+            rows += [(f"{name}, cfg interval [0, 0.75], forward batch {batch}", interval, "images/s"),
+                     (f"{name}, cfg interval [0, 0.75]: 50,000 samples at that rate", 50_000 / interval / 3600, "hours")]
     return rows
 
 

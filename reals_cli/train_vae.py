@@ -249,7 +249,10 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         model_g = nn.parallel.DistributedDataParallel(gen, device_ids=ids)
-        model_d = nn.parallel.DistributedDataParallel(disc, device_ids=ids)
+        # The discriminator runs twice (real, fake) before one backward. Broadcasting its BatchNorm
+        # buffers at each forward would modify, in place, a tensor the first graph saved (torch 2.11
+        # refuses that); in training mode BatchNorm uses batch statistics, so each rank keeps its own.
+        model_d = nn.parallel.DistributedDataParallel(disc, device_ids=ids, broadcast_buffers=False)
 
     sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, cfg.seed, step, rank, world)
     loader = DataLoader(

@@ -184,13 +184,61 @@ def test_resolve_attention_on_cpu():
         resolve_attention("flash", "cpu")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers needs CUDA")
-def test_xformers_matches_math_on_cuda():
-    if resolve_attention("auto", "cuda") != "xformers":
-        pytest.skip("xformers is not installed or has no kernel for this GPU")
+on_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _cuda_backends() -> list[str]:
+    return ["sdpa"] + (["xformers"] if resolve_attention("auto", "cuda") == "xformers" else [])
+
+
+@on_cuda
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+def test_attention_backends_match_math_on_cuda(dtype, tol):
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 64, 4, 64, device="cuda", dtype=torch.float16) for _ in range(3))
-    torch.testing.assert_close(attention(q, k, v, "xformers"), attention(q, k, v, "math"), atol=2e-3, rtol=2e-3)
+    q, k, v = (torch.randn(2, 256, 16, 72, device="cuda", dtype=dtype) for _ in range(3))  # DiT-XL/2's heads
+    for backend in _cuda_backends():
+        torch.testing.assert_close(attention(q, k, v, backend), attention(q, k, v, "math"), atol=tol, rtol=tol)
+
+
+@on_cuda
+def test_backends_agree_in_a_bf16_dit_on_cuda():
+    torch.manual_seed(0)
+    model = build_dit("DiT-B/2", 32, 4, 1000).cuda().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))  # away from adaLN-Zero's identity blocks
+    x, t, y = torch.randn(8, 4, 32, 32, device="cuda"), torch.rand(8, device="cuda"), torch.arange(8, device="cuda")
+
+    def run(backend: str, bf16: bool) -> torch.Tensor:
+        for block in model.blocks:
+            block.attn.backend = backend
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=bf16):
+            return model(x, t, y).float()
+
+    reference = run("math", bf16=False)
+    for backend in _cuda_backends() + ["math"]:
+        error = (run(backend, bf16=True) - reference).norm() / reference.norm()
+        assert error < 2e-2, (backend, error.item())
+
+
+@on_cuda
+def test_dit_xl2_bf16_training_step_at_batch_64_on_cuda():
+    from reals_cli.transport import Transport
+
+    torch.manual_seed(0)
+    model = build_dit("DiT-XL/2", 32, 4, 1000).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    objective = Transport()
+    x1 = torch.randn(64, 4, 32, 32, device="cuda")
+    for _ in range(2):  # the second step runs on weights the first one updated
+        t, x0 = objective.sample_time(64, "cuda"), torch.randn_like(x1)
+        x_t = objective.q_sample(x1, t, x0)
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = objective.loss(model(x_t, t, torch.randint(0, 1000, (64,), device="cuda")).float(), x1, x_t, t, x0)["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        opt.step()
 
 
 @pytest.mark.slow

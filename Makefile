@@ -150,7 +150,7 @@ gpu-check:
 	export PYTHONPATH=$(GPU_SITE):$(CURDIR) PYTHONUNBUFFERED=1; \
 	$(GPU_PY) -c "import torch, xformers; print('torch', torch.__version__, 'xformers', xformers.__version__, torch.cuda.get_device_name())" 2>&1 | tee $(GPU_OUT)/log.txt; \
 	nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv 2>&1 | tee -a $(GPU_OUT)/log.txt; \
-	$(GPU_PY) -m pytest -q -rs -k cuda tests/test_dit.py 2>&1 | tee -a $(GPU_OUT)/log.txt; \
+	$(GPU_PY) -m pytest -q -rs -k cuda tests/test_dit.py tests/test_train_dit.py 2>&1 | tee -a $(GPU_OUT)/log.txt; \
 	$(GPU_PY) -m reals_cli.bench --device cuda --only train-dit --only sample 2>&1 | tee -a $(GPU_OUT)/log.txt; \
 	cp docs/benchmarks.md docs/benchmarks.json $(GPU_OUT)/
 

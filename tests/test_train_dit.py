@@ -177,3 +177,26 @@ def test_torchrun_two_processes(store, tmp_path):
     state = load_state(out / "checkpoint.safetensors")
     assert state["step"] == 3 and len(state["rng"]) == 2  # one RNG state per rank
     assert read_manifest(out, "dit", 1)["metrics"]["steps"] == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("objective", ["sit", "dit"])
+def test_no_host_sync_per_step_on_cuda(store, tmp_path, objective):
+    """Between log and checkpoint steps the GPU is never waited for: the number of synchronising
+    calls that torch reports does not grow with the number of steps."""
+    import warnings
+
+    latents, _ = store
+    counts = []
+    for steps in (3, 6):
+        flags = {**FLAGS, "device": "cuda", "precision": "bf16", "log_every": 10**6}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train_dit(resolve_config(latents=str(latents), out=str(tmp_path / f"{objective}{steps}"), steps=steps,
+                                         ckpt_every=10**6, objective=objective, **flags))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchronizing" in str(w.message) for w in caught))
+    assert counts[0] == counts[1], counts

@@ -183,7 +183,8 @@ def bench_latent_reads(device: torch.device) -> list[tuple[str, float, str]]:
 
 
 def _dit_batch(device: torch.device, name: str) -> int:
-    return (64 if "XL" in name else 128) if device.type == "cuda" else 8
+    xl = "XL" in name
+    return (64 if xl else 128) if device.type == "cuda" else (2 if xl else 8)
 
 
 def _train_dit_run(device: torch.device, name: str, compile: bool) -> dict:
@@ -255,7 +256,8 @@ def bench_train_dit(device: torch.device) -> list[tuple[str, float, str]]:
 
     rows = []
     attn = resolve_attention("auto", device)
-    runs = [("DiT-B/2", True), ("DiT-XL/2", False), ("DiT-XL/2", True)] if device.type == "cuda" else [("DiT-B/2", False)]
+    runs = [("DiT-B/2", True), ("DiT-XL/2", False), ("DiT-XL/2", True)] if device.type == "cuda" else \
+        [("DiT-B/2", False), ("DiT-XL/2", False)]
     for name, compiled in runs:
         run = _train_dit_run(device, name, compiled)
         what = f"{name} `train_dit`, batch {run['batch']}, {attn} attention{', --compile' if compiled else ''}"

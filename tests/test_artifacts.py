@@ -39,6 +39,19 @@ def test_state_round_trip_keeps_structure_and_dtypes(tmp_path):
     assert back["half"].dtype == torch.bfloat16 and torch.equal(back["half"], state["half"])
 
 
+def test_weights_with_shared_storage_round_trip_and_only_they_are_copied(tmp_path):
+    base = torch.arange(12.0).reshape(3, 4)
+    own = torch.randn(5)
+    tensors = {"base": base, "row": base[1], "transposed": base.t(), "again": base, "own": own, "empty": torch.zeros(0)}
+    artifacts.save_weights(tmp_path / "w.safetensors", tensors)
+    back = artifacts.load_weights(tmp_path / "w.safetensors")
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], v) for k, v in tensors.items())
+    apart = artifacts._apart(tensors)
+    # The first user of a storage and a tensor with its own are saved without a copy.
+    assert apart["base"].data_ptr() == base.data_ptr() and apart["own"].data_ptr() == own.data_ptr()
+    assert len({v.untyped_storage().data_ptr() for k, v in apart.items() if k != "empty"}) == 5
+
+
 def test_manifest_checks_kind_and_version(tmp_path):
     (tmp_path / "w.bin").write_bytes(b"abc")
     m = artifacts.write_manifest(tmp_path, "vae", 1, {"x": 1}, files=["w.bin"])

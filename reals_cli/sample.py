@@ -42,7 +42,7 @@ from .dit import DiT, build_dit
 from .errors import UserError
 from .latent_store import create_store
 from .reals_vae import RealsVAE, load_reals_vae
-from .runtime import PRECISIONS, autocast, local_device, resolve_device
+from .runtime import PRECISIONS, allow_tf32, autocast, local_device, resolve_device
 from .samplers import SamplerSpec, guided, noise_level, resolve_sampler, run_sampler
 from .train_dit import EMA_FILE, FORMAT_VERSION as DIT_VERSION, KIND as DIT_KIND, MODEL_FILE, build_objective
 
@@ -309,6 +309,7 @@ def generate(model: DiT, config: dict, vae, labels: torch.Tensor, indices: range
 def _generate(cfg, config, manifest, spec, bundle, blocks, labels, parts, rank, world) -> tuple[int, float]:
     """Make and write this rank's blocks; (samples made, seconds)."""
     device = local_device(resolve_device(cfg.device))
+    allow_tf32(device)
     model = load_model(cfg.ckpt, manifest, cfg.ema).to(device)
     if cfg.compile:
         model.compile_blocks(device)

@@ -37,7 +37,7 @@ from .dit import DiT, build_dit, model_config
 from .ema import ema_copy, ema_update
 from .errors import UserError
 from .latent_store import LatentDataset, draw_latents
-from .runtime import autocast, resolve_device, seed_everything
+from .runtime import allow_tf32, autocast, resolve_device, seed_everything
 from .training import (
     FiniteGuard, StepLog, check_run_folder, init_distributed, load_checkpoint, read_log, save_checkpoint, truncate_log,
 )
@@ -143,6 +143,7 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
     _check(cfg)
     out = Path(cfg.out)
     rank, world, device = init_distributed(resolve_device(cfg.device))
+    allow_tf32(device)
     ckpt_path = out / CHECKPOINT
     check_run_folder(out, CHECKPOINT, resume, finished_ok=True)
     seed_everything(cfg.seed + rank)

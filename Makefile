@@ -133,11 +133,12 @@ bench: install assets
 # there, `make gpu-check GPU_OUT=dir` installs them beside the project, runs the CUDA tests, then
 # the benchmarks in GPU_BENCH, each written to dir/benchmarks.{md,json} as soon as it ends (so a
 # run cut short keeps what it finished), with the whole log in dir/log.txt. About 8 minutes on
-# an H100: `GPU_BENCH=sample` or `GPU_BENCH=train-dit` runs half of it.
+# an H100: `GPU_BENCH=train-dit`, then `GPU_BENCH=sample GPU_TESTS=` splits it in two calls.
 GPU_WHEELS := .whl
 GPU_PY     ?= python3
 GPU_OUT    ?= gpu-check
 GPU_BENCH  ?= train-dit sample
+GPU_TESTS  ?= -k cuda tests/test_dit.py tests/test_train_dit.py
 GPU_SITE   := /tmp/reals-gpu-site
 GPU_REQS   := xformers==0.0.35 zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0 \
               torch-fidelity==0.4.0 lpips==0.1.4 nvidia-cuda-runtime-cu12==12.8.90
@@ -153,7 +154,7 @@ gpu-check:
 	export PYTHONPATH=$(GPU_SITE):$(CURDIR) PYTHONUNBUFFERED=1; \
 	$(GPU_PY) -c "import torch, xformers; print('torch', torch.__version__, 'xformers', xformers.__version__, torch.cuda.get_device_name())" 2>&1 | tee $(GPU_OUT)/log.txt; \
 	nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv 2>&1 | tee -a $(GPU_OUT)/log.txt; \
-	$(GPU_PY) -m pytest -q -rs -k cuda tests/test_dit.py tests/test_train_dit.py 2>&1 | tee -a $(GPU_OUT)/log.txt; \
+	if [ -n "$(GPU_TESTS)" ]; then $(GPU_PY) -m pytest -q -rs $(GPU_TESTS) 2>&1 | tee -a $(GPU_OUT)/log.txt; fi; \
 	for b in $(GPU_BENCH); do \
 	  $(GPU_PY) -m reals_cli.bench --device cuda --only $$b --out $(GPU_OUT)/benchmarks.md 2>&1 | tee -a $(GPU_OUT)/log.txt; \
 	done

@@ -305,7 +305,7 @@ def bench_sample(device: torch.device) -> list[tuple[str, float, str]]:
     projected hours for 50,000 samples, and the same for the guidance interval [0, 0.75]
     of the REPA/ReaLS protocol."""
     from .dit import build_dit, dit_flops
-    from .sample import in_fixed_batches
+    from .sample import SampleNoise, in_fixed_batches
     from .samplers import guided, noise_level, run_sampler, resolve_sampler
     from .runtime import autocast
     from .transport import Transport
@@ -325,8 +325,8 @@ def bench_sample(device: torch.device) -> list[tuple[str, float, str]]:
         y = torch.randint(0, 1000, (batch,), device=device)
 
         def run(spec=resolve_sampler("sit", "sde", steps)):
-            with torch.inference_mode():
-                run_sampler(objective, spec, guide, x, y)
+            with torch.inference_mode():  # the per-sample noise streams of `reals sample`, as it draws them
+                run_sampler(objective, spec, guide, x, y, SampleNoise(0, range(batch), (4, 32, 32), device))
 
         run(resolve_sampler("sit", "sde", 3))  # warm-up (and compilation) on a short run
         return batch / _timed(run, repeats=1, warmup=0) * steps / 250

@@ -278,6 +278,23 @@ def test_outputs_formats_and_normalisation(ckpts, tmp_path):
     assert compiled.exit_code == 2 and "holds samples made with other settings" in compiled.output
 
 
+def test_sample_noise_is_each_index_s_own_stream_in_order():
+    """Prefetching the next draw on a thread must not reorder or share any stream."""
+    def stream(seed, i):
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0]))
+        return [torch.randn(2, 3, generator=g) for _ in range(3)]
+
+    a, b = SampleNoise(7, [4, 11], (2, 3), "cpu"), SampleNoise(7, [5], (2, 3), "cpu")
+    draws_a, draws_b = [a()], [b()]
+    draws_a.append(a(torch.zeros(2, 2, 3, dtype=torch.float64)))  # interleaved with b, cast like `like`
+    draws_b += [b(), b()]
+    draws_a.append(a())
+    for k in range(3):
+        assert torch.equal(draws_a[k][0], stream(7, 4)[k]) and torch.equal(draws_a[k][1].float(), stream(7, 11)[k])
+        assert torch.equal(draws_b[k][0], stream(7, 5)[k])
+    assert draws_a[1].dtype == torch.float64
+
+
 def test_in_fixed_batches_runs_every_pass_at_one_shape():
     shapes = []
 

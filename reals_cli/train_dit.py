@@ -37,6 +37,7 @@ from .dit import DiT, build_dit, model_config
 from .ema import ema_copy, ema_update
 from .errors import UserError
 from .latent_store import LatentDataset, draw_latents
+from .released import load_released
 from .runtime import allow_tf32, autocast, resolve_device, seed_everything
 from .training import (
     FiniteGuard, StepLog, check_run_folder, init_distributed, load_checkpoint, read_log, save_checkpoint, truncate_log,
@@ -110,20 +111,6 @@ def _check(cfg: TrainDiTConfig) -> None:
         raise UserError(f"--repa-depth must be between 1 and the model's depth {depth}")
 
 
-def _load_init(model: DiT, path: str) -> None:
-    """An official DiT/SiT checkpoint (a plain state dict, or SiT's {'model', 'ema'}) or ours."""
-    state = artifacts.load_weights(path) if path.endswith(".safetensors") else artifacts.torch_load(path)
-    if isinstance(state, dict) and "ema" in state and isinstance(state["ema"], dict):
-        state = state["ema"]
-    own = model.state_dict()
-    bad = [k for k in own if k not in state or state[k].shape != own[k].shape]
-    if bad:
-        have = state.get(bad[0]).shape if bad[0] in state else "missing"
-        raise UserError(f"--init {path} does not fit this model (first: {bad[0]} is {have}, needs {tuple(own[bad[0]].shape)}); "
-                        f"pick the matching --model and latent size")
-    model.load_state_dict(state, strict=True)
-
-
 class Trainable(nn.Module):
     """The network and, with REPA, its projector: one module for DDP and torch.compile."""
 
@@ -156,7 +143,7 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
     model = build_dit(cfg.model, h, c, len(store.classes), learn_sigma=cfg.learn_sigma, qk_norm=cfg.qk_norm,
                       attn=cfg.attn, class_dropout=cfg.class_dropout)
     if cfg.init:
-        _load_init(model, cfg.init)
+        load_released(model, cfg.init)
     model.grad_checkpointing = cfg.gradient_checkpointing
     objective = build_objective(dataclasses.asdict(cfg))
 

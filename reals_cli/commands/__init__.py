@@ -5,6 +5,7 @@ from .assets import assets
 from .data import data
 from .encode import encode_command
 from .eval_fid import eval_fid_command
+from .import_dit import import_dit_command
 from .probe import probe_depth, probe_seg
 from .report import report_command
 from .sample import sample_command
@@ -12,5 +13,5 @@ from .train_dit import train_dit_command
 from .train_vae import train_vae_command
 
 # In pipeline order, as `reals --help` lists them.
-COMMANDS = [assets, data, train_vae_command, encode_command, train_dit_command, sample_command, eval_fid_command, analyze_command,
+COMMANDS = [assets, data, train_vae_command, encode_command, train_dit_command, import_dit_command, sample_command, eval_fid_command, analyze_command,
             probe_seg, probe_depth, report_command]

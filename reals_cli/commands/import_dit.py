@@ -1,0 +1,33 @@
+"""`reals import-dit`: a thin wrapper over `reals_cli.released.import_released`."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("import-dit", short_help="Make a model artifact of a released DiT or SiT checkpoint.")
+@click.argument("weights", type=click.Path(dir_okay=False))
+@click.option("--model", required=True, help="Its architecture: DiT-XL/2 for DiT-XL-2-256x256.pt (DDPM), "
+              "SiT-XL/2 for SiT-XL-2-256x256.pt (transport).")
+@click.option("--vae", required=True, help="The VAE it was trained on: a diffusers folder (sd-vae-ft-ema, sd-vae-ft-mse) "
+              "or a `reals train-vae` artifact.")
+@click.option("--out", required=True, help="The new model folder.")
+@click.option("--image-size", default=256, show_default=True, type=click.IntRange(min=1), help="Its image resolution.")
+@click.option("--num-classes", default=1000, show_default=True, type=click.IntRange(min=1), help="Its classes.")
+@click.option("--path", default="linear", show_default=True, type=click.Choice(["linear", "gvp"]), help="SiT: its interpolant.")
+@click.option("--prediction", default="velocity", show_default=True, type=click.Choice(["velocity", "noise", "score"]),
+              help="SiT: what it predicts.")
+def import_dit_command(weights, **flags):
+    """Turn the released checkpoint WEIGHTS into a model folder that `reals sample` reads.
+
+    The file is loaded with weights_only (no code runs) and must fit --model exactly. The
+    folder records the objective, the VAE and its latent scaling (x scaling_factor, as the
+    official models were trained), e.g.
+
+    \b
+      reals import-dit DiT-XL-2-256x256.pt --model DiT-XL/2 --vae sd-vae-ft-ema --out runs/dit-xl2
+      reals sample --ckpt runs/dit-xl2 --cfg 1.5 -n 50000 --out samples/dit-xl2
+    """
+    from ..released import import_released
+
+    import_released(weights, **flags)

@@ -1,0 +1,67 @@
+"""reals import-dit: released DiT/SiT checkpoints become model folders that `reals sample` reads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from reals_cli.artifacts import load_weights, read_manifest
+from reals_cli.cli import main
+from reals_cli.dit import build_dit
+from reals_cli.reals_vae import load_reals_vae
+from reals_cli.vae import AutoencoderKL, save_diffusers_vae, vae_config
+
+
+@pytest.fixture(scope="module")
+def sd_like_vae(tmp_path_factory):
+    """A plain diffusers VAE folder whose latents, like SD-VAE's, are scaled by a factor (0.5 here)."""
+    torch.manual_seed(0)
+    cfg = vae_config("tiny")
+    cfg.scaling_factor = 0.5
+    folder = tmp_path_factory.mktemp("sd-vae")
+    save_diffusers_vae(AutoencoderKL(cfg), folder)
+    return folder
+
+
+def _import(weights, vae, out, model="DiT-T/2", *extra):
+    return CliRunner().invoke(main, ["import-dit", str(weights), "--model", model, "--vae", str(vae), "--out", str(out),
+                                     "--image-size", "16", "--num-classes", "3", *extra])
+
+
+@pytest.mark.parametrize("model, objective, nested", [("DiT-T/2", "dit", False), ("SiT-T/2", "sit", True)])
+def test_a_released_checkpoint_samples_with_its_vae_scaling(sd_like_vae, tmp_path, model, objective, nested):
+    torch.manual_seed(1)
+    state = build_dit(model, 8, 4, 3).state_dict()  # 16 px through the /2 VAE: 8x8 latents
+    torch.save({"model": state, "ema": state} if nested else state, tmp_path / "release.pt")
+    result = _import(tmp_path / "release.pt", sd_like_vae, tmp_path / "m", model)
+    assert result.exit_code == 0, result.output
+    m = read_manifest(tmp_path / "m", "dit", 1)
+    assert m["config"]["objective"] == objective and m["config"]["latent_shape"] == [4, 8, 8]
+    assert m["config"]["latent_mean"] == [0.0] * 4 and m["config"]["latent_std"] == [2.0] * 4  # 1 / scaling_factor
+    assert m["config"]["vae_id"] == load_reals_vae(sd_like_vae).id
+    assert m["inputs"]["weights"]["sha256"]
+    for name in ("model.safetensors", "ema.safetensors"):
+        got = load_weights(tmp_path / "m" / name)
+        assert all(torch.equal(got[k], state[k]) for k in state)
+
+    out = tmp_path / "samples"
+    result = CliRunner().invoke(main, ["sample", "--ckpt", str(tmp_path / "m"), "--out", str(out), "-n", "3", "--steps", "4",
+                                       "--cfg", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    with np.load(out / "samples.npz") as f:
+        assert f["arr_0"].shape == (3, 16, 16, 3) and list(f["arr_1"]) == [0, 1, 2]
+
+
+def test_bad_released_checkpoints_are_one_line_errors(sd_like_vae, tmp_path):
+    torch.save(build_dit("DiT-T/2", 16, 4, 3).state_dict(), tmp_path / "big.pt")  # a 32 px model
+    result = _import(tmp_path / "big.pt", sd_like_vae, tmp_path / "m")
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"error: {tmp_path / 'big.pt'} does not fit this model (first: pos_embed is "
+                                      "torch.Size([1, 64, 192]), needs (1, 16, 192)); pick the matching --model and latent size")
+    assert not (tmp_path / "m").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    result = _import(tmp_path / "big.pt", sd_like_vae, tmp_path / "full")
+    assert result.exit_code == 2 and "is not empty; pass a new --out folder" in result.output

@@ -19,7 +19,7 @@ def _interval(text: str) -> tuple[float, float]:
 
 
 @click.command("sample", short_help="Generate images and latents from a trained DiT/SiT.")
-@click.option("--ckpt", required=True, help="A model folder made by `reals train-dit`.")
+@click.option("--ckpt", required=True, help="A model folder made by `reals train-dit` or `reals import-dit`.")
 @click.option("--out", required=True, help="Output folder: samples.npz, latents.zarr, grid.png, manifest.json.")
 @click.option("-n", "--num-samples", default=50_000, show_default=True, type=int, help="Number of samples (FID-50K: 50000).")
 @click.option("--cfg", default=1.0, show_default=True, type=float,

@@ -33,7 +33,7 @@ from .attention import resolve_attention
 from .batches import ResumableBatchSampler
 from .console import console, print_summary, progress
 from .diffusion import Diffusion
-from .dit import DiT, build_dit, model_config
+from .dit import DiT, build_dit, dit_flops, model_config
 from .ema import ema_copy, ema_update
 from .errors import UserError
 from .latent_store import LatentDataset, draw_latents
@@ -197,7 +197,7 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
 
     trainable.train()
     batches = iter(loader)
-    log = StepLog(out / LOG, cfg.batch_size * world, step)
+    log = StepLog(out / LOG, cfg.batch_size * world, step, 3 * dit_flops(cfg.model, h, c, cfg.learn_sigma))
     guard = FiniteGuard(device, ckpt_path, "--qk-norm, --precision fp32, a lower --lr or a smaller --grad-clip")
     # Nothing below reads a value back from the GPU except at log and checkpoint steps, so the
     # host queues step after step; the draws use a generator on the device for that reason.

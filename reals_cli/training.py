@@ -105,8 +105,8 @@ class StepLog:
     """log.jsonl lines with throughput; where stderr is not a terminal (a log file, a
     Makefile), the same line is printed, since the progress bar is not drawn there."""
 
-    def __init__(self, path: Path, images_per_step: int, step: int):
-        self.path, self.images_per_step = path, images_per_step
+    def __init__(self, path: Path, images_per_step: int, step: int, train_flops_per_image: float | None = None):
+        self.path, self.images_per_step, self.flops = path, images_per_step, train_flops_per_image
         self.step, self.time = step, time.perf_counter()
 
     def write(self, step: int, terms: dict) -> None:
@@ -114,6 +114,8 @@ class StepLog:
 
         now = time.perf_counter()
         record = {"step": step, **terms, "img_per_s": self.images_per_step * (step - self.step) / (now - self.time)}
+        if self.flops:  # model FLOPs, all ranks together: divide by the GPUs' peak for the MFU
+            record["tflop_per_s"] = record["img_per_s"] * self.flops / 1e12
         self.step, self.time = step, now
         append_log(self.path, record)
         if not console.is_terminal:

@@ -161,6 +161,22 @@ def test_flops_match_dit_paper():
         assert dit_flops(name, 32, 4) / 2e9 == pytest.approx(gmacs, rel=0.02)
 
 
+@pytest.mark.parametrize("name, size", [("DiT-T/2", 8), ("DiT-S/4", 32)])
+def test_flop_count_equals_torch_s_counter(name, size):
+    """dit_flops against torch's FlopCounterMode (explicit attention, which it counts): the
+    forward exactly, and a training step (forward + backward) at 3 forwards within 0.5%."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_dit(name, size, 4, 10, attn="math")
+    x, t, y = torch.randn(2, 4, size, size), torch.rand(2), torch.tensor([1, 2])
+    with FlopCounterMode(display=False) as forward, torch.no_grad():
+        model(x, t, y)
+    assert forward.get_total_flops() == 2 * dit_flops(name, size, 4)
+    with FlopCounterMode(display=False) as step:
+        model(x, t, y).square().mean().backward()
+    assert step.get_total_flops() == pytest.approx(3 * 2 * dit_flops(name, size, 4), rel=5e-3)
+
+
 def test_math_and_sdpa_attention_agree():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 17, 3, 32) for _ in range(3))

@@ -68,8 +68,13 @@ def test_loss_falls(store, tmp_path):
     latents, _ = store
     out = tmp_path / "o"
     train_dit(resolve_config(latents=str(latents), out=str(out), steps=40, ckpt_every=40, **FLAGS))
-    losses = [r["loss"] for r in (__import__("reals_cli.training", fromlist=["read_log"]).read_log(out / "log.jsonl"))]
+    records = __import__("reals_cli.training", fromlist=["read_log"]).read_log(out / "log.jsonl")
+    losses = [r["loss"] for r in records]
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
+    # The logged model-FLOP rate: 3 forwards an image, each as torch counts it (tests/test_dit.py).
+    from reals_cli.dit import dit_flops
+
+    assert all(r["tflop_per_s"] == pytest.approx(r["img_per_s"] * 3 * dit_flops("DiT-T/2", 8, 4) / 1e12) for r in records)
 
 
 def test_repa_aligns_to_the_alignment_network(store, tmp_path):

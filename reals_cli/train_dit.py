@@ -112,7 +112,7 @@ def _check(cfg: TrainDiTConfig) -> None:
 
 
 class Trainable(nn.Module):
-    """The network and, with REPA, its projector: one module for DDP and torch.compile."""
+    """The network and, with REPA, its projector: one module for DDP."""
 
     def __init__(self, model: DiT, projector: Projector | None, repa_depth: int):
         super().__init__()

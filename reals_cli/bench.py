@@ -370,7 +370,8 @@ BENCHMARKS: dict[str, Callable[[torch.device], list[tuple[str, float, str]]]] = 
 def write_page(results: dict, out: Path) -> None:
     lines = [
         "# Benchmarks", "",
-        "Made by `make bench` (`python -m reals_cli.bench`); each section names its machine and date.",
+        "Made by `make bench` (`python -m reals_cli.bench`), and on a GPU by `make gpu-check`;",
+        "each section names its machine, date and command.",
         "CPU numbers are for ratios measured in the same run; absolute times mean something only on a GPU.", "",
     ]
     for key in sorted(results):

@@ -31,6 +31,10 @@ def load_released(model: DiT, path: str) -> None:
         have = state.get(bad[0]).shape if bad[0] in state else "missing"
         raise UserError(f"{path} does not fit this model (first: {bad[0]} is {have}, needs {tuple(own[bad[0]].shape)}); "
                         f"pick the matching --model and latent size")
+    extra = [k for k in state if k not in own]
+    if extra:
+        raise UserError(f"{path} holds weights that a DiT/SiT does not have (first: {extra[0]}); it is not a DiT or SiT "
+                        f"release (REPA's checkpoints add projectors, and their SiT runs time the other way)")
     model.load_state_dict(state, strict=True)
 
 

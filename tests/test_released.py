@@ -61,6 +61,12 @@ def test_bad_released_checkpoints_are_one_line_errors(sd_like_vae, tmp_path):
     assert result.output.strip() == (f"error: {tmp_path / 'big.pt'} does not fit this model (first: pos_embed is "
                                       "torch.Size([1, 64, 192]), needs (1, 16, 192)); pick the matching --model and latent size")
     assert not (tmp_path / "m").exists()
+    state = build_dit("DiT-T/2", 8, 4, 3).state_dict()
+    torch.save({**state, "projectors.0.0.weight": torch.zeros(2, 2)}, tmp_path / "repa.pt")
+    result = _import(tmp_path / "repa.pt", sd_like_vae, tmp_path / "m")
+    assert result.exit_code == 2 and result.output.strip() == (
+        f"error: {tmp_path / 'repa.pt'} holds weights that a DiT/SiT does not have (first: projectors.0.0.weight); it is "
+        "not a DiT or SiT release (REPA's checkpoints add projectors, and their SiT runs time the other way)")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
     result = _import(tmp_path / "big.pt", sd_like_vae, tmp_path / "full")

@@ -373,6 +373,10 @@ def fit_head(data: DataSpec, vae: str | os.PathLike, out: str | os.PathLike, *, 
         config["constant"] = training_prior(data.task, feats["target"])
         config |= {"source": "fit", "data": train.describe(), "epochs": epochs, "batch_size": batch_size, "lr": lr,
                    "seed": seed, "features": "unit"}
+        # Seeded here, not only above: computing the features draws from the global RNG (the
+        # DataLoader's base seed) and reading them from the cache does not, so the head's
+        # initialisation would otherwise depend on whether the cache was warm.
+        seed_everything(seed)
         head = build_head(config).to(dev)
         loss = _train_head(head, config, feats, epochs, batch_size, lr, seed, dev)
         metrics = {"final_loss": loss, "train": _score_features(head, config, feats, dev, batch_size)}

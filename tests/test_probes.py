@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from reals_cli.artifacts import load_weights
 from reals_cli.cli import main
 from reals_cli.errors import UserError
 from reals_cli.probe_data import MotorcycleDepth, open_probe_data
@@ -244,6 +245,9 @@ def test_seg_fit_cache_and_three_way_eval(vaes, mask_data, cache, tmp_path):
     assert manifest["config"]["teacher_dim"] == 512 and manifest["config"]["classes"] == ["background", "object"]
     again = CliRunner().invoke(main, [*fit, "--out", str(tmp_path / "seg2")])  # same data and teacher: no teacher run
     assert again.exit_code == 0 and "teacher features: cached" in again.output, again.output
+    # A warm cache changes nothing: the head is the same, bit for bit.
+    heads = [load_weights(tmp_path / name / "head.safetensors") for name in ("seg", "seg2")]
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
 
     # Generated latents stand-in: any N x C x h x w unnormalised latents, here from the VAE itself.
     from reals_cli.reals_vae import load_reals_vae

@@ -60,3 +60,23 @@ def kill_after_checkpoint():
         return load_state(ckpt)["step"]
 
     return run
+
+
+@pytest.fixture
+def train_on_two_ranks():
+    """Run `reals <args>` under torchrun as 2 CPU processes (gloo); check that the run's
+    checkpoint holds `steps` and one RNG state per rank, and return it."""
+    import subprocess
+    import sys
+
+    from reals_cli.artifacts import load_state
+
+    def run(args: list[str], checkpoint: Path, steps: int) -> dict:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "reals_cli", *args]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        state = load_state(checkpoint)
+        assert state["step"] == steps and len(state["rng"]) == 2
+        return state
+
+    return run

@@ -168,19 +168,11 @@ def test_compile_trains_as_eager(store, tmp_path):
         torch.testing.assert_close(runs[True][k], runs[False][k], atol=1e-4, rtol=1e-3)
 
 
-def test_torchrun_two_processes(store, tmp_path):
+def test_torchrun_two_processes(store, tmp_path, train_on_two_ranks):
     """DDP on CPU (gloo): each rank draws its own batches, rank 0 writes one artifact."""
-    import os
-    import subprocess
-
     latents, _ = store
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "reals_cli", "train-dit",
-           *_cli_args(latents, out, 3, ckpt_every=3)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    state = load_state(out / "checkpoint.safetensors")
-    assert state["step"] == 3 and len(state["rng"]) == 2  # one RNG state per rank
+    train_on_two_ranks(["train-dit", *_cli_args(latents, out, 3, ckpt_every=3)], out / "checkpoint.safetensors", 3)
     assert read_manifest(out, "dit", 1)["metrics"]["steps"] == 3
 
 

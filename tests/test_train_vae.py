@@ -1,7 +1,5 @@
 """train-vae: resume equivalence after SIGKILL, the baseline's detached alignment, bad input."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from reals_cli.alignment import AlignConfig, AlignmentNet
-from reals_cli.artifacts import load_state, load_weights
+from reals_cli.artifacts import load_weights
 from reals_cli.cli import main
 from reals_cli.errors import UserError
 from reals_cli.train_vae import Generator, resolve_config, train_vae
@@ -174,15 +172,10 @@ def test_batch_order_is_sharded_and_resumable():
     assert [next(it) for _ in range(4)] == [samplers[1].batch(s) for s in range(5, 9)]
 
 
-def test_torchrun_two_processes(assets_home, shapes_data, tmp_path):
+def test_torchrun_two_processes(assets_home, shapes_data, tmp_path, train_on_two_ranks):
     """DDP on CPU (gloo): both ranks train, rank 0 writes one artifact."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "reals_cli", "train-vae",
-           *_args(shapes_data, out, 3, ckpt_every=3)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    state = load_state(out / "checkpoint.safetensors")
-    assert state["step"] == 3 and len(state["rng"]) == 2  # one RNG state per rank
+    train_on_two_ranks(["train-vae", *_args(shapes_data, out, 3, ckpt_every=3)], out / "checkpoint.safetensors", 3)
     assert (out / "manifest.json").is_file()
 
 

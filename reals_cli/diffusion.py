@@ -103,6 +103,7 @@ class Diffusion:
 
     def __init__(self, betas: torch.Tensor, timestep_map: torch.Tensor | None = None):
         betas = betas.to(torch.float64)
+        self._tables: dict = {}  # (table, device) -> the table there; see _at
         self.betas = betas
         self.log_betas = torch.log(betas)
         self.num_steps = len(betas)
@@ -131,10 +132,13 @@ class Diffusion:
         betas = 1.0 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
         return Diffusion(betas, self.timestep_map[kept])
 
-    @staticmethod
-    def _at(arr: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """arr[t] shaped to broadcast against x (B x ...), in x's dtype."""
-        return arr.to(t.device)[t].to(x.dtype).view(-1, *[1] * (x.ndim - 1))
+    def _at(self, arr: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """arr[t] shaped to broadcast against x (B x ...), in x's dtype. Each table is copied to
+        t's device once: a copy per call would make the host wait for the GPU every step."""
+        key = (id(arr), t.device)
+        if key not in self._tables:
+            self._tables[key] = arr.to(t.device)
+        return self._tables[key][t].to(x.dtype).view(-1, *[1] * (x.ndim - 1))
 
     def sample_time(self, batch: int, device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randint(0, self.num_steps, (batch,), device=device, generator=generator)

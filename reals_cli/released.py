@@ -16,6 +16,7 @@ from . import artifacts
 from .console import print_summary
 from .dit import DiT, build_dit
 from .errors import UserError
+from .latent_store import open_store
 from .reals_vae import load_reals_vae
 
 
@@ -39,11 +40,13 @@ def load_released(model: DiT, path: str) -> None:
 
 
 def import_released(weights: str, out: str, model: str, vae: str, image_size: int = 256, num_classes: int = 1000,
-                    path: str = "linear", prediction: str = "velocity") -> dict:
+                    path: str = "linear", prediction: str = "velocity", latents: str | None = None) -> dict:
     """Write the `dit` artifact `out` from a released checkpoint: its weights as both the
     model and the EMA (the releases are EMA weights), the objective its name says (DiT-*:
-    DDPM, SiT-*: transport with `path` and `prediction`), and the VAE whose scaled latents
-    it models. `reals sample --ckpt out` then samples it."""
+    DDPM, SiT-*: transport with `path` and `prediction`), and the VAE whose latents it
+    models. Those latents were normalised by the VAE's scaling factor (DiT, SiT) or, with
+    `latents` (a store that `reals encode` made with that VAE), by the per-channel statistics
+    measured over it (ReaLS' releases). `reals sample --ckpt out` then samples it."""
     from .train_dit import EMA_FILE, FORMAT_VERSION, KIND, MODEL_FILE, TrainDiTConfig, build_objective
 
     if Path(out).exists() and any(Path(out).iterdir()):
@@ -59,10 +62,12 @@ def import_released(weights: str, out: str, model: str, vae: str, image_size: in
     objective = "sit" if model.startswith("SiT-") else "dit"
     cfg = TrainDiTConfig(latents="", out=out, model=model, objective=objective, path=path, prediction=prediction, steps=0)
     build_objective(dataclasses.asdict(cfg))  # refuses an unknown path or prediction before anything is written
+    mean, std = [float(vae_config.shift_factor or 0.0)] * channels, [1.0 / vae_config.scaling_factor] * channels
+    if latents is not None:
+        mean, std = _store_statistics(latents, bundle.id, vae, [channels, size, size])
     config = dataclasses.asdict(cfg) | {
         "latent_shape": [channels, size, size], "num_classes": num_classes, "classes": [str(i) for i in range(num_classes)],
-        "latent_mean": [float(vae_config.shift_factor or 0.0)] * channels,
-        "latent_std": [1.0 / vae_config.scaling_factor] * channels,
+        "latent_mean": mean, "latent_std": std, "latent_statistics": "store" if latents else "vae scaling_factor",
         "vae_id": bundle.id, "vae_path": str(vae), "released": True,
     }
     Path(out).mkdir(parents=True, exist_ok=True)
@@ -70,9 +75,25 @@ def import_released(weights: str, out: str, model: str, vae: str, image_size: in
     artifacts.save_weights(Path(out) / MODEL_FILE, state)
     artifacts.save_weights(Path(out) / EMA_FILE, state)
     inputs = {"weights": artifacts.describe_input(weights), "vae": artifacts.describe_input(vae)}
+    if latents is not None:
+        inputs["latents"] = {"path": latents, "kind": "latents", "id": open_store(latents).attrs.get("id", "?")}
     manifest = artifacts.write_manifest(out, KIND, FORMAT_VERSION, config, inputs, {"steps": None},
                                         files=[MODEL_FILE, EMA_FILE])
     print_summary(f"{model} {out} ({manifest['id']})", {
         "from": weights, "objective": objective, "latents": f"{channels}x{size}x{size}",
         "latent scaling": f"x {vae_config.scaling_factor} (VAE {bundle.id})"})
     return manifest
+
+
+def _store_statistics(latents: str, vae_id: str, vae: str, shape: list[int]) -> tuple[list[float], list[float]]:
+    """The per-channel latent mean and std of a finished store made by VAE `vae_id`."""
+    store = open_store(latents)
+    if not store.complete:
+        raise UserError(f"{latents} is an unfinished latent store; run the same `reals encode` command again to finish it")
+    if store.vae_id != vae_id:
+        raise UserError(f"{latents} was encoded by VAE {store.vae_id}, but --vae {vae} is VAE {vae_id}; "
+                        f"pass a store that this VAE made")
+    if list(store.latent_shape) != shape:
+        raise UserError(f"{latents} holds {'x'.join(map(str, store.latent_shape))} latents, the model "
+                        f"{'x'.join(map(str, shape))}; pass the matching --image-size")
+    return [float(v) for v in store.attrs["latent_mean"]], [float(v) for v in store.attrs["latent_std"]]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from reals_cli.artifacts import load_weights, read_manifest
 from reals_cli.cli import main
@@ -71,3 +72,29 @@ def test_bad_released_checkpoints_are_one_line_errors(sd_like_vae, tmp_path):
     (tmp_path / "full" / "x").write_text("")
     result = _import(tmp_path / "big.pt", sd_like_vae, tmp_path / "full")
     assert result.exit_code == 2 and "is not empty; pass a new --out folder" in result.output
+
+
+def test_statistics_from_a_latent_store_as_releases_of_reals_need(sd_like_vae, tmp_path):
+    from reals_cli.encode import encode
+    from reals_cli.latent_store import open_store
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "img" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "img" / name / f"{i}.png")
+    encode(tmp_path / "img", tmp_path / "lat.zarr", sd_like_vae, batch_size=4, block_size=4, workers=0, device="cpu",
+           image_size=16)
+    torch.save(build_dit("SiT-T/2", 8, 4, 3).state_dict(), tmp_path / "release.pt")
+    result = _import(tmp_path / "release.pt", sd_like_vae, tmp_path / "m", "SiT-T/2", "--latents", str(tmp_path / "lat.zarr"))
+    assert result.exit_code == 0, result.output
+    m = read_manifest(tmp_path / "m", "dit", 1)
+    attrs = open_store(tmp_path / "lat.zarr").attrs
+    assert m["config"]["latent_mean"] == attrs["latent_mean"] and m["config"]["latent_std"] == attrs["latent_std"]
+    assert m["config"]["latent_statistics"] == "store" and m["inputs"]["latents"]["id"] == attrs["id"]
+    # A model of another latent size than the store's is refused, with what to change.
+    torch.save(build_dit("SiT-T/2", 16, 4, 3).state_dict(), tmp_path / "release32.pt")
+    result = _import(tmp_path / "release32.pt", sd_like_vae, tmp_path / "m2", "SiT-T/2", "--latents",
+                     str(tmp_path / "lat.zarr"), "--image-size", "32")
+    assert result.exit_code == 2 and result.output.strip() == (
+        f"error: {tmp_path / 'lat.zarr'} holds 4x8x8 latents, the model 4x16x16; pass the matching --image-size")

@@ -17,6 +17,8 @@ import click
 @click.option("--path", default="linear", show_default=True, type=click.Choice(["linear", "gvp"]), help="SiT: its interpolant.")
 @click.option("--prediction", default="velocity", show_default=True, type=click.Choice(["velocity", "noise", "score"]),
               help="SiT: what it predicts.")
+@click.option("--latents", default=None, help="Normalise by the per-channel statistics of this latent store (made by "
+              "`reals encode` with --vae), as ReaLS' releases were trained, instead of by the VAE's scaling factor.")
 def import_dit_command(weights, **flags):
     """Turn the released checkpoint WEIGHTS into a model folder that `reals sample` reads.
 

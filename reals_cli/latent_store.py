@@ -312,13 +312,17 @@ class LatentStore:
             self._fast = _ShardReader.open(self.path) or False
         return self._fast.read(rows) if self._fast else self._io.read(POSTERIOR, rows)
 
+    def statistics(self) -> tuple[list[float], list[float]]:
+        """The per-channel latent mean and std over the store: what `normalize` divides by."""
+        if not self.complete:
+            raise UserError(f"{self.path} is an unfinished latent store: it has no latent statistics yet; "
+                            f"run the same `reals encode` command again to finish it")
+        return [float(v) for v in self.attrs["latent_mean"]], [float(v) for v in self.attrs["latent_std"]]
+
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (like.device, like.dtype)
         if key not in self._stats_on:
-            if not self.complete:
-                raise UserError(f"{self.path} is an unfinished latent store: it has no latent statistics yet; "
-                                f"run the same `reals encode` command again to finish it")
-            mean, std = (torch.tensor(self.attrs[k], dtype=torch.float32)[:, None, None] for k in ("latent_mean", "latent_std"))
+            mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in self.statistics())
             self._stats_on[key] = mean.to(like), std.to(like)
         return self._stats_on[key]
 

@@ -88,12 +88,10 @@ def import_released(weights: str, out: str, model: str, vae: str, image_size: in
 def _store_statistics(latents: str, vae_id: str, vae: str, shape: list[int]) -> tuple[list[float], list[float]]:
     """The per-channel latent mean and std of a finished store made by VAE `vae_id`."""
     store = open_store(latents)
-    if not store.complete:
-        raise UserError(f"{latents} is an unfinished latent store; run the same `reals encode` command again to finish it")
     if store.vae_id != vae_id:
         raise UserError(f"{latents} was encoded by VAE {store.vae_id}, but --vae {vae} is VAE {vae_id}; "
                         f"pass a store that this VAE made")
     if list(store.latent_shape) != shape:
         raise UserError(f"{latents} holds {'x'.join(map(str, store.latent_shape))} latents, the model "
                         f"{'x'.join(map(str, shape))}; pass the matching --image-size")
-    return [float(v) for v in store.attrs["latent_mean"]], [float(v) for v in store.attrs["latent_std"]]
+    return store.statistics()

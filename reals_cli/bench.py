@@ -267,8 +267,6 @@ def bench_train_dit(device: torch.device) -> list[tuple[str, float, str]]:
         try:
             run = _train_dit_run(device, name, compiled, batch)
         except torch.cuda.OutOfMemoryError:  # the larger batch may not fit: the rows measured so far still count
-            run = None
-        if run is None:
             rows.append((f"{what}: out of GPU memory", float("nan"), ""))
             continue
         rows += [(f"{what}: training", run["rate"], "images/s"),

@@ -16,7 +16,7 @@ from . import artifacts
 from .console import print_summary
 from .dit import DiT, build_dit
 from .errors import UserError
-from .latent_store import open_store
+from .latent_store import LatentStore, open_store
 from .reals_vae import load_reals_vae
 
 
@@ -63,8 +63,10 @@ def import_released(weights: str, out: str, model: str, vae: str, image_size: in
     cfg = TrainDiTConfig(latents="", out=out, model=model, objective=objective, path=path, prediction=prediction, steps=0)
     build_objective(dataclasses.asdict(cfg))  # refuses an unknown path or prediction before anything is written
     mean, std = [float(vae_config.shift_factor or 0.0)] * channels, [1.0 / vae_config.scaling_factor] * channels
+    store = None
     if latents is not None:
-        mean, std = _store_statistics(latents, bundle.id, vae, [channels, size, size])
+        store = _matching_store(latents, bundle.id, vae, [channels, size, size])
+        mean, std = store.statistics()
     config = dataclasses.asdict(cfg) | {
         "latent_shape": [channels, size, size], "num_classes": num_classes, "classes": [str(i) for i in range(num_classes)],
         "latent_mean": mean, "latent_std": std, "latent_statistics": "store" if latents else "vae scaling_factor",
@@ -75,8 +77,8 @@ def import_released(weights: str, out: str, model: str, vae: str, image_size: in
     artifacts.save_weights(Path(out) / MODEL_FILE, state)
     artifacts.save_weights(Path(out) / EMA_FILE, state)
     inputs = {"weights": artifacts.describe_input(weights), "vae": artifacts.describe_input(vae)}
-    if latents is not None:
-        inputs["latents"] = {"path": latents, "kind": "latents", "id": open_store(latents).attrs.get("id", "?")}
+    if store is not None:
+        inputs["latents"] = {"path": latents, "kind": "latents", "id": store.attrs.get("id", "?")}
     manifest = artifacts.write_manifest(out, KIND, FORMAT_VERSION, config, inputs, {"steps": None},
                                         files=[MODEL_FILE, EMA_FILE])
     print_summary(f"{model} {out} ({manifest['id']})", {
@@ -85,8 +87,8 @@ def import_released(weights: str, out: str, model: str, vae: str, image_size: in
     return manifest
 
 
-def _store_statistics(latents: str, vae_id: str, vae: str, shape: list[int]) -> tuple[list[float], list[float]]:
-    """The per-channel latent mean and std of a finished store made by VAE `vae_id`."""
+def _matching_store(latents: str, vae_id: str, vae: str, shape: list[int]) -> LatentStore:
+    """The latent store `latents`, checked to be VAE `vae_id`'s at the model's latent shape."""
     store = open_store(latents)
     if store.vae_id != vae_id:
         raise UserError(f"{latents} was encoded by VAE {store.vae_id}, but --vae {vae} is VAE {vae_id}; "
@@ -94,4 +96,4 @@ def _store_statistics(latents: str, vae_id: str, vae: str, shape: list[int]) -> 
     if list(store.latent_shape) != shape:
         raise UserError(f"{latents} holds {'x'.join(map(str, store.latent_shape))} latents, the model "
                         f"{'x'.join(map(str, shape))}; pass the matching --image-size")
-    return store.statistics()
+    return store

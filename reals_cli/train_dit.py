@@ -232,7 +232,8 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
             step += 1
             guard.observe(loss, step)  # numbered as the log numbers steps: 1 is the first
             bar.update(task, completed=step)
-            if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.steps:
+            checkpointing = step % cfg.ckpt_every == 0 or step == cfg.steps
+            if step % cfg.log_every == 0 or checkpointing:
                 guard.check()
             if is_main and step % cfg.log_every == 0:
                 bar.update(task, status=f"loss {loss.item():.4f}")
@@ -240,7 +241,7 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
                                  "repa": repa.item(), "grad_norm": float(grad_norm)})
             if is_main and step % cfg.sample_every == 0:
                 _preview(out, ema, _model_config(cfg, store), step)
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            if checkpointing:
                 save_checkpoint(ckpt_path, step, dataclasses.asdict(cfg), stateful, world)
 
     if world > 1:
@@ -271,9 +272,10 @@ def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch
 def _model_config(cfg: TrainDiTConfig, store) -> dict:
     """What the `dit` manifest records besides the flags: what `sample` needs to use the model."""
     c, h, w = store.latent_shape
+    mean, std = store.statistics()
     return dataclasses.asdict(cfg) | {
         "latent_shape": [c, h, w], "num_classes": len(store.classes), "classes": store.classes,
-        "latent_mean": store.attrs["latent_mean"], "latent_std": store.attrs["latent_std"],
+        "latent_mean": mean, "latent_std": std,
         "vae_id": store.vae_id, "vae_path": store.attrs.get("inputs", {}).get("vae", {}).get("path"),
     }
 

@@ -82,8 +82,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -
     if backend == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v)
     elif backend == "math":
-        scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])
-        out = (scores.softmax(dim=-1) @ v.float()).to(v.dtype)
+        wide = torch.promote_types(q.dtype, torch.float32)  # the reference: fp32 or wider, never narrower
+        scores = q.to(wide) @ k.to(wide).transpose(-2, -1) / math.sqrt(q.shape[-1])
+        out = (scores.softmax(dim=-1) @ v.to(wide)).to(v.dtype)
     else:
         raise ValueError(f"attention backend {backend!r} is not resolved")
     return out.transpose(1, 2)

@@ -85,7 +85,9 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.frequency_dim))
+        # Features in fp32 (t * freq reaches 999), then in the weights' dtype: a model cast
+        # whole to bf16 or fp64 runs without autocast.
+        return self.mlp(timestep_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):

@@ -1,10 +1,11 @@
 """The DiT network and the DDPM/DDIM samplers against diffusers, a second implementation.
 
-diffusers' DiT was converted from the official checkpoints and checked against their
-images by its authors, so agreeing with it on the same weights says that a released
-`DiT-XL-2-256x256.pt` computes the same function in our network (chunk order of the
-adaLN outputs, q/k/v split, embeddings, unpatchify), which a key-and-shape check cannot.
-"""
+diffusers' DiTTransformer2DModel is the official DiT architecture in other names, except
+for two small deviations that the test sets to the official values (its time features'
+frequency divisor and one LayerNorm eps). Agreeing with it on the same weights says that a
+released `DiT-XL-2-256x256.pt` computes the same function in our network (the order of
+the adaLN outputs, the q/k/v split, the embeddings, unpatchify), which a key-and-shape
+check cannot."""
 
 from __future__ import annotations
 

@@ -331,7 +331,7 @@ def bench_sample(device: torch.device) -> list[tuple[str, float, str]]:
         return batch / _timed(run, repeats=1, warmup=0) * steps / 250
 
     rows = []
-    for name in ["SiT-B/2", "SiT-XL/2"] if cuda else ["SiT-B/2"]:
+    for name in ["SiT-B/2", "SiT-XL/2"]:
         model = build_dit(name, 32, 4, 1000).to(device).eval()
         if cuda:
             torch._dynamo.reset()

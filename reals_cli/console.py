@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Any, Iterable
 
 from rich.console import Console
@@ -28,9 +30,43 @@ class _StatusColumn(ProgressColumn):
         return Text(str(task.fields.get("status", "")))
 
 
+class _Progress(Progress):
+    """rich's bar, which draws nothing until the end when stderr is not a terminal (a SLURM
+    log, `2> run.log`): there a long job would look dead for hours. So off a terminal it also
+    prints a plain line per task, at its first update, then at most every `every` seconds,
+    and when it finishes."""
+
+    def __init__(self, *columns, every: float = 30.0, **kw):
+        super().__init__(*columns, **kw)
+        self._plain = not self.console.is_terminal and not self.disable
+        self._every, self._last = every, {}
+
+    def update(self, task_id, **kw) -> None:
+        super().update(task_id, **kw)
+        self._log(task_id)
+
+    def advance(self, task_id, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._log(task_id)
+
+    def _log(self, task_id) -> None:
+        if not self._plain:
+            return
+        task, now = self._tasks[task_id], time.monotonic()
+        last = self._last.get(task_id)  # inf: its finished line is out
+        if last == math.inf or (last is not None and now - last < self._every and not task.finished):
+            return
+        self._last[task_id] = math.inf if task.finished else now
+        done = f"{task.completed:.0f}/{task.total:.0f}" if task.total else f"{task.completed:.0f}"
+        eta = f", {task.time_remaining:.0f} s left" if task.time_remaining is not None and not task.finished else ""
+        status = task.fields.get("status", "")
+        self.console.print(f"{task.description}: {done}{f' {status}' if status else ''}"
+                           f" ({task.elapsed or 0:.0f} s{eta})", soft_wrap=True, markup=False)
+
+
 def progress(transient: bool = False, disable: bool = False) -> Progress:
     """A progress bar; `disable` for the other ranks of a multi-process run."""
-    return Progress(
+    return _Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),

@@ -29,7 +29,7 @@ import time
 import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -62,12 +62,13 @@ class SampleConfig:
     num_samples: int = 50_000
     cfg: float = 1.0
     cfg_interval: tuple[float, float] = (0.0, 1.0)
+    cfg_channels: int | None = None  # None: all latent channels; DiT's and SiT's releases guide the first 3 of 4
     classes: list[int | str] | None = None  # None: every class, sample i gets class i % num_classes
     sampler: str | None = None  # None: by objective (dit: ddpm, sit: sde)
     steps: int | None = None  # None: the sampler's default
-    ode_method: str = "dopri5"
-    rtol: float = 1e-3
-    atol: float = 1e-6
+    ode_method: str | None = None  # None for these three: not given (dopri5, 1e-3, 1e-6 where they apply)
+    rtol: float | None = None
+    atol: float | None = None
     ema: bool = True
     vae: str | None = None
     batch_size: int = 64
@@ -121,6 +122,8 @@ def _check(cfg: SampleConfig) -> None:
         raise UserError("--batch-size, --forward-batch and --block-size must be at least 1")
     if cfg.seed < 0:
         raise UserError(f"--seed must be >= 0, got {cfg.seed}")
+    if cfg.cfg_channels is not None and cfg.cfg_channels < 1:
+        raise UserError(f"--cfg-channels must be at least 1, got {cfg.cfg_channels}")
     if cfg.precision not in PRECISIONS:
         raise UserError(f"unknown --precision {cfg.precision!r}; use {', '.join(PRECISIONS)}")
 
@@ -212,15 +215,21 @@ def sample(cfg: SampleConfig) -> dict:
     """Generate cfg.num_samples images and latents into cfg.out; resumable, torchrun-aware."""
     started = time.perf_counter()
     _check(cfg)
-    manifest = artifacts.read_manifest(cfg.ckpt, DIT_KIND, DIT_VERSION)
+    manifest = read_model_manifest(cfg.ckpt)
     config = manifest["config"]
     spec = resolve_sampler(config["objective"], cfg.sampler, cfg.steps, cfg.ode_method, cfg.rtol, cfg.atol)
     classes = resolve_classes(cfg.classes, config)
+    channels = config["latent_shape"][0]
+    if cfg.cfg_channels is not None and cfg.cfg_channels > channels:
+        raise UserError(f"--cfg-channels {cfg.cfg_channels} is more than the model's {channels} latent channels")
+    if cfg.cfg_channels == channels:
+        cfg = replace(cfg, cfg_channels=None)  # all of them, however it was said
+    device = local_device(resolve_device(cfg.device))
     if cfg.cfg != 1 and config["class_dropout"] <= 0:
         raise UserError(f"{cfg.ckpt} was trained without label dropout, so it has no unconditional class; "
                         f"it can only sample with --cfg 1")
     vae_path = _vae_path(cfg.vae, config, cfg.ckpt)
-    protocol = _protocol(cfg, manifest, spec, classes)
+    protocol = _protocol(cfg, manifest, spec, classes, device)
     out, n, bs = Path(cfg.out), cfg.num_samples, cfg.block_size
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -235,11 +244,15 @@ def sample(cfg: SampleConfig) -> dict:
     parts = out / PARTS
     num_blocks = -(-n // bs)
     done = _done_blocks(parts, num_blocks)
-    if done.any() and rank == 0:
-        console.print(f"resuming {out}: {int(done.sum())} of {num_blocks} blocks already done", soft_wrap=True)
+    if rank == 0:
+        console.print(f"sample {n} from {cfg.ckpt} ({config['model']}, {_describe(spec)}, cfg {cfg.cfg}) on "
+                      f"{device.type}{f' x {world}' if world > 1 else ''}, {protocol['precision']}, into {out}"
+                      + (f"; resuming: {int(done.sum())} of {num_blocks} blocks already done" if done.any() else ""),
+                      soft_wrap=True)
     mine = [b for b in range(num_blocks) if b % world == rank and not done[b]]
     labels = np.array([classes[i % len(classes)] for i in range(n)], dtype=np.int64)
-    generated, loop_s = _generate(cfg, config, manifest, spec, vae, mine, labels, parts, rank, world) if mine else (0, 0.0)
+    generated, loop_s = (_generate(cfg, config, manifest, spec, vae, device, mine, labels, parts, rank, world)
+                         if mine else (0, 0.0))
     rate = generated / loop_s if generated else 0.0
     summary = {"generated": generated, "images_per_s": rate, "seconds": time.perf_counter() - started}
     if rank != 0:
@@ -249,27 +262,46 @@ def sample(cfg: SampleConfig) -> dict:
         console.print(f"waiting for {int((~done).sum())} blocks of the other ranks", soft_wrap=True)
         while not _done_blocks(parts, num_blocks).all():
             time.sleep(_POLL_S)
-    result = _assemble(cfg, config, protocol, parts, num_blocks, {**summary, "world_size": world})
+    result = _assemble(cfg, config, protocol, parts, num_blocks, {**summary, "world_size": world}, device)
     low, high = cfg.cfg_interval
     print_summary(f"samples {out} ({result['id']})", {
-        "samples": n, "sampler": " ".join(f"{k} {v}" for k, v in spec.settings().items()),
-        "cfg": f"{cfg.cfg} on tau in [{low}, {high}]", "weights": protocol["weights"],
-        "images/s": f"{rate:.3g} (this process)" if generated else "-"})
+        "samples": n, "sampler": _describe(spec),
+        "cfg": f"{cfg.cfg} on tau in [{low}, {high}], {protocol['cfg_channels']} channels",
+        "weights": protocol["weights"], "images/s": f"{rate:.3g} (this process)" if generated else "-"})
     return {**summary, "manifest": result, "already": False}
 
 
-def _protocol(cfg: SampleConfig, manifest: dict, spec: SamplerSpec, classes: list[int]) -> dict:
+def _describe(spec: SamplerSpec) -> str:
+    """"sde, steps 250, ..." for a person."""
+    name, *rest = spec.settings().items()
+    return ", ".join([name[1], *(f"{k} {v}" for k, v in rest)])
+
+
+def read_model_manifest(ckpt: str) -> dict:
+    """The manifest of the model folder `ckpt`, with a way forward for what people pass instead."""
+    path = Path(ckpt)
+    if path.is_file():
+        raise UserError(f"--ckpt takes a model folder and {ckpt} is a file; a released DiT/SiT checkpoint becomes one "
+                        f"with `reals import-dit {ckpt} --model NAME --vae VAE --out DIR`")
+    if (path / "zarr.json").is_file() or path.suffix in (".zarr", ".h5"):
+        raise UserError(f"{ckpt} is a latent store; --ckpt takes a model folder, made by `reals train-dit {ckpt} "
+                        f"--out DIR` or `reals import-dit`")
+    return artifacts.read_manifest(ckpt, DIT_KIND, DIT_VERSION)
+
+
+def _protocol(cfg: SampleConfig, manifest: dict, spec: SamplerSpec, classes: list[int], device: torch.device) -> dict:
     """Everything that decides the samples: compared on resume, recorded in the manifest."""
     config = manifest["config"]
     return {
         "ckpt_id": manifest["id"], "objective": config["objective"], "model": config["model"],
         "weights": "ema" if cfg.ema else "model", "vae_id": config["vae_id"], **spec.settings(),
-        "cfg": cfg.cfg, "cfg_channels": "all", "cfg_interval": list(cfg.cfg_interval),
+        "cfg": cfg.cfg, "cfg_channels": cfg.cfg_channels or "all", "cfg_interval": list(cfg.cfg_interval),
         "cfg_interval_time": TIME_CONVENTION,
         "classes": None if cfg.classes is None else classes, "labels": "sample i has class classes[i % len(classes)]",
         "seed": cfg.seed, "noise": "per sample: torch CPU generator seeded by SeedSequence([seed, i])",
         "num_samples": cfg.num_samples, "block_size": cfg.block_size, "forward_batch": cfg.forward_batch,
-        "precision": cfg.precision, "compile": cfg.compile, "png": cfg.png,
+        "precision": cfg.precision if device.type == "cuda" else "fp32",  # autocast is CUDA's only
+        "compile": cfg.compile, "png": cfg.png,
     }
 
 
@@ -293,12 +325,13 @@ def in_fixed_batches(fn: Callable[..., torch.Tensor], rows: int) -> Callable[...
 @torch.inference_mode()
 def generate(model: DiT, config: dict, vae, labels: torch.Tensor, indices: range, seed: int, spec: SamplerSpec,
              cfg: float = 1.0, interval: tuple[float, float] = (0.0, 1.0), precision: str = "fp32",
-             forward_batch: int = 128) -> tuple[np.ndarray, np.ndarray]:
+             forward_batch: int = 128, cfg_channels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (n x H x W x 3) and raw latents for `labels`, on the model's device.
 
     Sample indices[j]'s noise depends only on (seed, indices[j]); the store's normalisation
     (config's latent_mean/std) is undone before decoding. The network and the decoder run
-    on `forward_batch` rows at a time, whatever the number of labels.
+    on `forward_batch` rows at a time, whatever the number of labels. Guidance mixes the
+    first `cfg_channels` prediction channels (None: all of the latent's).
     """
     device = next(model.parameters()).device
     objective = build_objective(config)
@@ -316,15 +349,14 @@ def generate(model: DiT, config: dict, vae, labels: torch.Tensor, indices: range
         with autocast(device, precision):
             return vae.decode(z).float()
 
-    guide = guided(net, cfg, interval, noise_level(objective), model.null_class, shape[0])
+    guide = guided(net, cfg, interval, noise_level(objective), model.null_class, cfg_channels or shape[0])
     noise = SampleNoise(seed, indices, shape, device)
     z = run_sampler(objective, spec, guide, noise(), labels.to(device), noise) * std + mean
     return _to_uint8(decode(z)), z.cpu().numpy()
 
 
-def _generate(cfg, config, manifest, spec, bundle, blocks, labels, parts, rank, world) -> tuple[int, float]:
+def _generate(cfg, config, manifest, spec, bundle, device, blocks, labels, parts, rank, world) -> tuple[int, float]:
     """Make and write this rank's blocks; (samples made, seconds)."""
-    device = local_device(resolve_device(cfg.device))
     allow_tf32(device)
     model = load_model(cfg.ckpt, manifest, cfg.ema).to(device)
     if cfg.compile:
@@ -341,7 +373,7 @@ def _generate(cfg, config, manifest, spec, bundle, blocks, labels, parts, rank, 
             for s in range(lo, hi, cfg.batch_size):
                 e = min(s + cfg.batch_size, hi)
                 img, z = generate(model, config, vae, torch.from_numpy(labels[s:e]), range(s, e), cfg.seed, spec,
-                                  cfg.cfg, cfg.cfg_interval, cfg.precision, cfg.forward_batch)
+                                  cfg.cfg, cfg.cfg_interval, cfg.precision, cfg.forward_batch, cfg.cfg_channels)
                 images.append(img)
                 latents.append(z)
                 made += e - s
@@ -356,7 +388,7 @@ def _generate(cfg, config, manifest, spec, bundle, blocks, labels, parts, rank, 
     return made, time.perf_counter() - start
 
 
-def _assemble(cfg, config, protocol, parts, num_blocks, summary) -> dict:
+def _assemble(cfg, config, protocol, parts, num_blocks, summary, device) -> dict:
     """samples.npz, latents.zarr and grid.png from the finished parts, then the manifest; parts removed.
 
     Streamed block by block, so 50,000 256 px images (10 GB) never sit in memory at once.
@@ -371,9 +403,10 @@ def _assemble(cfg, config, protocol, parts, num_blocks, summary) -> dict:
     vae = {"path": cfg.vae or config["vae_path"], "id": config["vae_id"]}
     store_config = {"block_size": cfg.block_size, "dtype": "float32", "flip": False, "image_size": h,
                     "source": "reals sample"}
+    latents_id = artifacts.artifact_id("latents", store_config, {"samples": json.dumps(protocol, sort_keys=True)})
     store = create_store(out / LATENTS, rows=n, latent_shape=shape, views=1, dtype="float32",
                          block_size=cfg.block_size, attrs={
-        "id": artifacts.artifact_id("latents", store_config, {"samples": json.dumps(protocol, sort_keys=True)}),
+        "id": latents_id,
         "config": store_config, "vae_id": config["vae_id"], "image_size": h, "classes": config["classes"],
         "inputs": {"images": {"path": str(out / NPZ), "count": n}, "vae": vae}, "reals_version": __version__,
     })
@@ -404,7 +437,8 @@ def _assemble(cfg, config, protocol, parts, num_blocks, summary) -> dict:
     with artifacts.atomic_path(out / GRID) as tmp:
         Image.fromarray(grid).save(tmp, format="PNG")
     full = {**protocol, "image_size": [h, w], "latent_shape": list(shape), "latent_mean": config["latent_mean"],
-            "latent_std": config["latent_std"], "batch_size": cfg.batch_size, "device": cfg.device}
+            "latent_std": config["latent_std"], "batch_size": cfg.batch_size, "device": device.type,
+            "latents_id": latents_id, "png_dir": PNG_DIR if cfg.png else None}
     inputs = {"ckpt": artifacts.describe_input(cfg.ckpt), "vae": vae}
     result = artifacts.write_manifest(out, KIND, FORMAT_VERSION, full, inputs, summary, files=[NPZ, GRID])
     shutil.rmtree(parts)

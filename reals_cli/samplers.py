@@ -23,7 +23,8 @@ from .transport import Transport, ode_sample, sde_sample
 
 Net = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # model(x, t, y)
 SAMPLERS = {"dit": ("ddpm", "ddim"), "sit": ("ode", "sde")}
-DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "ode": 50, "sde": 250}  # DiT's and SiT's sample.py defaults
+# DiT's and SiT's sample.py take 250 steps (SiT's fixed-step ODEs too); DDIM 50, as its paper's usual count.
+DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "ode": 250, "sde": 250}
 ODE_METHODS = ("euler", "heun", "dopri5")
 
 
@@ -46,18 +47,31 @@ class SamplerSpec:
         return {"sampler": self.name, **{k: getattr(self, k) for k in keep}}
 
 
-def resolve_sampler(objective: str, name: str | None = None, steps: int | None = None, ode_method: str = "dopri5",
-                    rtol: float = 1e-3, atol: float = 1e-6) -> SamplerSpec:
-    """The checkpoint objective's default sampler (dit: ddpm, sit: sde) unless one is named; checked."""
+def resolve_sampler(objective: str, name: str | None = None, steps: int | None = None, ode_method: str | None = None,
+                    rtol: float | None = None, atol: float | None = None) -> SamplerSpec:
+    """The checkpoint objective's default sampler (dit: ddpm, sit: sde) unless one is named, or
+    ode when only an ode method is; checked. None means "not given": a setting that the
+    sampler would ignore is refused rather than silently dropped."""
+    if name is None and ode_method is not None and objective == "sit":
+        name = "ode"
     name = name or SAMPLERS[objective][0 if objective == "dit" else 1]
     if name not in SAMPLERS[objective]:
         raise UserError(f"--sampler {name} does not fit a {objective} checkpoint; use {' or '.join(SAMPLERS[objective])}")
+    if name != "ode" and (ode_method, rtol, atol) != (None, None, None):
+        raise UserError(f"--ode-method, --rtol and --atol set the ode sampler, and this run samples with {name}")
+    ode_method = ode_method or "dopri5"
+    if ode_method not in ODE_METHODS:
+        raise UserError(f"unknown --ode-method {ode_method!r}; choose one of {', '.join(ODE_METHODS)}")
+    if name == "ode" and ode_method == "dopri5" and steps is not None:
+        raise UserError("dopri5 picks its own steps from --rtol and --atol; drop --steps, or pass --ode-method "
+                        "euler or heun for a fixed step count")
+    if name == "ode" and ode_method != "dopri5" and (rtol, atol) != (None, None):
+        raise UserError(f"--rtol and --atol control dopri5's steps; --ode-method {ode_method} takes --steps")
     steps = DEFAULT_STEPS[name] if steps is None else steps
     low = 1 if name in ("ddpm", "ddim") else 2  # SiT's steps count grid points, two at least
     if not low <= steps <= (1000 if low == 1 else 100_000):
         raise UserError(f"--steps for {name} must be between {low} and {1000 if low == 1 else 100_000}, got {steps}")
-    if ode_method not in ODE_METHODS:
-        raise UserError(f"unknown --ode-method {ode_method!r}; choose one of {', '.join(ODE_METHODS)}")
+    rtol, atol = (SamplerSpec.rtol if rtol is None else rtol), (SamplerSpec.atol if atol is None else atol)
     if not (rtol > 0 and atol > 0):
         raise UserError(f"--rtol and --atol must be positive, got {rtol} and {atol}")
     return SamplerSpec(name, steps, ode_method, rtol, atol)

@@ -44,3 +44,25 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_bad_choice_exits_2():
     result = CliRunner().invoke(main, ["train-vae", "--rec-loss", "huber"])
     assert result.exit_code == 2
+
+
+def test_progress_off_a_terminal_prints_plain_lines(monkeypatch):
+    """A log file (SLURM, `2> run.log`) sees a long job's progress as it goes, not only at the end."""
+    import io
+
+    from rich.console import Console
+
+    from reals_cli import console
+
+    log = io.StringIO()
+    monkeypatch.setattr(console, "console", Console(file=log, force_terminal=False, width=200))
+    clock = iter(range(0, 1000, 10))  # each update 10 s after the last
+    monkeypatch.setattr(console.time, "monotonic", lambda: next(clock))
+    with console.progress() as bar:
+        task = bar.add_task("sample", total=6)
+        for i in range(6):
+            bar.update(task, advance=1, status=f"{i} img/s")
+            assert log.getvalue().count("\n") == [1, 1, 1, 2, 2, 3][i]  # the first update, then every 30 s, the end
+    lines = log.getvalue().splitlines()
+    assert [line.split(" (")[0] for line in lines[:3]] == ["sample: 1/6 0 img/s", "sample: 4/6 3 img/s",
+                                                            "sample: 6/6 5 img/s"]

@@ -278,6 +278,25 @@ def test_outputs_formats_and_normalisation(ckpts, tmp_path):
     assert compiled.exit_code == 2 and "holds samples made with other settings" in compiled.output
 
 
+def test_cfg_channels_guides_only_the_first_channels(ckpts, tmp_path):
+    """DiT's and SiT's scripts guide 3 of 4 channels; --cfg-channels 3 does that, 4 is "all"."""
+    _run(ckpts, tmp_path / "all", num_samples=2)
+    _run(ckpts, tmp_path / "four", num_samples=2, cfg_channels=4)
+    _run(ckpts, tmp_path / "three", num_samples=2, cfg_channels=3)
+    assert read_manifest(tmp_path / "four")["id"] == read_manifest(tmp_path / "all")["id"]
+    assert read_manifest(tmp_path / "three")["config"]["cfg_channels"] == 3
+    # Recomputed: guidance on channels 0-2, the conditional prediction on channel 3.
+    manifest = read_manifest(ckpts / "sit")
+    model, objective = load_model(ckpts / "sit", manifest), build_objective(manifest["config"])
+    labels, noise = torch.tensor([0, 1]), SampleNoise(0, range(2), (4, 8, 8), "cpu")
+    with torch.inference_mode():
+        x = run_sampler(objective, SamplerSpec("sde", 5), guided(model, 3.0, (0.0, 0.7), noise_level(objective), 3, 3),
+                        noise(), labels, noise)
+    expected = x * torch.tensor(STD).view(-1, 1, 1) + torch.tensor(MEAN).view(-1, 1, 1)
+    np.testing.assert_allclose(_outputs(tmp_path / "three")[2], expected.numpy(), atol=1e-5)
+    assert not np.allclose(_outputs(tmp_path / "three")[2], _outputs(tmp_path / "all")[2], atol=1e-3)
+
+
 def test_sample_noise_is_each_index_s_own_stream_in_order():
     """Prefetching the next draw on a thread must not reorder or share any stream."""
     def stream(seed, i):
@@ -310,7 +329,7 @@ def test_in_fixed_batches_runs_every_pass_at_one_shape():
 @pytest.mark.parametrize("objective,sampler", [("sit", None), ("sit", "ode"), ("dit", None)])
 def test_batch_size_and_ranks_do_not_change_the_samples(ckpts, tmp_path, monkeypatch, objective, sampler):
     # ode is dopri5: each row takes its own steps, and the rows still integrating shrink.
-    kw = dict(objective=objective, sampler=sampler)
+    kw = dict(objective=objective, sampler=sampler) | ({"steps": None} if sampler == "ode" else {})
     _run(ckpts, tmp_path / "one", **kw)
     ref_images, ref_labels, ref_z = _outputs(tmp_path / "one")
     for batch in (1, 3):
@@ -376,6 +395,15 @@ def test_resume_after_sigkill_equals_uninterrupted(ckpts, tmp_path):
     (["--classes", "zebra"], "unknown class name 'zebra'"),
     (["--sampler", "ddpm"], "--sampler ddpm does not fit a sit checkpoint; use ode or sde"),
     (["--forward-batch", "0"], "--batch-size, --forward-batch and --block-size must be at least 1"),
+    (["--cfg-channels", "5"], "--cfg-channels 5 is more than the model's 4 latent channels"),
+    (["--sampler", "sde", "--ode-method", "heun"],
+     "--ode-method, --rtol and --atol set the ode sampler, and this run samples with sde"),
+    (["--rtol", "1e-4"], "--ode-method, --rtol and --atol set the ode sampler, and this run samples with sde"),
+    (["--ode-method", "dopri5"], "dopri5 picks its own steps from --rtol and --atol; drop --steps, or pass "
+                                 "--ode-method euler or heun for a fixed step count"),
+    (["--ode-method", "euler", "--atol", "1e-3"], "--rtol and --atol control dopri5's steps; --ode-method euler takes --steps"),
+    (["--ckpt-file"], "--ckpt takes a model folder and"),
+    (["--ckpt-store"], "is a latent store; --ckpt takes a model folder, made by `reals train-dit"),
     (["--ckpt-novae"], "names VAE"),
     (["--other-vae"], "was trained on latents of VAE"),
 ])
@@ -383,6 +411,12 @@ def test_bad_input_is_one_line(ckpts, tmp_path, extra, message):
     ckpt = ckpts / "sit"
     if extra == ["--ckpt-novae"]:
         ckpt, extra = ckpts / "sit_novae", []
+    if extra == ["--ckpt-file"]:
+        ckpt, extra = ckpts / "sit" / "ema.safetensors", []
+    if extra == ["--ckpt-store"]:
+        (tmp_path / "lat.zarr").mkdir()
+        (tmp_path / "lat.zarr" / "zarr.json").write_text("{}")
+        ckpt, extra = tmp_path / "lat.zarr", []
     if extra == ["--other-vae"]:
         extra = ["--vae", str(ckpts / "other_vae")]
     result = CliRunner().invoke(main, ["sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "o"), "--device", "cpu",

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -135,8 +136,9 @@ def encode(
     if state == "store":
         store = _open_existing(out, bundle.id, config, listing)
     elif rank == 0:
-        inputs = {"images": {"path": str(folder.folder), "count": len(folder), "listing": listing},
-                  "vae": {"path": None if isinstance(vae, RealsVAE) else str(vae), "id": bundle.id}}
+        # Absolute paths: train-dit and sample find the VAE through this one, from any directory.
+        inputs = {"images": {"path": str(Path(folder.folder).resolve()), "count": len(folder), "listing": listing},
+                  "vae": {"path": None if isinstance(vae, RealsVAE) else str(Path(vae).resolve()), "id": bundle.id}}
         attrs = {"id": artifact_id("latents", config, {"vae": bundle.id, "images": listing}), "config": config,
                  "inputs": inputs, "vae_id": bundle.id, "image_size": size, "classes": folder.classes,
                  "reals_version": __version__}

@@ -400,7 +400,7 @@ def _assemble(cfg, config, protocol, parts, num_blocks, summary, device) -> dict
     with np.load(_part(parts, 0)) as first:
         h, w = first["images"].shape[1:3]
     shape = tuple(config["latent_shape"])
-    vae = {"path": cfg.vae or config["vae_path"], "id": config["vae_id"]}
+    vae = {"path": str(Path(cfg.vae or config["vae_path"]).resolve()), "id": config["vae_id"]}
     store_config = {"block_size": cfg.block_size, "dtype": "float32", "flip": False, "image_size": h,
                     "source": "reals sample"}
     latents_id = artifacts.artifact_id("latents", store_config, {"samples": json.dumps(protocol, sort_keys=True)})

@@ -85,9 +85,10 @@ def _error_line(result) -> str:
 
 
 @pytest.mark.parametrize("name", ["s.zarr", "s.h5"])
-def test_latents_equal_the_vae_and_read_back(vae_dir, images, tmp_path, name):
+def test_latents_equal_the_vae_and_read_back(vae_dir, images, tmp_path, name, monkeypatch):
     out = tmp_path / name
-    result = encode(images, out, vae_dir, flip=True, **FAST)
+    monkeypatch.chdir(vae_dir.parent)  # the VAE given relative to here: the store records where it really is
+    result = encode(images, out, vae_dir.name, flip=True, **FAST)
     assert result["complete"] and result["count"] == 18 and result["skipped"] == 0
 
     store = open_store(out)
@@ -96,6 +97,7 @@ def test_latents_equal_the_vae_and_read_back(vae_dir, images, tmp_path, name):
     a = store.attrs
     assert a["kind"] == "latents" and a["format_version"] == 1 and a["image_size"] == 16
     assert a["inputs"]["vae"]["id"] == store.vae_id and a["inputs"]["images"]["path"] == str(images)
+    assert a["inputs"]["vae"]["path"] == str(vae_dir) and Path(vae_dir).is_absolute()
 
     vae = load_reals_vae(vae_dir).vae
     folder = ImageFolder(images, 16, flip=False)

@@ -560,6 +560,9 @@ def compute_metrics(
         for m in sorted(wanted - unavailable.keys()):
             if (m in stat_for and stat_for[m] not in ref_stats) or (m in ("kid", "pr") and ref_pool is None):
                 unavailable[m] = f"the reference statistics file {ref} holds no features for it; save it again"
+    if not wanted - unavailable.keys():
+        raise UserError("none of the metrics asked for can be computed here: "
+                        + "; ".join(f"{m}: {why}" for m, why in sorted(unavailable.items())))
     need_stats = {stat_for[m] for m in (wanted & stat_for.keys()) - unavailable.keys()}
     need_pool = bool(wanted & {"kid", "pr"} - unavailable.keys())
     sample_keep = ({POOL_FEATURE} if need_pool else set()) | (

@@ -373,6 +373,13 @@ def test_error_reference_at_another_resolution(run, tmp_path):
     _one_line_error(_invoke(big, "--ref", run["stats"], "--extractor", "offline"), "32x32", "64x64")
 
 
+@pytest.mark.assets
+def test_error_when_no_metric_asked_for_can_be_computed(fm, run):
+    r = _invoke(fm["samples"], "--ref", run["stats"], "--extractor", "offline", "--metrics", "is")
+    _one_line_error(r, "none of the metrics asked for can be computed here: is: the offline FID Inception",
+                    "--extractor torch-fidelity")
+
+
 @pytest.mark.slow
 @pytest.mark.assets
 def test_error_stats_from_another_extractor(fm, run, converted_weights):

@@ -14,10 +14,11 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -108,16 +109,29 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         raise UserError(f"{path} is not a readable safetensors file ({e}); re-create it or pass another file") from None
 
 
-def torch_load(path: str | os.PathLike, map_location: str = "cpu") -> Any:
-    """`torch.load` restricted to tensors and plain containers: never runs code from the file."""
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def torch_load(path: str | os.PathLike, map_location: str = "cpu", allow: Sequence[type] = ()) -> Any:
+    """`torch.load` restricted to tensors, plain containers and the classes in `allow` (which
+    must run no code): never runs code from the file. Failures are one line."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for bad or unsafe pickles
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load {path} as a plain tensor checkpoint: {first}") from None
+        text = _ANSI.sub("", str(e)).strip()
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if unsafe:  # torch's own first line here invites loading the file unsafely
+            raise UserError(f"cannot load {path} with weights_only: it holds a {unsafe[1]}, which could run code; "
+                            f"if you trust the file, load it yourself and torch.save its state dict alone") from None
+        # Past torch's preamble (which suggests weights_only=False) to the unpickler's own reason.
+        _, found, rest = text.partition("WeightsUnpickler error:")
+        reason = [line.strip() for line in (rest if found else text).splitlines() if line.strip()]
+        why = type(e).__name__ + (f": {reason[0]}" if reason else "")
+        raise UserError(f"cannot load {path} as a plain tensor checkpoint ({why})") from None
 
 
 # -- nested state (checkpoints): tensors in safetensors, structure in its metadata ------------

@@ -9,44 +9,106 @@ VAE's `scaling_factor` (0.18215) and not shifted, so the artifact records mean
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
 from pathlib import Path
+
+import torch
 
 from . import artifacts
 from .console import print_summary
-from .dit import DiT, build_dit
+from .dit import DIT_MODELS, DiT, build_dit
 from .errors import UserError
 from .latent_store import LatentStore, open_store
 from .reals_vae import load_reals_vae
 
 
-def load_released(model: DiT, path: str) -> None:
-    """Official weights (a plain state dict, or SiT's {'model', 'ema'}: the EMA is taken) or
-    a .safetensors file into `model`, strictly; a file of another size is a one-line error."""
-    state = artifacts.load_weights(path) if path.endswith(".safetensors") else artifacts.torch_load(path)
+def load_released(model: DiT, path: str, model_name: str = "DiT", downsample: int | None = None) -> None:
+    """Official weights into `model`, strictly: a plain state dict, a .safetensors file, SiT's
+    {'model', 'ema'} release or a checkpoint of DiT's or SiT's train.py (the EMA is taken), less
+    the key prefix of a DDP or compiled model. A file that does not fit is a one-line error with
+    what to pass: `import-dit`'s flags given the VAE's `downsample`, else (`train-dit --init`)
+    which latents; `model_name` (DiT-* or SiT-*) names the --model it suggests."""
+    # DiT's and SiT's train.py save their args as an argparse.Namespace, a plain attribute container.
+    state = (artifacts.load_weights(path) if path.endswith(".safetensors")
+             else artifacts.torch_load(path, allow=[argparse.Namespace]))
     if isinstance(state, dict) and "ema" in state and isinstance(state["ema"], dict):
         state = state["ema"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise UserError(f"{path} holds no state dict of tensors (nor an 'ema' one); pass the weights of a DiT or SiT")
+    state = _unwrapped(state)
     own = model.state_dict()
     bad = [k for k in own if k not in state or state[k].shape != own[k].shape]
-    if bad:
-        have = state.get(bad[0]).shape if bad[0] in state else "missing"
-        raise UserError(f"{path} does not fit this model (first: {bad[0]} is {have}, needs {tuple(own[bad[0]].shape)}); "
-                        f"pick the matching --model and latent size")
     extra = [k for k in state if k not in own]
+    if bad or _network(state) != _network(own):
+        first = bad[0] if bad else extra[0]
+        was = "missing" if first not in state else "unexpected" if first not in own else state[first].shape
+        needs = f", needs {tuple(own[first].shape)}" if first in own and first in state else ""
+        raise UserError(f"{path} does not fit this model (first: {first} is {was}{needs}); "
+                        f"{_fix(state, own, model_name, downsample)}")
     if extra:
         raise UserError(f"{path} holds weights that a DiT/SiT does not have (first: {extra[0]}); it is not a DiT or SiT "
                         f"release (REPA's checkpoints add projectors, and their SiT runs time the other way)")
     model.load_state_dict(state, strict=True)
 
 
-def import_released(weights: str, out: str, model: str, vae: str, image_size: int = 256, num_classes: int = 1000,
+def _unwrapped(state: dict) -> dict:
+    """`state` without the prefix that DDP (`module.`) or torch.compile (`_orig_mod.`) puts on
+    every key of the model it wraps, in either nesting."""
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            return _unwrapped({k.removeprefix(prefix): v for k, v in state.items()})
+    return state
+
+
+def _network(state: dict) -> tuple[int, int, int] | None:
+    """(depth, width, patch) of a DiT state dict; None without its patch embedding."""
+    proj = state.get("x_embedder.proj.weight")
+    if proj is None or proj.dim() != 4:
+        return None
+    return len({k.split(".")[1] for k in state if k.startswith("blocks.")}), proj.shape[0], proj.shape[-1]
+
+
+def _fix(state: dict, own: dict, model_name: str, downsample: int | None) -> str:
+    """What to pass so that the network built fits the weights `state`, in one clause."""
+    prefix = "SiT-" if model_name.startswith("SiT") else "DiT-"
+    net = _network(state)
+    if net != _network(own):
+        if net is None:
+            return "it is not a DiT or SiT checkpoint"
+        name = next((prefix + k[4:] for k, c in DIT_MODELS.items()
+                     if (c["depth"], c["hidden_size"], c["patch_size"]) == net), None)
+        if name is None:
+            return f"it is a network of depth {net[0]}, width {net[1]} and patch {net[2]}, which no --model builds"
+        return f"it is a {name}: pass --model {name}"
+    fixes = []
+    channels, want = state["x_embedder.proj.weight"].shape[1], own["x_embedder.proj.weight"].shape[1]
+    if channels != want:
+        fixes.append(f"it takes {channels}-channel latents, not {want}: pass " +
+                     ("the --vae it was trained on" if downsample else "--latents of the VAE it was trained on"))
+    tokens = state["pos_embed"].shape[1] if "pos_embed" in state else None
+    if tokens and tokens != own["pos_embed"].shape[1] and math.isqrt(tokens) ** 2 == tokens:
+        size = math.isqrt(tokens) * net[2]
+        fixes.append(f"it was trained on {size}x{size} latents: pass " +
+                     (f"--image-size {size * downsample}" if downsample else "--latents of that size"))
+    table = state.get("y_embedder.embedding_table.weight")
+    if table is not None and table.shape[0] != own["y_embedder.embedding_table.weight"].shape[0]:
+        n = table.shape[0] - 1  # the last row is the null class
+        fixes.append(f"it has {n} classes (and the null class): pass " +
+                     (f"--num-classes {n}" if downsample else "--latents of that many classes"))
+    return ", and ".join(fixes) or "its layers differ from the official layout that --model builds (learned sigma, a null class)"
+
+
+def import_released(weights: str, out: str, model: str, vae: str, image_size: int = 256, num_classes: int | None = None,
                     path: str = "linear", prediction: str = "velocity", latents: str | None = None) -> dict:
     """Write the `dit` artifact `out` from a released checkpoint: its weights as both the
     model and the EMA (the releases are EMA weights), the objective its name says (DiT-*:
     DDPM, SiT-*: transport with `path` and `prediction`), and the VAE whose latents it
     models. Those latents were normalised by the VAE's scaling factor (DiT, SiT) or, with
     `latents` (a store that `reals encode` made with that VAE), by the per-channel statistics
-    measured over it (ReaLS' releases). `reals sample --ckpt out` then samples it."""
+    measured over it (ReaLS' releases), whose class names the model then takes.
+    `num_classes` defaults to the store's, else 1000. `reals sample --ckpt out` then samples it."""
     from .train_dit import EMA_FILE, FORMAT_VERSION, KIND, MODEL_FILE, TrainDiTConfig, build_objective
 
     if Path(out).exists() and any(Path(out).iterdir()):
@@ -57,33 +119,50 @@ def import_released(weights: str, out: str, model: str, vae: str, image_size: in
     if image_size % factor:
         raise UserError(f"--image-size {image_size} is not a multiple of the VAE's downsampling factor {factor}")
     size = image_size // factor
-    net = build_dit(model, size, channels, num_classes)  # learned sigma and a null class, as released
-    load_released(net, weights)
-    objective = "sit" if model.startswith("SiT-") else "dit"
-    cfg = TrainDiTConfig(latents="", out=out, model=model, objective=objective, path=path, prediction=prediction, steps=0)
-    build_objective(dataclasses.asdict(cfg))  # refuses an unknown path or prediction before anything is written
-    mean, std = [float(vae_config.shift_factor or 0.0)] * channels, [1.0 / vae_config.scaling_factor] * channels
+    # `sample` reads the VAE and the store from any working directory.
+    vae_path = str(Path(vae).resolve())
     store = None
     if latents is not None:
         store = _matching_store(latents, bundle.id, vae, [channels, size, size])
+        if num_classes is not None and num_classes != len(store.classes):
+            raise UserError(f"--num-classes {num_classes} disagrees with the {len(store.classes)} classes of {latents}, "
+                            f"whose names the model takes; pass a store of the model's classes, or drop --num-classes")
+        classes = store.classes
         mean, std = store.statistics()
+        scaling = f"per-channel statistics of {latents}"
+    elif bundle.align is not None or (vae_config.scaling_factor == 1 and not vae_config.shift_factor):
+        # Without a scaling of its own, the latents were normalised by statistics measured over them.
+        what = "is a `reals train-vae` VAE" if bundle.align is not None else "has no latent scaling (scaling_factor 1)"
+        raise UserError(f"--vae {vae} {what}: models on it are trained on per-channel latent statistics; pass "
+                        f"--latents STORE, a latent store made by `reals encode --vae {vae}`")
+    else:
+        classes = [str(i) for i in range(num_classes or 1000)]
+        shift = float(vae_config.shift_factor or 0.0)
+        mean, std = [shift] * channels, [1.0 / vae_config.scaling_factor] * channels
+        scaling = (f"(z - {shift}) x {vae_config.scaling_factor} (the VAE's shift_factor and scaling_factor)" if shift
+                   else f"x {vae_config.scaling_factor} (the VAE's scaling_factor)")
+    net = build_dit(model, size, channels, len(classes))  # learned sigma and a null class, as released
+    load_released(net, weights, model, factor)
+    objective = "sit" if model.startswith("SiT-") else "dit"
+    cfg = TrainDiTConfig(latents="", out=out, model=model, objective=objective, path=path, prediction=prediction, steps=0)
+    build_objective(dataclasses.asdict(cfg))  # refuses an unknown path or prediction before anything is written
     config = dataclasses.asdict(cfg) | {
-        "latent_shape": [channels, size, size], "num_classes": num_classes, "classes": [str(i) for i in range(num_classes)],
+        "latent_shape": [channels, size, size], "num_classes": len(classes), "classes": classes,
         "latent_mean": mean, "latent_std": std, "latent_statistics": "store" if latents else "vae scaling_factor",
-        "vae_id": bundle.id, "vae_path": str(vae), "released": True,
+        "vae_id": bundle.id, "vae_path": vae_path, "released": True,
     }
     Path(out).mkdir(parents=True, exist_ok=True)
     state = net.state_dict()
     artifacts.save_weights(Path(out) / MODEL_FILE, state)
     artifacts.save_weights(Path(out) / EMA_FILE, state)
-    inputs = {"weights": artifacts.describe_input(weights), "vae": artifacts.describe_input(vae)}
+    inputs = {"weights": artifacts.describe_input(Path(weights).resolve()), "vae": artifacts.describe_input(vae_path)}
     if store is not None:
-        inputs["latents"] = {"path": latents, "kind": "latents", "id": store.attrs.get("id", "?")}
+        inputs["latents"] = {"path": str(Path(latents).resolve()), "kind": "latents", "id": store.attrs.get("id", "?")}
     manifest = artifacts.write_manifest(out, KIND, FORMAT_VERSION, config, inputs, {"steps": None},
                                         files=[MODEL_FILE, EMA_FILE])
     print_summary(f"{model} {out} ({manifest['id']})", {
-        "from": weights, "objective": objective, "latents": f"{channels}x{size}x{size}",
-        "latent scaling": f"x {vae_config.scaling_factor} (VAE {bundle.id})"})
+        "from": weights, "objective": objective, "latents": f"{channels}x{size}x{size}", "vae": f"{vae} ({bundle.id})",
+        "latent scaling": scaling, "classes": f"{len(classes)}: {', '.join(classes[:3])}{', ...' if len(classes) > 3 else ''}"})
     return manifest
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +14,7 @@ from PIL import Image
 from reals_cli.artifacts import load_weights, read_manifest
 from reals_cli.cli import main
 from reals_cli.dit import build_dit
+from reals_cli.errors import UserError
 from reals_cli.reals_vae import load_reals_vae
 from reals_cli.vae import AutoencoderKL, save_diffusers_vae, vae_config
 
@@ -26,9 +30,19 @@ def sd_like_vae(tmp_path_factory):
     return folder
 
 
-def _import(weights, vae, out, model="DiT-T/2", *extra):
+def _import(weights, vae, out, model="DiT-T/2", *extra, num_classes=3):
+    classes = [] if num_classes is None else ["--num-classes", str(num_classes)]
     return CliRunner().invoke(main, ["import-dit", str(weights), "--model", model, "--vae", str(vae), "--out", str(out),
-                                     "--image-size", "16", "--num-classes", "3", *extra])
+                                     "--image-size", "16", *classes, *extra])
+
+
+def _text(output):
+    """The summary table's words, with the rows that rich wrapped joined again."""
+    return " ".join(output.replace("│", " ").split())
+
+
+class Custom:
+    """A class in a pickle: weights_only must refuse it."""
 
 
 @pytest.mark.parametrize("model, objective, nested", [("DiT-T/2", "dit", False), ("SiT-T/2", "sit", True)])
@@ -43,6 +57,7 @@ def test_a_released_checkpoint_samples_with_its_vae_scaling(sd_like_vae, tmp_pat
     assert m["config"]["latent_mean"] == [0.0] * 4 and m["config"]["latent_std"] == [2.0] * 4  # 1 / scaling_factor
     assert m["config"]["vae_id"] == load_reals_vae(sd_like_vae).id
     assert m["inputs"]["weights"]["sha256"]
+    assert "latent scaling x 0.5 (the VAE's scaling_factor)" in _text(result.output)
     for name in ("model.safetensors", "ema.safetensors"):
         got = load_weights(tmp_path / "m" / name)
         assert all(torch.equal(got[k], state[k]) for k in state)
@@ -60,7 +75,8 @@ def test_bad_released_checkpoints_are_one_line_errors(sd_like_vae, tmp_path):
     result = _import(tmp_path / "big.pt", sd_like_vae, tmp_path / "m")
     assert result.exit_code == 2
     assert result.output.strip() == (f"error: {tmp_path / 'big.pt'} does not fit this model (first: pos_embed is "
-                                      "torch.Size([1, 64, 192]), needs (1, 16, 192)); pick the matching --model and latent size")
+                                      "torch.Size([1, 64, 192]), needs (1, 16, 192)); it was trained on 16x16 latents: "
+                                      "pass --image-size 32")
     assert not (tmp_path / "m").exists()
     state = build_dit("DiT-T/2", 8, 4, 3).state_dict()
     torch.save({**state, "projectors.0.0.weight": torch.zeros(2, 2)}, tmp_path / "repa.pt")
@@ -74,7 +90,106 @@ def test_bad_released_checkpoints_are_one_line_errors(sd_like_vae, tmp_path):
     assert result.exit_code == 2 and "is not empty; pass a new --out folder" in result.output
 
 
-def test_statistics_from_a_latent_store_as_releases_of_reals_need(sd_like_vae, tmp_path):
+def test_checkpoints_of_the_official_train_py_and_of_wrapped_models_load(sd_like_vae, tmp_path):
+    torch.manual_seed(2)
+    net, ema = build_dit("DiT-T/2", 8, 4, 3), build_dit("DiT-T/2", 8, 4, 3)
+    opt = torch.optim.AdamW(net.parameters())
+    net(torch.randn(1, 4, 8, 8), torch.ones(1), torch.zeros(1, dtype=torch.long)).sum().backward()
+    opt.step()
+    # What DiT's and SiT's train.py save: the EMA beside the model, the optimizer and their argparse flags.
+    torch.save({"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                "args": argparse.Namespace(model="DiT-XL/2", image_size=256, num_classes=1000, global_batch_size=256)},
+               tmp_path / "0000040.pt")
+    result = _import(tmp_path / "0000040.pt", sd_like_vae, tmp_path / "m")
+    assert result.exit_code == 0, result.output
+    got = load_weights(tmp_path / "m" / "ema.safetensors")
+    assert all(torch.equal(got[k], v) for k, v in ema.state_dict().items())
+    # The state dict of a DDP-wrapped, compiled model: every key has a prefix.
+    torch.save({f"module._orig_mod.{k}": v for k, v in net.state_dict().items()}, tmp_path / "ddp.pt")
+    result = _import(tmp_path / "ddp.pt", sd_like_vae, tmp_path / "m2")
+    assert result.exit_code == 0, result.output
+    got = load_weights(tmp_path / "m2" / "model.safetensors")
+    assert all(torch.equal(got[k], v) for k, v in net.state_dict().items())
+
+
+def test_files_that_are_not_weights_only_state_dicts_are_one_line_errors(sd_like_vae, tmp_path):
+    torch.save({"ema": build_dit("DiT-T/2", 8, 4, 3).state_dict(), "args": Custom()}, tmp_path / "unsafe.pt")
+    result = _import(tmp_path / "unsafe.pt", sd_like_vae, tmp_path / "m")
+    assert result.exit_code == 2 and result.output.strip() == (
+        f"error: cannot load {tmp_path / 'unsafe.pt'} with weights_only: it holds a {Custom.__module__}.Custom, which "
+        "could run code; if you trust the file, load it yourself and torch.save its state dict alone")
+    (tmp_path / "junk.pt").write_bytes(b"PK\x03\x04 not a zip")
+    result = _import(tmp_path / "junk.pt", sd_like_vae, tmp_path / "m")
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert result.output.startswith(f"error: cannot load {tmp_path / 'junk.pt'} as a plain tensor checkpoint "
+                                    "(RuntimeError: PytorchStreamReader failed reading zip archive")
+    torch.save({"model": build_dit("DiT-T/2", 8, 4, 3).state_dict(), "steps": 40}, tmp_path / "no-ema.pt")
+    result = _import(tmp_path / "no-ema.pt", sd_like_vae, tmp_path / "m")
+    assert result.exit_code == 2 and result.output.strip() == (
+        f"error: {tmp_path / 'no-ema.pt'} holds no state dict of tensors (nor an 'ema' one); pass the weights of a DiT or SiT")
+
+
+@pytest.mark.parametrize("built, model, fix", [
+    (("DiT-T/2", 8, 4, 10), "DiT-T/2", "(first: y_embedder.embedding_table.weight is torch.Size([11, 192]), needs (4, 192)); "
+     "it has 10 classes (and the null class): pass --num-classes 10"),
+    (("DiT-T/2", 16, 4, 10), "DiT-T/2", "(first: pos_embed is torch.Size([1, 64, 192]), needs (1, 16, 192)); it was trained "
+     "on 16x16 latents: pass --image-size 32, and it has 10 classes (and the null class): pass --num-classes 10"),
+    (("DiT-T/2", 8, 8, 3), "DiT-T/2", "(first: x_embedder.proj.weight is torch.Size([192, 8, 2, 2]), needs (192, 4, 2, 2)); "
+     "it takes 8-channel latents, not 4: pass the --vae it was trained on"),
+    (("SiT-T/4", 8, 4, 3), "SiT-T/2", "(first: pos_embed is torch.Size([1, 4, 192]), needs (1, 16, 192)); "
+     "it is a SiT-T/4: pass --model SiT-T/4"),
+])
+def test_a_checkpoint_of_another_shape_names_the_flag_that_fits_it(sd_like_vae, tmp_path, built, model, fix):
+    torch.save(build_dit(*built).state_dict(), tmp_path / "w.pt")
+    result = _import(tmp_path / "w.pt", sd_like_vae, tmp_path / "m", model)
+    assert result.exit_code == 2 and result.output.strip() == f"error: {tmp_path / 'w.pt'} does not fit this model {fix}"
+
+
+def test_a_checkpoint_of_no_known_size_and_one_for_train_dit_init_say_what_fits(tmp_path):
+    from reals_cli.released import load_released
+
+    state = build_dit("DiT-T/2", 8, 4, 3).state_dict()
+    torch.save({**state, **{k.replace("blocks.0.", "blocks.6."): v for k, v in state.items() if k.startswith("blocks.0.")}},
+               tmp_path / "deep.pt")
+    with pytest.raises(UserError, match=r"\(first: blocks\.6\.attn\.qkv\.weight is unexpected\); it is a network of depth 7, "
+                                        r"width 192 and patch 2, which no --model builds$"):
+        load_released(build_dit("DiT-T/2", 8, 4, 3), str(tmp_path / "deep.pt"), "DiT-T/2", 2)
+    # train-dit --init: the latents set the latent size and the classes.
+    torch.save(build_dit("DiT-T/2", 16, 4, 10).state_dict(), tmp_path / "big.pt")
+    with pytest.raises(UserError, match=r"it was trained on 16x16 latents: pass --latents of that size, and it has 10 "
+                                        r"classes \(and the null class\): pass --latents of that many classes$"):
+        load_released(build_dit("DiT-T/2", 8, 4, 3), str(tmp_path / "big.pt"))
+
+
+def test_a_vae_without_a_scaling_of_its_own_needs_the_latent_store(tmp_path):
+    from reals_cli.alignment import AlignConfig, AlignmentNet
+    from reals_cli.reals_vae import save_reals_vae
+
+    torch.save(build_dit("DiT-T/2", 8, 4, 3).state_dict(), tmp_path / "release.pt")
+    save_reals_vae(tmp_path / "reals-vae", AutoencoderKL(vae_config("tiny")), AlignmentNet(AlignConfig(4, 8, 6, 4, hidden=8)),
+                   {"image_size": 16}, {}, {})
+    save_diffusers_vae(AutoencoderKL(vae_config("tiny")), tmp_path / "plain")  # scaling_factor 1, as ReaLS' VAEs
+    for vae, what in (("reals-vae", "is a `reals train-vae` VAE"), ("plain", "has no latent scaling (scaling_factor 1)")):
+        result = _import(tmp_path / "release.pt", tmp_path / vae, tmp_path / "m")
+        assert result.exit_code == 2 and result.output.strip() == (
+            f"error: --vae {tmp_path / vae} {what}: models on it are trained on per-channel latent statistics; pass "
+            f"--latents STORE, a latent store made by `reals encode --vae {tmp_path / vae}`")
+        assert not (tmp_path / "m").exists()
+
+
+def test_a_vae_shift_factor_is_the_latent_mean(tmp_path):
+    cfg = vae_config("tiny")
+    cfg.scaling_factor, cfg.shift_factor = 0.5, 0.25  # as FLUX's VAE shifts, then scales
+    save_diffusers_vae(AutoencoderKL(cfg), tmp_path / "vae")
+    torch.save(build_dit("DiT-T/2", 8, 4, 3).state_dict(), tmp_path / "release.pt")
+    result = _import(tmp_path / "release.pt", tmp_path / "vae", tmp_path / "m")
+    assert result.exit_code == 0, result.output
+    assert "latent scaling (z - 0.25) x 0.5 (the VAE's shift_factor and scaling_factor)" in _text(result.output)
+    m = read_manifest(tmp_path / "m", "dit", 1)
+    assert m["config"]["latent_mean"] == [0.25] * 4 and m["config"]["latent_std"] == [2.0] * 4
+
+
+def test_statistics_and_class_names_from_a_latent_store_as_releases_of_reals_need(sd_like_vae, tmp_path, monkeypatch):
     from reals_cli.encode import encode
     from reals_cli.latent_store import open_store
 
@@ -85,16 +200,32 @@ def test_statistics_from_a_latent_store_as_releases_of_reals_need(sd_like_vae, t
             Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "img" / name / f"{i}.png")
     encode(tmp_path / "img", tmp_path / "lat.zarr", sd_like_vae, batch_size=4, block_size=4, workers=0, device="cpu",
            image_size=16)
-    torch.save(build_dit("SiT-T/2", 8, 4, 3).state_dict(), tmp_path / "release.pt")
-    result = _import(tmp_path / "release.pt", sd_like_vae, tmp_path / "m", "SiT-T/2", "--latents", str(tmp_path / "lat.zarr"))
+    torch.save(build_dit("SiT-T/2", 8, 4, 2).state_dict(), tmp_path / "release.pt")
+    # Paths as given relative to the working directory; the folder records them absolute.
+    monkeypatch.chdir(tmp_path)
+    vae = os.path.relpath(sd_like_vae)
+    result = _import("release.pt", vae, "m", "SiT-T/2", "--latents", "lat.zarr", num_classes=None)
     assert result.exit_code == 0, result.output
+    assert "latent scaling per-channel statistics of lat.zarr" in _text(result.output)
     m = read_manifest(tmp_path / "m", "dit", 1)
     attrs = open_store(tmp_path / "lat.zarr").attrs
     assert m["config"]["latent_mean"] == attrs["latent_mean"] and m["config"]["latent_std"] == attrs["latent_std"]
     assert m["config"]["latent_statistics"] == "store" and m["inputs"]["latents"]["id"] == attrs["id"]
-    # A model of another latent size than the store's is refused, with what to change.
-    torch.save(build_dit("SiT-T/2", 16, 4, 3).state_dict(), tmp_path / "release32.pt")
+    assert m["config"]["classes"] == ["a", "b"] and m["config"]["num_classes"] == 2
+    assert m["config"]["vae_path"] == str(sd_like_vae.resolve()) == m["inputs"]["vae"]["path"]
+    assert m["inputs"]["latents"]["path"] == str(tmp_path / "lat.zarr")
+    monkeypatch.chdir(tmp_path / "img")
+    result = CliRunner().invoke(main, ["sample", "--ckpt", str(tmp_path / "m"), "--out", str(tmp_path / "s"), "-n", "2",
+                                       "--steps", "2", "--classes", "b", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    monkeypatch.chdir(tmp_path)
+    # A class count other than the store's is refused, as is a model of another latent size.
+    result = _import("release.pt", vae, "m1", "SiT-T/2", "--latents", "lat.zarr")
+    assert result.exit_code == 2 and result.output.strip() == (
+        "error: --num-classes 3 disagrees with the 2 classes of lat.zarr, whose names the model takes; pass a store of "
+        "the model's classes, or drop --num-classes")
+    torch.save(build_dit("SiT-T/2", 16, 4, 2).state_dict(), tmp_path / "release32.pt")
     result = _import(tmp_path / "release32.pt", sd_like_vae, tmp_path / "m2", "SiT-T/2", "--latents",
-                     str(tmp_path / "lat.zarr"), "--image-size", "32")
+                     str(tmp_path / "lat.zarr"), "--image-size", "32", num_classes=None)
     assert result.exit_code == 2 and result.output.strip() == (
         f"error: {tmp_path / 'lat.zarr'} holds 4x8x8 latents, the model 4x16x16; pass the matching --image-size")

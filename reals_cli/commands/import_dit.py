@@ -13,18 +13,21 @@ import click
               "or a `reals train-vae` artifact.")
 @click.option("--out", required=True, help="The new model folder.")
 @click.option("--image-size", default=256, show_default=True, type=click.IntRange(min=1), help="Its image resolution.")
-@click.option("--num-classes", default=1000, show_default=True, type=click.IntRange(min=1), help="Its classes.")
+@click.option("--num-classes", default=None, type=click.IntRange(min=1),
+              help="Its classes (default: the --latents store's, whose class names it takes; else 1000).")
 @click.option("--path", default="linear", show_default=True, type=click.Choice(["linear", "gvp"]), help="SiT: its interpolant.")
 @click.option("--prediction", default="velocity", show_default=True, type=click.Choice(["velocity", "noise", "score"]),
               help="SiT: what it predicts.")
 @click.option("--latents", default=None, help="Normalise by the per-channel statistics of this latent store (made by "
-              "`reals encode` with --vae), as ReaLS' releases were trained, instead of by the VAE's scaling factor.")
+              "`reals encode` with --vae), as ReaLS' releases were trained, instead of by the VAE's scaling factor; "
+              "needed for a `reals train-vae` VAE. The model takes the store's class names.")
 def import_dit_command(weights, **flags):
     """Turn the released checkpoint WEIGHTS into a model folder that `reals sample` reads.
 
-    The file is loaded with weights_only (no code runs) and must fit --model exactly. The
-    folder records the objective, the VAE and its latent scaling (x scaling_factor, as the
-    official models were trained), e.g.
+    The file (a release, or a checkpoint of DiT's or SiT's train.py, whose EMA is taken) is
+    loaded with weights_only (no code runs) and must fit --model exactly. The folder records
+    the objective, the VAE (by absolute path) and its latent scaling (x scaling_factor, as
+    the official models were trained, or the --latents statistics), e.g.
 
     \b
       reals import-dit DiT-XL-2-256x256.pt --model DiT-XL/2 --vae sd-vae-ft-ema --out runs/dit-xl2

@@ -209,7 +209,7 @@ def _train_dit_run(device: torch.device, name: str, compile: bool, batch: int | 
         tmp = Path(tmp)
         _random_store(tmp / "s.zarr", rows=max(4 * batch, 256), classes=1000)
         train_dit(resolve_config(
-            latents=str(tmp / "s.zarr"), out=str(tmp / "run"), model=name, batch_size=batch, steps=steps,
+            latents=str(tmp / "s.zarr"), out=str(tmp / "run"), model=name, objective="sit", batch_size=batch, steps=steps,
             log_every=log_every, ckpt_every=10**9, sample_every=10**9, workers=4 if cuda else 1, device=device.type,
             precision="bf16", compile=compile))
         log = read_log(tmp / "run" / LOG)

@@ -3,9 +3,9 @@
 The objective (`dit`: DDPM eps + learned-sigma VLB; `sit`: interpolant transport)
 lives in diffusion.py / transport.py; this file is the loop: AdamW, fp32 EMA,
 label dropout (inside the network), autocast, gradient clipping, atomic
-checkpoints, exact resume, a JSONL log. Latent draws (view and posterior noise)
-and the batch order are functions of (seed, step, rank), so `--resume` after a
-kill continues bit-for-bit.
+checkpoints, exact resume, a JSONL log, model folders kept every --keep-every
+steps. Latent draws (view and posterior noise) and the batch order are functions
+of (seed, step, rank), so `--resume` after a kill continues bit-for-bit.
 
 `--repa-weight W --repa-depth K` adds a REPA-style loss: block K's tokens, through
 a 3-layer MLP projector, are aligned (negative cosine) with the ReaLS alignment
@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -31,23 +32,34 @@ from torch.utils.data import DataLoader
 from . import artifacts
 from .attention import resolve_attention
 from .batches import ResumableBatchSampler
-from .console import console, print_summary, progress
+from .console import console, print_summary, progress, warn
 from .diffusion import Diffusion
-from .dit import DiT, build_dit, dit_flops, model_config
+from .dit import DIT_MODELS, DiT, build_dit, dit_flops, model_config
 from .ema import ema_copy, ema_update
 from .errors import UserError
 from .latent_store import LatentDataset, draw_latents
 from .released import load_released
 from .runtime import allow_tf32, autocast, resolve_device, seed_everything
 from .training import (
-    FiniteGuard, StepLog, check_run_folder, init_distributed, load_checkpoint, read_log, save_checkpoint, truncate_log,
+    FiniteGuard, StepLog, check_run_folder, init_distributed, load_checkpoint, save_checkpoint, truncate_log,
 )
 from .transport import Transport
 
 KIND, FORMAT_VERSION = "dit", 1
 CHECKPOINT, LOG = "checkpoint.safetensors", "log.jsonl"
 MODEL_FILE, EMA_FILE, PROJECTOR_FILE = "model.safetensors", "ema.safetensors", "projector.safetensors"
-RESUMABLE_CHANGES = {"steps", "device", "workers", "log_every", "ckpt_every", "sample_every"}
+RESUMABLE_CHANGES = {"steps", "device", "workers", "log_every", "ckpt_every", "sample_every", "keep_every"}
+# What train-dit writes into --out; hidden files are temporary ones (ours, .*.tmp, and the
+# libraries', e.g. .tmpXXXXXX) that a kill left behind.
+RUN_FILES = (CHECKPOINT, LOG, MODEL_FILE, EMA_FILE, PROJECTOR_FILE, artifacts.MANIFEST, "samples_???????.png",
+             "step-???????", ".*")
+# The sit objective's own options and their defaults; a dit run has none (None in its config).
+SIT_ONLY = {"path": "linear", "prediction": "velocity", "time_distribution": "uniform"}
+
+
+def default_objective(model: str) -> str:
+    """The objective a model name stands for, as import-dit reads it: DiT-* dit, SiT-* sit."""
+    return "dit" if model.startswith("DiT-") else "sit"
 
 
 @dataclass
@@ -55,10 +67,10 @@ class TrainDiTConfig:
     latents: str
     out: str
     model: str = "SiT-B/2"
-    objective: str = "sit"  # dit | sit
-    path: str = "linear"  # sit: linear | gvp
-    prediction: str = "velocity"  # sit: velocity | noise | score
-    time_distribution: str = "uniform"  # sit: uniform | lognormal
+    objective: str | None = None  # dit | sit; None: default_objective(model)
+    path: str | None = None  # sit: linear | gvp; stays None for dit, as the two below
+    prediction: str | None = None  # sit: velocity | noise | score
+    time_distribution: str | None = None  # sit: uniform | lognormal
     learn_sigma: bool = True
     steps: int = 400_000
     batch_size: int = 256
@@ -82,6 +94,15 @@ class TrainDiTConfig:
     log_every: int = 100
     ckpt_every: int = 5000
     sample_every: int = 10_000
+    keep_every: int = 0  # 0: keep no intermediate model folders
+
+    def __post_init__(self):
+        if self.objective is None:
+            self.objective = default_objective(self.model)
+        if self.objective == "sit":
+            for name, default in SIT_ONLY.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, default)
 
 
 def build_objective(config: dict) -> Diffusion | Transport:
@@ -100,15 +121,52 @@ class Projector(nn.Sequential):
         super().__init__(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, out_dim))
 
 
+# Each numeric flag's allowed values: a test and its words for the error (NaN and infinity pass none).
+ALLOWED_VALUES = {
+    **dict.fromkeys(("steps", "batch_size", "log_every", "ckpt_every", "sample_every"), (lambda v: v >= 1, "at least 1")),
+    **dict.fromkeys(("lr", "weight_decay", "seed", "workers"), (lambda v: v >= 0, ">= 0")),
+    "grad_clip": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    "repa_weight": (lambda v: v >= 0, ">= 0 (0: no REPA)"),
+    "keep_every": (lambda v: v >= 0, ">= 0 (0: keep none)"),
+    "ema_decay": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "class_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+}
+
+
 def _check(cfg: TrainDiTConfig) -> None:
     depth = model_config(cfg.model)["depth"]
-    for name in ("steps", "batch_size", "log_every", "ckpt_every", "sample_every"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if not 0 <= cfg.class_dropout < 1:
-        raise UserError(f"--class-dropout must be in [0, 1), got {cfg.class_dropout}")
-    if cfg.repa_weight < 0 or (cfg.repa_weight > 0 and not 1 <= cfg.repa_depth <= depth):
-        raise UserError(f"--repa-depth must be between 1 and the model's depth {depth}")
+    for name, (allowed, rule) in ALLOWED_VALUES.items():
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and allowed(value)):
+            raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+    if cfg.repa_weight > 0 and not 1 <= cfg.repa_depth <= depth:
+        raise UserError(f"--repa-depth must be between 1 and the model's depth {depth}, got {cfg.repa_depth}")
+    given = [f"--{name.replace('_', '-')}" for name in SIT_ONLY if getattr(cfg, name) is not None]
+    if cfg.objective == "dit" and given:
+        several = len(given) > 1
+        why = f"as --model {cfg.model} says" if default_objective(cfg.model) == "dit" else "--objective dit"
+        raise UserError(f"{', '.join(given)} {'apply' if several else 'applies'} only to the sit objective, and this run "
+                        f"trains dit ({why}); drop {'them' if several else 'it'}, or pass --objective sit")
+
+
+def _check_out(out: Path, resume: bool) -> None:
+    """--out must be new, empty or a train-dit run's folder: another artifact or unrelated files are refused."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder")
+    if (out / artifacts.MANIFEST).is_file():
+        made = artifacts.read_manifest(out)
+        by = f" made by `{made['command']}`" if made.get("command") else ""
+        if made.get("kind") != KIND:
+            raise UserError(f"{out} holds a '{made.get('kind')}' artifact{by}, not a train-dit run; pass another --out")
+        if not (out / CHECKPOINT).is_file():
+            raise UserError(f"{out} holds a model{by} without the {CHECKPOINT} to train it on; pass another --out "
+                            f"(--init {out / EMA_FILE} starts from its weights)")
+    elif out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if not any(fnmatchcase(p.name, name) for name in RUN_FILES))
+        if foreign:
+            raise UserError(f"{out} holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}, which train-dit "
+                            f"did not write; pass a new or empty --out")
+    check_run_folder(out, CHECKPOINT, resume, finished_ok=True)
 
 
 class Trainable(nn.Module):
@@ -132,7 +190,7 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
     rank, world, device = init_distributed(resolve_device(cfg.device))
     allow_tf32(device)
     ckpt_path = out / CHECKPOINT
-    check_run_folder(out, CHECKPOINT, resume, finished_ok=True)
+    _check_out(out, resume)
     seed_everything(cfg.seed + rank)
 
     data = LatentDataset(cfg.latents, raw=True)
@@ -143,7 +201,7 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
     model = build_dit(cfg.model, h, c, len(store.classes), learn_sigma=cfg.learn_sigma, qk_norm=cfg.qk_norm,
                       attn=cfg.attn, class_dropout=cfg.class_dropout)
     if cfg.init:
-        load_released(model, cfg.init)
+        load_released(model, cfg.init, cfg.model)
     model.grad_checkpointing = cfg.gradient_checkpointing
     objective = build_objective(dataclasses.asdict(cfg))
 
@@ -157,15 +215,21 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
         if bundle.id != store.vae_id:
             raise UserError(f"--repa-vae {cfg.repa_vae} is VAE {bundle.id}, but {cfg.latents} was encoded by VAE {store.vae_id}")
         align = bundle.align.to(device).eval().requires_grad_(False)
-        tokens = (h // model.patch_size) ** 2
+        tokens = h // model.patch_size
         grid = align.config.latent_grid // align.config.patch
-        if grid * grid != tokens:
+        if grid != tokens:
+            patches = sorted({m["patch_size"] for m in DIT_MODELS.values()})
+            fits = [p for p in patches if grid * p == h]
+            hint = (f"pass --model {cfg.model.rsplit('/', 1)[0]}/{fits[0]}" if fits else
+                    f"no patch size ({', '.join(f'/{p}' for p in patches)}) gives {grid}x{grid} tokens on {h}x{h} "
+                    f"latents, so this VAE's alignment network cannot guide a DiT here")
             raise UserError(f"REPA: the alignment network's {grid}x{grid} feature grid does not match the model's "
-                            f"{math.isqrt(tokens)}x{math.isqrt(tokens)} tokens; pick a model patch size of {h // grid}")
+                            f"{tokens}x{tokens} tokens; {hint}")
         projector = Projector(model.blocks[0].attn.qkv.in_features, align.config.teacher_dim)
 
     trainable = Trainable(model, projector, cfg.repa_depth).to(device)
     ema = ema_copy(model)
+    weight_files = {MODEL_FILE: model, EMA_FILE: ema, **({PROJECTOR_FILE: projector} if projector is not None else {})}
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(trainable.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16" and device.type == "cuda")
@@ -173,11 +237,13 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
     stateful = {"trainable": trainable, "ema": ema, "opt": opt, "scaler": scaler}
     step = 0
     if resume:
-        step = load_checkpoint(ckpt_path, dataclasses.asdict(cfg), stateful, RESUMABLE_CHANGES, rank)
+        # Older dit runs recorded SiT's defaults for the options a dit run does not have.
+        may_change = RESUMABLE_CHANGES | (set(SIT_ONLY) if cfg.objective == "dit" else set())
+        step = load_checkpoint(ckpt_path, dataclasses.asdict(cfg), stateful, may_change, rank)
         if step >= cfg.steps:
             raise UserError(f"{out} is already trained for {step} steps; pass a larger --steps to train on")
         (out / artifacts.MANIFEST).unlink(missing_ok=True)  # training on: the old artifact is superseded
-        truncate_log(out / LOG, step)
+    truncate_log(out / LOG, step)  # lines past the checkpoint, or of a run killed before its first one
 
     if cfg.compile:
         model.compile_blocks(device)
@@ -189,11 +255,17 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
                         persistent_workers=cfg.workers > 0, generator=torch.Generator(), collate_fn=_collate)
     is_main = rank == 0
     backend = resolve_attention(cfg.attn, device)
+    config = _model_config(cfg, store, backend)
+    inputs = {"latents": {"path": cfg.latents, "kind": "latents", "id": store.attrs.get("id", "?")}}
+    if cfg.init:
+        inputs["init"] = artifacts.describe_input(cfg.init)
+    previews = False
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         console.print(f"train-dit: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
                       f"objective {cfg.objective}, latents {c}x{h}x{w} from {cfg.latents} ({len(data)} images, "
                       f"{len(store.classes)} classes), attention {backend}, device {device}, {world} process(es)")
+        previews = cfg.sample_every <= cfg.steps and _store_vae_found(config, cfg.latents)
 
     trainable.train()
     batches = iter(loader)
@@ -233,14 +305,17 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
             guard.observe(loss, step)  # numbered as the log numbers steps: 1 is the first
             bar.update(task, completed=step)
             checkpointing = step % cfg.ckpt_every == 0 or step == cfg.steps
-            if step % cfg.log_every == 0 or checkpointing:
+            keeping = cfg.keep_every > 0 and step % cfg.keep_every == 0
+            if step % cfg.log_every == 0 or checkpointing or keeping:
                 guard.check()
             if is_main and step % cfg.log_every == 0:
                 bar.update(task, status=f"loss {loss.item():.4f}")
                 log.write(step, {"loss": loss.item(), **{k: v.mean().item() for k, v in terms.items() if k != "loss"},
                                  "repa": repa.item(), "grad_norm": float(grad_norm)})
-            if is_main and step % cfg.sample_every == 0:
-                _preview(out, ema, _model_config(cfg, store), step)
+            if previews and step % cfg.sample_every == 0:
+                _preview(out, ema, config, step)
+            if is_main and keeping:
+                _write_model(out / f"step-{step:07d}", config, inputs, weight_files, step, loss.item())
             if checkpointing:
                 save_checkpoint(ckpt_path, step, dataclasses.asdict(cfg), stateful, world)
 
@@ -248,20 +323,9 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
         dist.barrier()
     if not is_main:
         return {}
-    artifacts.save_weights(out / MODEL_FILE, model.state_dict())
-    artifacts.save_weights(out / EMA_FILE, ema.state_dict())
-    files = [MODEL_FILE, EMA_FILE]
-    if projector is not None:
-        artifacts.save_weights(out / PROJECTOR_FILE, projector.state_dict())
-        files.append(PROJECTOR_FILE)
-    config = _model_config(cfg, store)
-    inputs = {"latents": {"path": cfg.latents, "kind": "latents", "id": store.attrs.get("id", "?")}}
-    if cfg.init:
-        inputs["init"] = artifacts.describe_input(cfg.init)
-    records = read_log(out / LOG)
-    metrics = {"steps": step, "final_loss": records[-1]["loss"] if records else None}
-    manifest = artifacts.write_manifest(out, KIND, FORMAT_VERSION, config, inputs, metrics, files=files)
-    print_summary(f"{cfg.model} {out} ({manifest['id']})", {"steps": step, "final loss": metrics["final_loss"], "attention": backend})
+    manifest = _write_model(out, config, inputs, weight_files, step, loss.item())
+    print_summary(f"{cfg.model} {out} ({manifest['id']})",
+                  {"steps": step, "final loss": manifest["metrics"]["final_loss"], "attention": backend})
     return manifest
 
 
@@ -269,15 +333,40 @@ def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch
     return torch.stack([p for p, _ in items]), torch.tensor([y for _, y in items])
 
 
-def _model_config(cfg: TrainDiTConfig, store) -> dict:
-    """What the `dit` manifest records besides the flags: what `sample` needs to use the model."""
+def _model_config(cfg: TrainDiTConfig, store, attention_backend: str) -> dict:
+    """What the `dit` manifest records besides the flags: what `sample` needs to use the model, and the
+    attention kernel that --attn resolved to."""
     c, h, w = store.latent_shape
     mean, std = store.statistics()
     return dataclasses.asdict(cfg) | {
         "latent_shape": [c, h, w], "num_classes": len(store.classes), "classes": store.classes,
         "latent_mean": mean, "latent_std": std,
         "vae_id": store.vae_id, "vae_path": store.attrs.get("inputs", {}).get("vae", {}).get("path"),
+        "attention_backend": attention_backend,
     }
+
+
+def _write_model(folder: Path, config: dict, inputs: dict, weight_files: dict[str, nn.Module], step: int,
+                 loss: float) -> dict:
+    """The model folder that `sample --ckpt` reads (the run's, or a kept step's): the weights of each module
+    in its file, then the manifest."""
+    (folder / artifacts.MANIFEST).unlink(missing_ok=True)  # rewritten after a resume: never a manifest over other weights
+    for name, module in weight_files.items():
+        artifacts.save_weights(folder / name, module.state_dict())
+    metrics = {"steps": step, "final_loss": loss}
+    return artifacts.write_manifest(folder, KIND, FORMAT_VERSION, config, inputs, metrics, files=list(weight_files))
+
+
+def _store_vae_found(config: dict, latents: str) -> bool:
+    """Whether the VAE that made the latents is where the store says, which the preview grids decode with;
+    if not, one warning says so (the training itself does not need it)."""
+    path = config["vae_path"]
+    if path and Path(path).exists():
+        return True
+    where = f"at {path}, which does not exist" if path else "without a path"
+    warn(f"no preview grids (--sample-every): {latents} names its VAE {config['vae_id']} {where}; re-encode the images "
+         f"with `reals encode --vae PATH` to get them, and sample this model with `reals sample --vae PATH`")
+    return False
 
 
 def _preview(path: Path, ema: DiT, config: dict, step: int) -> None:
@@ -287,10 +376,9 @@ def _preview(path: Path, ema: DiT, config: dict, step: int) -> None:
     from .sample import generate, load_vae
     from .samplers import resolve_sampler
 
-    if not config["vae_path"] or not Path(config["vae_path"]).exists():
-        return  # the store's VAE is elsewhere: no preview, the run itself is unaffected
     vae = load_vae(config["vae_path"], config, str(path.parent)).vae.to(next(ema.parameters()).device)
-    spec = resolve_sampler(config["objective"], "ode" if config["objective"] == "sit" else "ddim", 25, ode_method="euler")
+    spec = (resolve_sampler("sit", "ode", 25, ode_method="euler") if config["objective"] == "sit"
+            else resolve_sampler("dit", "ddim", 25))
     labels = torch.arange(8) % config["num_classes"]
     images, _ = generate(ema, config, vae, labels, range(8), seed=0, spec=spec, forward_batch=len(labels))
     grid = np.concatenate(list(images), axis=1)

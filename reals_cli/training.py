@@ -48,10 +48,10 @@ def check_run_folder(out: Path, checkpoint: str, resume: bool, finished_ok: bool
 
 
 def check_resume_config(saved: dict, current: dict, may_change: set[str]) -> None:
-    changed = [k for k, v in saved.items() if k not in may_change and current.get(k) != v]
+    changed = [f"--{k.replace('_', '-')} {v} (now {current.get(k)})" for k, v in saved.items()
+               if k not in may_change and current.get(k) != v]
     if changed:
-        raise UserError(f"--resume with other values of --{', --'.join(k.replace('_', '-') for k in changed)} "
-                        f"than the run had; resume with the original flags")
+        raise UserError(f"--resume with other values than the run had: {', '.join(changed)}; resume with the original flags")
 
 
 def save_checkpoint(path: Path, step: int, config: dict, objects: dict, world: int) -> None:

@@ -1,5 +1,7 @@
 """train-dit: exact resume after SIGKILL, REPA on aligned features, shape checks, bad input."""
 
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -10,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from reals_cli.alignment import AlignConfig, AlignmentNet
-from reals_cli.artifacts import load_state, load_weights, read_manifest
+from reals_cli.artifacts import load_state, load_weights, read_manifest, save_state
 from reals_cli.cli import main
 from reals_cli.encode import encode
 from reals_cli.reals_vae import save_reals_vae
@@ -42,6 +44,14 @@ def _cli_args(latents, out, steps, **extra):
     for k, v in {**FLAGS, **extra}.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     return args
+
+
+def _store_of_new_vae(root: Path, tmp_path: Path, align: AlignConfig) -> tuple[Path, Path]:
+    """The fixture's images encoded by a fresh VAE with this alignment network: (latents, vae)."""
+    torch.manual_seed(1)
+    save_reals_vae(tmp_path / "vae", AutoencoderKL(vae_config("tiny")), AlignmentNet(align), {"image_size": 16}, {}, {})
+    encode(root / "img", tmp_path / "lat.zarr", tmp_path / "vae", batch_size=8, block_size=8, workers=0, device="cpu")
+    return tmp_path / "lat.zarr", tmp_path / "vae"
 
 
 @pytest.mark.parametrize("objective", ["sit", "dit"])
@@ -197,3 +207,197 @@ def test_no_host_sync_per_step_on_cuda(store, tmp_path, objective):
                 torch.cuda.set_sync_debug_mode("default")
         counts.append(sum("synchronizing" in str(w.message) for w in caught))
     assert counts[0] == counts[1], counts
+
+
+def test_the_objective_follows_the_model_name_unless_given():
+    def resolved(**flags):
+        cfg = resolve_config(latents="l", out="o", **flags)
+        return cfg.objective, cfg.path, cfg.prediction, cfg.time_distribution
+
+    assert resolved(model="DiT-B/2") == ("dit", None, None, None)  # a dit run has no SiT options
+    assert resolved(model="SiT-B/2") == ("sit", "linear", "velocity", "uniform")
+    assert resolved() == ("sit", "linear", "velocity", "uniform")  # the default model is SiT-B/2
+    assert resolved(model="DiT-B/2", objective="sit", path="gvp") == ("sit", "gvp", "velocity", "uniform")
+    assert resolved(model="SiT-B/2", objective="dit")[0] == "dit"
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"lr": -1}, "--lr must be >= 0, got -1.0"),
+    ({"lr": "nan"}, "--lr must be >= 0, got nan"),
+    ({"weight_decay": -1}, "--weight-decay must be >= 0, got -1.0"),
+    ({"ema_decay": 1.5}, "--ema-decay must be in [0, 1], got 1.5"),
+    ({"ema_decay": -3}, "--ema-decay must be in [0, 1], got -3.0"),
+    ({"grad_clip": -1}, "--grad-clip must be >= 0 (0: no clipping), got -1.0"),
+    ({"seed": -1}, "--seed must be >= 0, got -1"),
+    ({"workers": -1}, "--workers must be >= 0, got -1"),
+    ({"steps": 0}, "--steps must be at least 1, got 0"),
+    ({"batch_size": 0}, "--batch-size must be at least 1, got 0"),
+    ({"sample_every": 0}, "--sample-every must be at least 1, got 0"),
+    ({"keep_every": -1}, "--keep-every must be >= 0 (0: keep none), got -1"),
+    ({"class_dropout": 1}, "--class-dropout must be in [0, 1), got 1.0"),
+    ({"repa_weight": -1}, "--repa-weight must be >= 0 (0: no REPA), got -1.0"),
+    ({"repa_weight": 0.5, "repa_depth": 7}, "--repa-depth must be between 1 and the model's depth 6, got 7"),
+    ({"objective": "dit", "path": "gvp", "prediction": "noise", "time_distribution": "lognormal"},
+     "--path, --prediction, --time-distribution apply only to the sit objective, and this run trains dit "
+     "(as --model DiT-T/2 says); drop them, or pass --objective sit"),
+    ({"path": "gvp"}, "--path applies only to the sit objective, and this run trains dit (as --model DiT-T/2 says); "
+                      "drop it, or pass --objective sit"),
+    ({"model": "SiT-T/2", "objective": "dit", "prediction": "noise"},
+     "--prediction applies only to the sit objective, and this run trains dit (--objective dit); drop it, "
+     "or pass --objective sit"),
+])
+def test_bad_values_are_one_line_errors_before_anything_runs(store, tmp_path, flags, message):
+    latents, vae = store
+    out = tmp_path / "o"
+    flags = {"steps": 2, **flags}
+    result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, out, flags.pop("steps"), repa_vae=vae, **flags)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"error: {message}"
+    assert not out.exists()
+
+
+def test_repa_names_the_patch_size_that_fits(store, tmp_path):
+    latents, vae = store
+    result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, tmp_path / "o", 2, model="DiT-T/4", repa_weight=0.5,
+                                                               repa_depth=2, repa_vae=vae)])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == ("error: REPA: the alignment network's 4x4 feature grid does not "
+                                                      "match the model's 2x2 tokens; pass --model DiT-T/2")
+
+
+def test_repa_says_when_no_patch_size_fits(store, tmp_path):
+    latents, _ = store
+    # An alignment network on 1x1 latent patches: an 8x8 grid, which only a /1 model (there is none) would match.
+    latents, vae = _store_of_new_vae(latents.parent, tmp_path, AlignConfig(4, 8, 6, 8, hidden=8))
+    result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, tmp_path / "o", 2, repa_weight=0.5, repa_depth=2,
+                                                               repa_vae=vae)])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == (
+        "error: REPA: the alignment network's 8x8 feature grid does not match the model's 4x4 tokens; no patch size "
+        "(/2, /4, /8) gives 8x8 tokens on 8x8 latents, so this VAE's alignment network cannot guide a DiT here")
+
+
+def _samples_artifact(out: Path) -> str:
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"kind": "samples", "command": "reals sample --ckpt m --out s"}))
+    return f"{out} holds a 'samples' artifact made by `reals sample --ckpt m --out s`, not a train-dit run; pass another --out"
+
+
+def _released_model(out: Path) -> str:
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"kind": "dit", "command": "reals import-dit w.pt"}))
+    return (f"{out} holds a model made by `reals import-dit w.pt` without the checkpoint.safetensors to train it on; "
+            f"pass another --out (--init {out / 'ema.safetensors'} starts from its weights)")
+
+
+def _unrelated_files(out: Path) -> str:
+    out.mkdir()
+    for name in ("notes.txt", "data", "log.jsonl"):
+        (out / name).write_text("x")
+    return f"{out} holds data, notes.txt, which train-dit did not write; pass a new or empty --out"
+
+
+def _a_file(out: Path) -> str:
+    out.write_text("x")
+    return f"--out {out} is a file; pass a folder"
+
+
+@pytest.mark.parametrize("make", [_samples_artifact, _released_model, _unrelated_files, _a_file])
+@pytest.mark.parametrize("resume", [False, True])
+def test_out_holding_something_else_is_refused(store, tmp_path, make, resume):
+    latents, _ = store
+    out = tmp_path / "o"
+    message = make(out)
+    before = sorted(out.iterdir()) if out.is_dir() else None
+    result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, out, 2), *(["--resume"] if resume else [])])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: {message}"
+    assert (sorted(out.iterdir()) if out.is_dir() else None) == before
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_over_in_its_folder(store, tmp_path):
+    latents, _ = store
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "log.jsonl").write_text(json.dumps({"step": 5, "loss": 9.0}) + "\n")
+    for leftover in ("samples_0000005.png", ".checkpoint.safetensors.x1y2.tmp", ".tmpUauDID"):  # the last: a library's
+        (out / leftover).write_bytes(b"")
+    train_dit(resolve_config(latents=str(latents), out=str(out), steps=2, ckpt_every=2, **FLAGS))
+    from reals_cli.training import read_log
+
+    assert [r["step"] for r in read_log(out / "log.jsonl")] == [1, 2]  # the killed run's lines are gone
+
+
+def test_resume_names_the_runs_values_and_the_new_ones(store, tmp_path):
+    latents, _ = store
+    out = tmp_path / "o"
+    # A DiT-T/2 run on the sit objective, as --model DiT-T/2 alone trained before the objective followed the name.
+    train_dit(resolve_config(latents=str(latents), out=str(out), steps=2, ckpt_every=1, objective="sit", **FLAGS))
+    (out / "manifest.json").unlink()  # pretend it stopped after its last checkpoint
+    result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, out, 3, batch_size=4, lr=0.01), "--resume"])
+    assert result.exit_code == 2
+    assert result.output.strip() == ("error: --resume with other values than the run had: --objective sit (now dit), "
+                                     "--batch-size 6 (now 4), --lr 0.001 (now 0.01); resume with the original flags")
+
+
+def test_resume_of_a_dit_run_that_recorded_the_sit_defaults(store, tmp_path):
+    """Older dit runs recorded --path linear etc.; a dit run has none of them now, and still resumes."""
+    latents, _ = store
+    out = tmp_path / "o"
+    train_dit(resolve_config(latents=str(latents), out=str(out), steps=2, ckpt_every=1, **FLAGS))
+    (out / "manifest.json").unlink()
+    state = load_state(out / "checkpoint.safetensors")
+    assert state["config"]["objective"] == "dit" and state["config"]["path"] is None
+    state["config"] |= {"path": "linear", "prediction": "velocity", "time_distribution": "uniform"}
+    save_state(out / "checkpoint.safetensors", state)
+    result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, out, 3), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert read_manifest(out, "dit", 1)["metrics"]["steps"] == 3
+
+
+def test_kept_steps_are_model_folders_that_sample_reads(store, tmp_path):
+    latents, _ = store
+    from reals_cli.sample import load_model
+
+    out = tmp_path / "o"
+    # log-every 10 > steps: no log line, yet the manifest and the summary have the last step's loss.
+    result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, out, 4, keep_every=2, ckpt_every=4, log_every=10)])
+    assert result.exit_code == 0, result.output
+    assert "None" not in result.output and not (out / "log.jsonl").exists()
+    final = read_manifest(out, "dit", 1)
+    assert isinstance(final["metrics"]["final_loss"], float)
+    assert final["config"]["objective"] == "dit" and final["config"]["path"] is None  # from the name DiT-T/2
+    assert final["config"]["attention_backend"] == "sdpa"  # what --attn auto resolved to on the CPU
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-0000002", "step-0000004"]
+
+    # The run as it was at step 2: a run of 2 steps draws the same batches and noise.
+    at_2 = tmp_path / "two"
+    train_dit(resolve_config(latents=str(latents), out=str(at_2), steps=2, ckpt_every=2, **FLAGS))
+    for folder, reference in ((out / "step-0000002", at_2), (out / "step-0000004", out)):
+        kept = read_manifest(folder, "dit", 1)
+        assert kept["metrics"]["steps"] == int(folder.name[5:]) and set(kept["files"]) == set(final["files"])
+        for ema in (True, False):
+            expected = load_weights(reference / ("ema.safetensors" if ema else "model.safetensors"))
+            got = load_model(folder, kept, ema).state_dict()  # hash-checked, as `sample` loads it
+            assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+    samples = tmp_path / "samples"
+    result = CliRunner().invoke(main, ["sample", "--ckpt", str(out / "step-0000002"), "--out", str(samples), "-n", "2",
+                                       "--steps", "2", "--sampler", "ddim", "--forward-batch", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert read_manifest(samples, "samples", 1)["inputs"]["ckpt"]["id"] == read_manifest(out / "step-0000002")["id"]
+
+
+def test_previews_off_when_the_stores_vae_is_gone_say_so_once(store, tmp_path):
+    latents, _ = store
+    latents, vae = _store_of_new_vae(latents.parent, tmp_path, AlignConfig(4, 8, 6, 4, hidden=8))
+    vae_id = read_manifest(vae)["id"]
+    shutil.rmtree(vae)
+    out = tmp_path / "o"
+    result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, out, 4, sample_every=2)])
+    assert result.exit_code == 0, result.output
+    warning = (f"warning: no preview grids (--sample-every): {latents} names its VAE {vae_id} at {vae}, which does not "
+               f"exist; re-encode the images with `reals encode --vae PATH` to get them, and sample this model with "
+               f"`reals sample --vae PATH`")
+    assert "".join(warning.split()) in "".join(result.output.split())  # rich wraps the line
+    assert result.output.count("warning:") == 1 and not list(out.glob("samples_*.png"))

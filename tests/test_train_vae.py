@@ -152,7 +152,8 @@ def test_resume_refuses_other_flags(assets_home, shapes_data, tmp_path):
     (out / "manifest.json").unlink()  # pretend it stopped after its last checkpoint
     result = CliRunner().invoke(main, ["train-vae", *_args(shapes_data, out, 4, kl=1e-3), "--resume"])
     assert result.exit_code == 2
-    assert "--resume with other values of --kl than the run had" in result.output
+    assert "--resume with other values than the run had: --kl 1e-06 (now 0.001); resume with the original flags" \
+        in result.output
 
 
 def test_batch_order_is_sharded_and_resumable():

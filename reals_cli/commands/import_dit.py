@@ -31,7 +31,7 @@ def import_dit_command(weights, **flags):
 
     \b
       reals import-dit DiT-XL-2-256x256.pt --model DiT-XL/2 --vae sd-vae-ft-ema --out runs/dit-xl2
-      reals sample --ckpt runs/dit-xl2 --cfg 1.5 -n 50000 --out samples/dit-xl2
+      reals sample --ckpt runs/dit-xl2 --cfg 1.5 --cfg-channels 3 -n 50000 --out samples/dit-xl2
     """
     from ..released import import_released
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -30,13 +31,11 @@ BACKENDS = ("auto", "xformers", "sdpa", "math")
 def _preload_cuda12_runtime() -> None:
     """xformers' wheels link libcudart.so.12 (their kernels use torch's stable C ABI, so they
     load into any torch >= 2.10). A CUDA 13 torch ships no such runtime; the `cuda` extra's
-    nvidia-cuda-runtime-cu12 does, and loading it first lets xformers' library find it."""
-    try:
-        import nvidia.cuda_runtime as runtime
-    except ImportError:
-        return
-    for folder in runtime.__path__:
-        lib = Path(folder) / "lib" / "libcudart.so.12"
+    nvidia-cuda-runtime-cu12 does, and loading it first lets xformers' library find it.
+    Looked up as a file on sys.path, as torch finds its own: `import nvidia.cuda_runtime`
+    fails where a CUDA 13 install's `nvidia` namespace is shadowed or shadows this one."""
+    for entry in sys.path:
+        lib = Path(entry or ".") / "nvidia" / "cuda_runtime" / "lib" / "libcudart.so.12"
         if lib.is_file():
             ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
             return
@@ -83,8 +82,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -
         out = F.scaled_dot_product_attention(q, k, v)
     elif backend == "math":
         wide = torch.promote_types(q.dtype, torch.float32)  # the reference: fp32 or wider, never narrower
-        scores = q.to(wide) @ k.to(wide).transpose(-2, -1) / math.sqrt(q.shape[-1])
-        out = (scores.softmax(dim=-1) @ v.to(wide)).to(v.dtype)
+        with torch.autocast(q.device.type, enabled=False):  # which would run its matmuls in bf16
+            scores = q.to(wide) @ k.to(wide).transpose(-2, -1) / math.sqrt(q.shape[-1])
+            out = (scores.softmax(dim=-1) @ v.to(wide)).to(v.dtype)
     else:
         raise ValueError(f"attention backend {backend!r} is not resolved")
     return out.transpose(1, 2)
@@ -117,5 +117,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).unbind(2)
-        out = attention(self.q_norm(q), self.k_norm(k), v, resolve_attention(self.backend, x.device))
+        # CUDA autocast runs LayerNorm in fp32: back to v's dtype, as xformers needs one dtype.
+        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
+        # compile_blocks resolved the backend before compiling; resolving in the graph would
+        # break it (the xformers check looks at files).
+        compiled = torch.compiler.is_compiling() and self.backend != "auto"
+        out = attention(q, k, v, self.backend if compiled else resolve_attention(self.backend, x.device))
         return self.proj(out.reshape(B, T, D))

@@ -158,6 +158,11 @@ def test_guidance_mixes_all_channels_in_one_forward_and_keeps_the_conditional_va
     net, x = CountingNet(), torch.randn(2, 4, 2, 2, dtype=F64)
     y, t = torch.tensor([0, 2]), torch.tensor([0.3, 0.9], dtype=F64)
     out = guided(net, 4.0, (0, 1), lambda t: t, 3, 4)(x, t, y)
+    # The whole interval never reads t (on a GPU a read waits for it), and guides every row the same.
+    assert torch.equal(out, guided(net, 4.0, (0, 1), lambda t: 1 / 0, 3, 4)(x, t, y))
+    assert torch.equal(out, guided(net, 4.0, (0, 1.0 - 1e-9), lambda t: t, 3, 4)(x, t, y))
+    net.calls = 0
+    out = guided(net, 4.0, (0, 1), lambda t: t, 3, 4)(x, t, y)
     cond, uncond = net(x, t, y), net(x, t, torch.full_like(y, 3))
     torch.testing.assert_close(out[:, :4], uncond[:, :4] + 4 * (cond[:, :4] - uncond[:, :4]))  # all 4 channels
     torch.testing.assert_close(out[:, 4:], cond[:, 4:])

@@ -150,9 +150,7 @@ gpu-wheels:
 
 gpu-check:
 	$(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --target $(GPU_SITE) $(GPU_WHEELS)/*.whl
-	# The cu12 runtime's nvidia/__init__.py would make `nvidia` a regular package that hides the
-	# image's CUDA 13 `nvidia` namespace; without it the two merge (attention.py finds the file).
-	rm -f $(GPU_SITE)/nvidia/__init__.py
+	rm -f $(GPU_SITE)/nvidia/__init__.py  # else a regular package hiding the image's CUDA 13 nvidia namespace
 	mkdir -p $(GPU_OUT) && cp docs/benchmarks.json $(GPU_OUT)/
 	export PYTHONPATH=$(GPU_SITE):$(CURDIR) PYTHONUNBUFFERED=1; \
 	$(GPU_PY) -c "import torch, xformers; print('torch', torch.__version__, 'xformers', xformers.__version__, torch.cuda.get_device_name())" 2>&1 | tee $(GPU_OUT)/log.txt; \

@@ -132,8 +132,9 @@ bench: install assets
 # torch but no internet: `make gpu-wheels` here downloads the wheels its image lacks into .whl/;
 # there, `make gpu-check GPU_OUT=dir` installs them beside the project, runs the CUDA tests, then
 # the benchmarks in GPU_BENCH, each written to dir/benchmarks.{md,json} as soon as it ends (so a
-# run cut short keeps what it finished), with the whole log in dir/log.txt. About 8 minutes on
-# an H100: `GPU_BENCH=train-dit`, then `GPU_BENCH=sample GPU_TESTS=` splits it in two calls.
+# run cut short keeps what it finished), with the whole log in dir/log.txt. An estimate (never
+# measured) is 8 to 10 minutes on an H100, over one call's 10: run it as two calls,
+# `GPU_BENCH=train-dit`, then `GPU_BENCH=sample GPU_TESTS=`.
 GPU_WHEELS := .whl
 GPU_PY     ?= python3
 GPU_OUT    ?= gpu-check

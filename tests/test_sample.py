@@ -123,6 +123,52 @@ def test_euler_maruyama_reaches_the_data_distribution_and_ends_with_the_mean():
     assert len(draws) == 9
 
 
+def _law(objective, spec, net) -> tuple[float, float]:
+    """The exact mean and std of a stochastic sampler's output for N(0, 1) start and step noise.
+
+    With the exact model of Gaussian data each step is affine in x and in its noise, so the
+    output is c + A x0 + sum_k B_k z_k: one row per term, fed a 1 where its term is, gives
+    them all, and the law is N(c, A^2 + sum_k B_k^2). No Monte Carlo error, so the order shows.
+    """
+    rows = spec.steps + 2  # c, A, and a B_k for each of at most `steps` draws
+    x0 = torch.zeros(rows, 1, dtype=F64)
+    x0[1] = 1
+    draws = []
+
+    def unit_noise(x):
+        z = torch.zeros_like(x)
+        z[2 + len(draws)] = 1
+        draws.append(1)
+        return z
+
+    out = _solve(objective, spec, net, x0, unit_noise)[:, 0]
+    c, a, b = out[0], out[1] - out[0], out[2:] - out[0]
+    return c.item(), (a**2 + (b**2).sum()).sqrt().item()
+
+
+def test_euler_maruyama_converges_at_weak_order_one():
+    """Against the limit of SiT's scheme (4096 steps). The SDE keeps the marginals: at
+    t1 = 1 - 0.04 its law is p_t1 = N(t1 M, t1^2 S^2 + (1 - t1)^2). SiT's last step, the drift
+    alone over that fixed 0.04, is an affine map of it, whose bias (std 0.3937 for 0.4) no
+    step count changes."""
+    tr, t1 = Transport(), 1 - SamplerSpec.last_step_size
+    ends, tb = torch.tensor([[0.0], [1.0]], dtype=F64), torch.full((2,), t1, dtype=F64)
+    last = (ends + (1 - t1) * tr.sde_drift(sit_velocity(ends, tb), ends, tb, "sigma", 1.0))[:, 0]
+    slope, intercept = (last[1] - last[0]).item(), last[0].item()
+    exact = slope * t1 * M + intercept, abs(slope) * math.sqrt(t1**2 * S**2 + (1 - t1) ** 2)
+    limit = _law(tr, SamplerSpec("sde", 4096), sit_velocity)
+    assert limit == pytest.approx(exact, abs=1e-4) and exact[1] == pytest.approx(0.3937, abs=1e-4)
+    errors = [abs(_law(tr, SamplerSpec("sde", n), sit_velocity)[1] - limit[1]) for n in (64, 128, 256)]
+    rates = [math.log2(a / b) for a, b in zip(errors[:-1], errors[1:])]
+    assert all(abs(r - 1) < 0.15 for r in rates), (errors, rates)
+
+
+def test_ddpm_converges_to_the_data_distribution_at_order_one():
+    errors = [abs(_law(Diffusion.linear(), SamplerSpec("ddpm", n), dit_eps)[1] - S) for n in (100, 200, 400)]
+    rates = [math.log2(a / b) for a, b in zip(errors[:-1], errors[1:])]
+    assert all(abs(r - 1) < 0.15 for r in rates) and errors[-1] < 0.003, (errors, rates)
+
+
 def test_ddpm_reaches_the_data_distribution():
     x = _solve(Diffusion.linear(), resolve_sampler("dit"), dit_eps, _noise(20_000), _stream())
     assert x.mean().item() == pytest.approx(M, abs=0.01)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import fnmatch
 import hashlib
 import json
 import os
@@ -250,6 +251,28 @@ def write_manifest(
     }
     atomic_write_json(directory / MANIFEST, manifest)
     return manifest
+
+
+def check_output_folder(out: str | os.PathLike, kind: str, written: Sequence[str], command: str) -> dict | None:
+    """--out of a command that makes `kind` artifacts: new, empty, or its own. Its own is
+    finished (a `kind` manifest, returned) or unfinished (only names matching the glob patterns
+    `written`, and hidden temporary files). Anything else is refused: writing there would mix
+    with, or make unusable, what is there."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder")
+    if (out / MANIFEST).is_file():
+        manifest = read_manifest(out)
+        if manifest.get("kind") != kind:
+            raise UserError(f"--out {out} holds a '{manifest.get('kind')}' artifact, not {command}'s; pass a new --out")
+        return manifest
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir()
+                         if not p.name.startswith(".") and not any(fnmatch.fnmatchcase(p.name, w) for w in written))
+        if foreign:
+            raise UserError(f"--out {out} holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}, which "
+                            f"{command} did not write; pass a new or empty --out")
+    return None
 
 
 def read_manifest(directory: str | os.PathLike, kind: str | None = None, format_version: int | None = None) -> dict:

@@ -45,7 +45,8 @@ from .latent_store import create_store
 from .reals_vae import RealsVAE, load_reals_vae
 from .runtime import PRECISIONS, allow_tf32, autocast, local_device, resolve_device
 from .samplers import SamplerSpec, guided, noise_level, resolve_sampler, run_sampler
-from .train_dit import EMA_FILE, FORMAT_VERSION as DIT_VERSION, KIND as DIT_KIND, MODEL_FILE, build_objective
+from .train_dit import CHECKPOINT as DIT_CHECKPOINT, EMA_FILE, FORMAT_VERSION as DIT_VERSION, KIND as DIT_KIND, MODEL_FILE, \
+    build_objective
 
 KIND, FORMAT_VERSION = "samples", 1
 PARTS, PROTOCOL = "parts", "protocol.json"
@@ -122,6 +123,9 @@ def _check(cfg: SampleConfig) -> None:
         raise UserError("--batch-size, --forward-batch and --block-size must be at least 1")
     if cfg.seed < 0:
         raise UserError(f"--seed must be >= 0, got {cfg.seed}")
+    if cfg.cfg == 1 and (cfg.cfg_channels is not None or tuple(cfg.cfg_interval) != (0.0, 1.0)):
+        raise UserError("--cfg-channels and --cfg-interval shape the guidance, and --cfg 1 is none; drop them, "
+                        "or pass a --cfg other than 1")
     if cfg.cfg_channels is not None and cfg.cfg_channels < 1:
         raise UserError(f"--cfg-channels must be at least 1, got {cfg.cfg_channels}")
     if cfg.precision not in PRECISIONS:
@@ -233,7 +237,7 @@ def sample(cfg: SampleConfig) -> dict:
     out, n, bs = Path(cfg.out), cfg.num_samples, cfg.block_size
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
-    if (out / artifacts.MANIFEST).is_file():
+    if artifacts.check_output_folder(out, KIND, [PARTS, NPZ, GRID, LATENTS, PNG_DIR], "reals sample"):
         done = artifacts.read_manifest(out, KIND, FORMAT_VERSION)
         _same_protocol(out, {k: done["config"].get(k) for k in protocol}, protocol)
         shutil.rmtree(out / PARTS, ignore_errors=True)  # a run killed right after its manifest
@@ -280,12 +284,21 @@ def _describe(spec: SamplerSpec) -> str:
 def read_model_manifest(ckpt: str) -> dict:
     """The manifest of the model folder `ckpt`, with a way forward for what people pass instead."""
     path = Path(ckpt)
-    if path.is_file():
-        raise UserError(f"--ckpt takes a model folder and {ckpt} is a file; a released DiT/SiT checkpoint becomes one "
-                        f"with `reals import-dit {ckpt} --model NAME --vae VAE --out DIR`")
     if (path / "zarr.json").is_file() or path.suffix in (".zarr", ".h5"):
         raise UserError(f"{ckpt} is a latent store; --ckpt takes a model folder, made by `reals train-dit {ckpt} "
                         f"--out DIR` or `reals import-dit`")
+    run = path.parent if path.is_file() else path
+    kept = sorted(p.name for p in run.glob("step-???????") if (p / artifacts.MANIFEST).is_file()) if run.is_dir() else []
+    unfinished = (run / DIT_CHECKPOINT).is_file() and not (run / artifacts.MANIFEST).is_file()
+    if unfinished or path.name == DIT_CHECKPOINT:
+        steps = f"a kept step's folder ({', '.join(kept[-3:])}) or " if kept else ""
+        raise UserError(f"{run} is a train-dit run{' that has not finished' if unfinished else ''}, and --ckpt takes a "
+                        f"model folder: {steps}the run's folder once it has finished")
+    if path.is_file():
+        if (path.parent / artifacts.MANIFEST).is_file():
+            raise UserError(f"--ckpt takes the model folder, not a file in it: pass {path.parent}")
+        raise UserError(f"--ckpt takes a model folder and {ckpt} is a file; a released DiT/SiT checkpoint becomes one "
+                        f"with `reals import-dit {ckpt} --model NAME --vae VAE --out DIR`")
     return artifacts.read_manifest(ckpt, DIT_KIND, DIT_VERSION)
 
 

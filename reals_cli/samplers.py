@@ -12,6 +12,7 @@ tau = 1 pure noise, as REPA (t = 1 noise) and ReaLS state it, so the paper's
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,15 +51,17 @@ class SamplerSpec:
 def resolve_sampler(objective: str, name: str | None = None, steps: int | None = None, ode_method: str | None = None,
                     rtol: float | None = None, atol: float | None = None) -> SamplerSpec:
     """The checkpoint objective's default sampler (dit: ddpm, sit: sde) unless one is named, or
-    ode when only an ode method is; checked. None means "not given": a setting that the
+    ode when only ode settings are given; checked. None means "not given": a setting that the
     sampler would ignore is refused rather than silently dropped."""
-    if name is None and ode_method is not None and objective == "sit":
-        name = "ode"
-    name = name or SAMPLERS[objective][0 if objective == "dit" else 1]
+    ode_flags = [flag for flag, value in (("--ode-method", ode_method), ("--rtol", rtol), ("--atol", atol))
+                 if value is not None]
+    if ode_flags and objective == "dit":
+        raise UserError(f"{', '.join(ode_flags)}: a dit checkpoint has no ode sampler (it samples with ddpm or ddim)")
+    name = name or ("ode" if ode_flags else SAMPLERS[objective][0 if objective == "dit" else 1])
     if name not in SAMPLERS[objective]:
         raise UserError(f"--sampler {name} does not fit a {objective} checkpoint; use {' or '.join(SAMPLERS[objective])}")
-    if name != "ode" and (ode_method, rtol, atol) != (None, None, None):
-        raise UserError(f"--ode-method, --rtol and --atol set the ode sampler, and this run samples with {name}")
+    if name != "ode" and ode_flags:
+        raise UserError(f"{', '.join(ode_flags)} set the ode sampler, and this run samples with {name}")
     ode_method = ode_method or "dopri5"
     if ode_method not in ODE_METHODS:
         raise UserError(f"unknown --ode-method {ode_method!r}; choose one of {', '.join(ODE_METHODS)}")
@@ -72,8 +75,8 @@ def resolve_sampler(objective: str, name: str | None = None, steps: int | None =
     if not low <= steps <= (1000 if low == 1 else 100_000):
         raise UserError(f"--steps for {name} must be between {low} and {1000 if low == 1 else 100_000}, got {steps}")
     rtol, atol = (SamplerSpec.rtol if rtol is None else rtol), (SamplerSpec.atol if atol is None else atol)
-    if not (rtol > 0 and atol > 0):
-        raise UserError(f"--rtol and --atol must be positive, got {rtol} and {atol}")
+    if not (0 < rtol < math.inf and 0 < atol < math.inf):
+        raise UserError(f"--rtol and --atol must be positive and finite, got {rtol} and {atol}")
     return SamplerSpec(name, steps, ode_method, rtol, atol)
 
 

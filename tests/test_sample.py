@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from reals_cli.artifacts import read_manifest, save_weights, write_manifest
 from reals_cli.cli import main
 from reals_cli.diffusion import Diffusion, space_timesteps
 from reals_cli.dit import build_dit
+from reals_cli.errors import UserError
 from reals_cli.latent_store import open_store
 from reals_cli.reals_vae import load_reals_vae, save_reals_vae
 from reals_cli.sample import SampleConfig, SampleNoise, in_fixed_batches, load_model, sample
@@ -348,6 +350,13 @@ def test_cfg_channels_guides_only_the_first_channels(ckpts, tmp_path):
     assert not np.allclose(_outputs(tmp_path / "three")[2], _outputs(tmp_path / "all")[2], atol=1e-3)
 
 
+def test_ode_settings_alone_pick_the_ode_sampler_and_must_be_finite():
+    assert resolve_sampler("sit", rtol=1e-4) == SamplerSpec("ode", 250, "dopri5", 1e-4, 1e-6)
+    assert resolve_sampler("sit", ode_method="heun", steps=20) == SamplerSpec("ode", 20, "heun")
+    with pytest.raises(UserError, match=r"^--rtol and --atol must be positive and finite, got inf and 1e-06$"):
+        resolve_sampler("sit", rtol=math.inf)
+
+
 def test_sample_noise_is_each_index_s_own_stream_in_order():
     """Prefetching the next draw on a thread must not reorder or share any stream."""
     def stream(seed, i):
@@ -446,14 +455,22 @@ def test_resume_after_sigkill_equals_uninterrupted(ckpts, tmp_path):
     (["--classes", "zebra"], "unknown class name 'zebra'"),
     (["--sampler", "ddpm"], "--sampler ddpm does not fit a sit checkpoint; use ode or sde"),
     (["--forward-batch", "0"], "--batch-size, --forward-batch and --block-size must be at least 1"),
-    (["--cfg-channels", "5"], "--cfg-channels 5 is more than the model's 4 latent channels"),
-    (["--sampler", "sde", "--ode-method", "heun"],
-     "--ode-method, --rtol and --atol set the ode sampler, and this run samples with sde"),
-    (["--rtol", "1e-4"], "--ode-method, --rtol and --atol set the ode sampler, and this run samples with sde"),
+    (["--cfg", "2", "--cfg-channels", "5"], "--cfg-channels 5 is more than the model's 4 latent channels"),
+    (["--sampler", "sde", "--ode-method", "heun"], "--ode-method set the ode sampler, and this run samples with sde"),
+    (["--sampler", "sde", "--rtol", "1e-4", "--atol", "1e-5"],
+     "--rtol, --atol set the ode sampler, and this run samples with sde"),
+    (["--rtol", "inf"], "dopri5 picks its own steps"),  # --rtol implies ode (dopri5), which takes no --steps
+    (["--ode-method", "euler", "--ckpt-dit"], "--ode-method: a dit checkpoint has no ode sampler (it samples with ddpm or ddim)"),
     (["--ode-method", "dopri5"], "dopri5 picks its own steps from --rtol and --atol; drop --steps, or pass "
                                  "--ode-method euler or heun for a fixed step count"),
     (["--ode-method", "euler", "--atol", "1e-3"], "--rtol and --atol control dopri5's steps; --ode-method euler takes --steps"),
     (["--ckpt-file"], "--ckpt takes a model folder and"),
+    (["--ckpt-in-folder"], "--ckpt takes the model folder, not a file in it: pass"),
+    (["--ckpt-unfinished"], "is a train-dit run that has not finished, and --ckpt takes a model folder: a kept step's "
+                            "folder (step-0000002) or the run's folder once it has finished"),
+    (["--out-other"], "holds notes.txt, which reals sample did not write; pass a new or empty --out"),
+    (["--out-model"], "holds a 'dit' artifact, not reals sample's; pass a new --out"),
+    (["--cfg", "1", "--cfg-channels", "3"], "--cfg-channels and --cfg-interval shape the guidance, and --cfg 1 is none"),
     (["--ckpt-store"], "is a latent store; --ckpt takes a model folder, made by `reals train-dit"),
     (["--ckpt-novae"], "names VAE"),
     (["--other-vae"], "was trained on latents of VAE"),
@@ -462,15 +479,32 @@ def test_bad_input_is_one_line(ckpts, tmp_path, extra, message):
     ckpt = ckpts / "sit"
     if extra == ["--ckpt-novae"]:
         ckpt, extra = ckpts / "sit_novae", []
+    if "--ckpt-dit" in extra:
+        ckpt, extra = ckpts / "dit", [e for e in extra if e != "--ckpt-dit"]
+    out = tmp_path / "o"
     if extra == ["--ckpt-file"]:
+        (tmp_path / "DiT-XL-2-256x256.pt").touch()
+        ckpt, extra = tmp_path / "DiT-XL-2-256x256.pt", []
+    if extra == ["--ckpt-in-folder"]:
         ckpt, extra = ckpts / "sit" / "ema.safetensors", []
+    if extra == ["--ckpt-unfinished"]:
+        (tmp_path / "run" / "step-0000002").mkdir(parents=True)
+        shutil.copy(ckpts / "sit" / "manifest.json", tmp_path / "run" / "step-0000002")
+        (tmp_path / "run" / "checkpoint.safetensors").touch()
+        ckpt, extra = tmp_path / "run", []
+    if extra == ["--out-other"]:
+        out.mkdir()
+        (out / "notes.txt").touch()
+        extra = []
+    if extra == ["--out-model"]:
+        out, extra = ckpts / "dit", []
     if extra == ["--ckpt-store"]:
         (tmp_path / "lat.zarr").mkdir()
         (tmp_path / "lat.zarr" / "zarr.json").write_text("{}")
         ckpt, extra = tmp_path / "lat.zarr", []
     if extra == ["--other-vae"]:
         extra = ["--vae", str(ckpts / "other_vae")]
-    result = CliRunner().invoke(main, ["sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "o"), "--device", "cpu",
+    result = CliRunner().invoke(main, ["sample", "--ckpt", str(ckpt), "--out", str(out), "--device", "cpu",
                                        "--steps", "2", "-n", "2", *extra])
     assert result.exit_code == 2, result.output
     assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output

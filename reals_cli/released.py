@@ -24,15 +24,18 @@ from .latent_store import LatentStore, open_store
 from .reals_vae import load_reals_vae
 
 
-def load_released(model: DiT, path: str, model_name: str = "DiT", downsample: int | None = None) -> None:
+def load_released(model: DiT, path: str, model_name: str = "DiT", downsample: int | None = None,
+                  store: bool = False) -> argparse.Namespace | None:
     """Official weights into `model`, strictly: a plain state dict, a .safetensors file, SiT's
-    {'model', 'ema'} release or a checkpoint of DiT's or SiT's train.py (the EMA is taken), less
-    the key prefix of a DDP or compiled model. A file that does not fit is a one-line error with
-    what to pass: `import-dit`'s flags given the VAE's `downsample`, else (`train-dit --init`)
+    {'model', 'ema'} release or a checkpoint of DiT's or SiT's train.py (the EMA is taken, and
+    its `args` returned), less the key prefix of a DDP or compiled model. A file that does not
+    fit is a one-line error with what to pass: `import-dit`'s flags given the VAE's
+    `downsample` (`store`: it reads the classes from --latents), else (`train-dit --init`)
     which latents; `model_name` (DiT-* or SiT-*) names the --model it suggests."""
     # DiT's and SiT's train.py save their args as an argparse.Namespace, a plain attribute container.
     state = (artifacts.load_weights(path) if path.endswith(".safetensors")
              else artifacts.torch_load(path, allow=[argparse.Namespace]))
+    args = state.get("args") if isinstance(state, dict) and isinstance(state.get("args"), argparse.Namespace) else None
     if isinstance(state, dict) and "ema" in state and isinstance(state["ema"], dict):
         state = state["ema"]
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
@@ -46,11 +49,12 @@ def load_released(model: DiT, path: str, model_name: str = "DiT", downsample: in
         was = "missing" if first not in state else "unexpected" if first not in own else state[first].shape
         needs = f", needs {tuple(own[first].shape)}" if first in own and first in state else ""
         raise UserError(f"{path} does not fit this model (first: {first} is {was}{needs}); "
-                        f"{_fix(state, own, model_name, downsample)}")
+                        f"{_fix(state, own, model_name, downsample, store)}")
     if extra:
         raise UserError(f"{path} holds weights that a DiT/SiT does not have (first: {extra[0]}); it is not a DiT or SiT "
                         f"release (REPA's checkpoints add projectors, and their SiT runs time the other way)")
     model.load_state_dict(state, strict=True)
+    return args
 
 
 def _unwrapped(state: dict) -> dict:
@@ -70,7 +74,7 @@ def _network(state: dict) -> tuple[int, int, int] | None:
     return len({k.split(".")[1] for k in state if k.startswith("blocks.")}), proj.shape[0], proj.shape[-1]
 
 
-def _fix(state: dict, own: dict, model_name: str, downsample: int | None) -> str:
+def _fix(state: dict, own: dict, model_name: str, downsample: int | None, store: bool) -> str:
     """What to pass so that the network built fits the weights `state`, in one clause."""
     prefix = "SiT-" if model_name.startswith("SiT") else "DiT-"
     net = _network(state)
@@ -96,23 +100,33 @@ def _fix(state: dict, own: dict, model_name: str, downsample: int | None) -> str
     if table is not None and table.shape[0] != own["y_embedder.embedding_table.weight"].shape[0]:
         n = table.shape[0] - 1  # the last row is the null class
         fixes.append(f"it has {n} classes (and the null class): pass " +
-                     (f"--num-classes {n}" if downsample else "--latents of that many classes"))
+                     (f"--num-classes {n}" if downsample and not store else "--latents of that many classes"))
     return ", and ".join(fixes) or "its layers differ from the official layout that --model builds (learned sigma, a null class)"
 
 
-def import_released(weights: str, out: str, model: str, vae: str, image_size: int = 256, num_classes: int | None = None,
-                    path: str = "linear", prediction: str = "velocity", latents: str | None = None) -> dict:
+def import_released(weights: str, out: str, model: str, vae: str, image_size: int | None = None,
+                    num_classes: int | None = None, path: str | None = None, prediction: str | None = None,
+                    latents: str | None = None) -> dict:
     """Write the `dit` artifact `out` from a released checkpoint: its weights as both the
     model and the EMA (the releases are EMA weights), the objective its name says (DiT-*:
     DDPM, SiT-*: transport with `path` and `prediction`), and the VAE whose latents it
     models. Those latents were normalised by the VAE's scaling factor (DiT, SiT) or, with
     `latents` (a store that `reals encode` made with that VAE), by the per-channel statistics
     measured over it (ReaLS' releases), whose class names the model then takes.
-    `num_classes` defaults to the store's, else 1000. `reals sample --ckpt out` then samples it."""
+    `num_classes` and `image_size` default to the store's, else 1000 and 256; `path` and
+    `prediction` (SiT only) to what the checkpoint's train.py args say, else linear and
+    velocity. `reals sample --ckpt out` then samples it."""
     from .train_dit import EMA_FILE, FORMAT_VERSION, KIND, MODEL_FILE, TrainDiTConfig, build_objective
 
-    if Path(out).exists() and any(Path(out).iterdir()):
-        raise UserError(f"{out} is not empty; pass a new --out folder")
+    if Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
+        raise UserError(f"--out {out} is {'not empty' if Path(out).is_dir() else 'a file'}; pass a new folder")
+    objective = "sit" if model.startswith("SiT-") else "dit"
+    sit_flags = [flag for flag, value in (("--path", path), ("--prediction", prediction)) if value is not None]
+    if objective == "dit" and sit_flags:
+        raise UserError(f"{', '.join(sit_flags)}: a DiT-* model is DDPM; they describe a SiT-* (transport) model")
+    store = open_store(latents) if latents is not None else None
+    if image_size is None:
+        image_size = int(store.attrs.get("image_size", 256)) if store is not None else 256
     bundle = load_reals_vae(vae)
     vae_config = bundle.vae.config
     channels, factor = vae_config.latent_channels, bundle.vae.downsample_factor
@@ -121,9 +135,8 @@ def import_released(weights: str, out: str, model: str, vae: str, image_size: in
     size = image_size // factor
     # `sample` reads the VAE and the store from any working directory.
     vae_path = str(Path(vae).resolve())
-    store = None
-    if latents is not None:
-        store = _matching_store(latents, bundle.id, vae, [channels, size, size])
+    if store is not None:
+        _check_store(store, latents, bundle.id, vae, [channels, size, size])
         if num_classes is not None and num_classes != len(store.classes):
             raise UserError(f"--num-classes {num_classes} disagrees with the {len(store.classes)} classes of {latents}, "
                             f"whose names the model takes; pass a store of the model's classes, or drop --num-classes")
@@ -142,8 +155,16 @@ def import_released(weights: str, out: str, model: str, vae: str, image_size: in
         scaling = (f"(z - {shift}) x {vae_config.scaling_factor} (the VAE's shift_factor and scaling_factor)" if shift
                    else f"x {vae_config.scaling_factor} (the VAE's scaling_factor)")
     net = build_dit(model, size, channels, len(classes))  # learned sigma and a null class, as released
-    load_released(net, weights, model, factor)
-    objective = "sit" if model.startswith("SiT-") else "dit"
+    args = load_released(net, weights, model, factor, store is not None)
+    trained_as = getattr(args, "model", None)
+    if trained_as and trained_as != model:
+        raise UserError(f"{weights} was trained as {trained_as}, its args say; pass --model {trained_as}")
+    if objective == "sit":  # SiT's train.py args name its path ("Linear", "GVP") and prediction
+        theirs = {"--path": str(getattr(args, "path_type", "")).lower(), "--prediction": getattr(args, "prediction", None)}
+        for flag, value in (("--path", path), ("--prediction", prediction)):
+            if value and theirs[flag] and value != theirs[flag]:
+                raise UserError(f"{weights} was trained with {flag} {theirs[flag]}, its args say; pass {flag} {theirs[flag]}")
+        path, prediction = path or theirs["--path"] or "linear", prediction or theirs["--prediction"] or "velocity"
     cfg = TrainDiTConfig(latents="", out=out, model=model, objective=objective, path=path, prediction=prediction, steps=0)
     build_objective(dataclasses.asdict(cfg))  # refuses an unknown path or prediction before anything is written
     config = dataclasses.asdict(cfg) | {
@@ -166,13 +187,11 @@ def import_released(weights: str, out: str, model: str, vae: str, image_size: in
     return manifest
 
 
-def _matching_store(latents: str, vae_id: str, vae: str, shape: list[int]) -> LatentStore:
-    """The latent store `latents`, checked to be VAE `vae_id`'s at the model's latent shape."""
-    store = open_store(latents)
+def _check_store(store: LatentStore, latents: str, vae_id: str, vae: str, shape: list[int]) -> None:
+    """The latent store `latents` must be VAE `vae_id`'s at the model's latent shape."""
     if store.vae_id != vae_id:
         raise UserError(f"{latents} was encoded by VAE {store.vae_id}, but --vae {vae} is VAE {vae_id}; "
                         f"pass a store that this VAE made")
     if list(store.latent_shape) != shape:
         raise UserError(f"{latents} holds {'x'.join(map(str, store.latent_shape))} latents, the model "
                         f"{'x'.join(map(str, shape))}; pass the matching --image-size")
-    return store

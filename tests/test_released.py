@@ -87,7 +87,7 @@ def test_bad_released_checkpoints_are_one_line_errors(sd_like_vae, tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
     result = _import(tmp_path / "big.pt", sd_like_vae, tmp_path / "full")
-    assert result.exit_code == 2 and "is not empty; pass a new --out folder" in result.output
+    assert result.exit_code == 2 and "is not empty; pass a new folder" in result.output
 
 
 def test_checkpoints_of_the_official_train_py_and_of_wrapped_models_load(sd_like_vae, tmp_path):
@@ -98,12 +98,33 @@ def test_checkpoints_of_the_official_train_py_and_of_wrapped_models_load(sd_like
     opt.step()
     # What DiT's and SiT's train.py save: the EMA beside the model, the optimizer and their argparse flags.
     torch.save({"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                "args": argparse.Namespace(model="DiT-XL/2", image_size=256, num_classes=1000, global_batch_size=256)},
+                "args": argparse.Namespace(model="DiT-T/2", image_size=16, num_classes=3, global_batch_size=256)},
                tmp_path / "0000040.pt")
     result = _import(tmp_path / "0000040.pt", sd_like_vae, tmp_path / "m")
     assert result.exit_code == 0, result.output
     got = load_weights(tmp_path / "m" / "ema.safetensors")
     assert all(torch.equal(got[k], v) for k, v in ema.state_dict().items())
+    # Its args name the model: the same network under the other name (and objective) is refused.
+    result = _import(tmp_path / "0000040.pt", sd_like_vae, tmp_path / "sit", "SiT-T/2")
+    assert result.exit_code == 2 and result.output.strip() == (
+        f"error: {tmp_path / '0000040.pt'} was trained as DiT-T/2, its args say; pass --model DiT-T/2")
+    # SiT's train.py args give the path and prediction, unless the flags say otherwise (then refused).
+    torch.save({"ema": ema.state_dict(), "args": argparse.Namespace(model="SiT-T/2", path_type="GVP", prediction="noise")},
+               tmp_path / "sit.pt")
+    result = _import(tmp_path / "sit.pt", sd_like_vae, tmp_path / "s1", "SiT-T/2")
+    assert result.exit_code == 0, result.output
+    config = read_manifest(tmp_path / "s1")["config"]
+    assert (config["objective"], config["path"], config["prediction"]) == ("sit", "gvp", "noise")
+    result = _import(tmp_path / "sit.pt", sd_like_vae, tmp_path / "s2", "SiT-T/2", "--path", "linear")
+    assert result.exit_code == 2 and result.output.strip() == (
+        f"error: {tmp_path / 'sit.pt'} was trained with --path gvp, its args say; pass --path gvp")
+    result = _import(tmp_path / "0000040.pt", sd_like_vae, tmp_path / "d2", "DiT-T/2", "--prediction", "noise")
+    assert result.exit_code == 2 and result.output.strip() == (
+        "error: --prediction: a DiT-* model is DDPM; they describe a SiT-* (transport) model")
+    assert read_manifest(tmp_path / "m")["config"]["path"] is None  # a DiT has no interpolant
+    (tmp_path / "file").touch()
+    result = _import(tmp_path / "0000040.pt", sd_like_vae, tmp_path / "file")
+    assert result.exit_code == 2 and result.output.strip() == f"error: --out {tmp_path / 'file'} is a file; pass a new folder"
     # The state dict of a DDP-wrapped, compiled model: every key has a prefix.
     torch.save({f"module._orig_mod.{k}": v for k, v in net.state_dict().items()}, tmp_path / "ddp.pt")
     result = _import(tmp_path / "ddp.pt", sd_like_vae, tmp_path / "m2")
@@ -229,3 +250,12 @@ def test_statistics_and_class_names_from_a_latent_store_as_releases_of_reals_nee
                      str(tmp_path / "lat.zarr"), "--image-size", "32", num_classes=None)
     assert result.exit_code == 2 and result.output.strip() == (
         f"error: {tmp_path / 'lat.zarr'} holds 4x8x8 latents, the model 4x16x16; pass the matching --image-size")
+    # Without --image-size the store's is taken; a release of other classes is told to bring their store.
+    result = CliRunner().invoke(main, ["import-dit", "release.pt", "--model", "SiT-T/2", "--vae", vae, "--out", "m3",
+                                       "--latents", "lat.zarr"])
+    assert result.exit_code == 0, result.output
+    torch.save(build_dit("SiT-T/2", 8, 4, 3).state_dict(), tmp_path / "release3.pt")
+    result = CliRunner().invoke(main, ["import-dit", "release3.pt", "--model", "SiT-T/2", "--vae", vae, "--out", "m4",
+                                       "--latents", "lat.zarr"])
+    assert result.exit_code == 2 and result.output.strip().endswith(
+        "it has 3 classes (and the null class): pass --latents of that many classes")

@@ -12,12 +12,13 @@ import click
 @click.option("--vae", required=True, help="The VAE it was trained on: a diffusers folder (sd-vae-ft-ema, sd-vae-ft-mse) "
               "or a `reals train-vae` artifact.")
 @click.option("--out", required=True, help="The new model folder.")
-@click.option("--image-size", default=256, show_default=True, type=click.IntRange(min=1), help="Its image resolution.")
+@click.option("--image-size", type=click.IntRange(min=1), help="Its image resolution.  [default: the --latents store's, else 256]")
 @click.option("--num-classes", default=None, type=click.IntRange(min=1),
               help="Its classes (default: the --latents store's, whose class names it takes; else 1000).")
-@click.option("--path", default="linear", show_default=True, type=click.Choice(["linear", "gvp"]), help="SiT: its interpolant.")
-@click.option("--prediction", default="velocity", show_default=True, type=click.Choice(["velocity", "noise", "score"]),
-              help="SiT: what it predicts.")
+@click.option("--path", type=click.Choice(["linear", "gvp"]),
+              help="SiT: its interpolant.  [default: what its train.py args say, else linear]")
+@click.option("--prediction", type=click.Choice(["velocity", "noise", "score"]),
+              help="SiT: what it predicts.  [default: what its train.py args say, else velocity]")
 @click.option("--latents", default=None, help="Normalise by the per-channel statistics of this latent store (made by "
               "`reals encode` with --vae), as ReaLS' releases were trained, instead of by the VAE's scaling factor; "
               "needed for a `reals train-vae` VAE. The model takes the store's class names.")

@@ -99,4 +99,4 @@ def print_summary(title: str, rows: dict[str, Any] | Iterable[tuple[str, Any]]) 
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {message}")
+    console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)  # one line in a log file too

@@ -48,7 +48,8 @@ from .transport import Transport
 KIND, FORMAT_VERSION = "dit", 1
 CHECKPOINT, LOG = "checkpoint.safetensors", "log.jsonl"
 MODEL_FILE, EMA_FILE, PROJECTOR_FILE = "model.safetensors", "ema.safetensors", "projector.safetensors"
-RESUMABLE_CHANGES = {"steps", "device", "workers", "log_every", "ckpt_every", "sample_every", "keep_every"}
+# --out is where the run is now, and --latents may be the same store (by latents_id) at another path.
+RESUMABLE_CHANGES = {"steps", "device", "workers", "log_every", "ckpt_every", "sample_every", "keep_every", "out", "latents"}
 # What train-dit writes into --out; hidden files are temporary ones (ours, .*.tmp, and the
 # libraries', e.g. .tmpXXXXXX) that a kill left behind.
 RUN_FILES = (CHECKPOINT, LOG, MODEL_FILE, EMA_FILE, PROJECTOR_FILE, artifacts.MANIFEST, "samples_???????.png",
@@ -123,11 +124,12 @@ class Projector(nn.Sequential):
 
 # Each numeric flag's allowed values: a test and its words for the error (NaN and infinity pass none).
 ALLOWED_VALUES = {
-    **dict.fromkeys(("steps", "batch_size", "log_every", "ckpt_every", "sample_every"), (lambda v: v >= 1, "at least 1")),
+    **dict.fromkeys(("steps", "batch_size", "log_every", "ckpt_every"), (lambda v: v >= 1, "at least 1")),
     **dict.fromkeys(("lr", "weight_decay", "seed", "workers"), (lambda v: v >= 0, ">= 0")),
     "grad_clip": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
     "repa_weight": (lambda v: v >= 0, ">= 0 (0: no REPA)"),
     "keep_every": (lambda v: v >= 0, ">= 0 (0: keep none)"),
+    "sample_every": (lambda v: v >= 0, ">= 0 (0: no previews)"),
     "ema_decay": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "class_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
 }
@@ -161,7 +163,8 @@ def _check_out(out: Path, resume: bool) -> None:
         if not (out / CHECKPOINT).is_file():
             raise UserError(f"{out} holds a model{by} without the {CHECKPOINT} to train it on; pass another --out "
                             f"(--init {out / EMA_FILE} starts from its weights)")
-    elif out.is_dir():
+    elif out.is_dir() and not (out / CHECKPOINT).is_file() and not resume:
+        # A folder with a checkpoint is a run, whatever else is in it; a --resume without one is told so below.
         foreign = sorted(p.name for p in out.iterdir() if not any(fnmatchcase(p.name, name) for name in RUN_FILES))
         if foreign:
             raise UserError(f"{out} holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}, which train-dit "
@@ -201,7 +204,9 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
     model = build_dit(cfg.model, h, c, len(store.classes), learn_sigma=cfg.learn_sigma, qk_norm=cfg.qk_norm,
                       attn=cfg.attn, class_dropout=cfg.class_dropout)
     if cfg.init:
-        load_released(model, cfg.init, cfg.model)
+        # A model folder (a run's, or a kept step's) starts from its EMA weights.
+        init = str(Path(cfg.init) / EMA_FILE) if (Path(cfg.init) / EMA_FILE).is_file() else cfg.init
+        load_released(model, init, cfg.model)
     model.grad_checkpointing = cfg.gradient_checkpointing
     objective = build_objective(dataclasses.asdict(cfg))
 
@@ -235,11 +240,12 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16" and device.type == "cuda")
 
     stateful = {"trainable": trainable, "ema": ema, "opt": opt, "scaler": scaler}
+    saved_config = dataclasses.asdict(cfg) | {"latents_id": store.attrs.get("id")}
     step = 0
     if resume:
         # Older dit runs recorded SiT's defaults for the options a dit run does not have.
         may_change = RESUMABLE_CHANGES | (set(SIT_ONLY) if cfg.objective == "dit" else set())
-        step = load_checkpoint(ckpt_path, dataclasses.asdict(cfg), stateful, may_change, rank)
+        step = load_checkpoint(ckpt_path, saved_config, stateful, may_change, rank)
         if step >= cfg.steps:
             raise UserError(f"{out} is already trained for {step} steps; pass a larger --steps to train on")
         (out / artifacts.MANIFEST).unlink(missing_ok=True)  # training on: the old artifact is superseded
@@ -264,8 +270,9 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         console.print(f"train-dit: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
                       f"objective {cfg.objective}, latents {c}x{h}x{w} from {cfg.latents} ({len(data)} images, "
-                      f"{len(store.classes)} classes), attention {backend}, device {device}, {world} process(es)")
-        previews = cfg.sample_every <= cfg.steps and _store_vae_found(config, cfg.latents)
+                      f"{len(store.classes)} classes), attention {backend}, device {device}, {world} process(es)",
+                      soft_wrap=True)
+        previews = 0 < cfg.sample_every <= cfg.steps and _store_vae_loads(config, cfg.latents)
 
     trainable.train()
     batches = iter(loader)
@@ -303,21 +310,22 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
             ema_update(ema, model, cfg.ema_decay)
             step += 1
             guard.observe(loss, step)  # numbered as the log numbers steps: 1 is the first
-            bar.update(task, completed=step)
             checkpointing = step % cfg.ckpt_every == 0 or step == cfg.steps
             keeping = cfg.keep_every > 0 and step % cfg.keep_every == 0
             if step % cfg.log_every == 0 or checkpointing or keeping:
                 guard.check()
-            if is_main and step % cfg.log_every == 0:
-                bar.update(task, status=f"loss {loss.item():.4f}")
+            logging = is_main and step % cfg.log_every == 0
+            if logging:
                 log.write(step, {"loss": loss.item(), **{k: v.mean().item() for k, v in terms.items() if k != "loss"},
                                  "repa": repa.item(), "grad_norm": float(grad_norm)})
+            # The loss with the step, not after it: off a terminal the finished line shows this step's loss.
+            bar.update(task, completed=step, **({"status": f"loss {loss.item():.4f}"} if logging else {}))
             if previews and step % cfg.sample_every == 0:
                 _preview(out, ema, config, step)
             if is_main and keeping:
                 _write_model(out / f"step-{step:07d}", config, inputs, weight_files, step, loss.item())
             if checkpointing:
-                save_checkpoint(ckpt_path, step, dataclasses.asdict(cfg), stateful, world)
+                save_checkpoint(ckpt_path, step, saved_config, stateful, world)
 
     if world > 1:
         dist.barrier()
@@ -341,9 +349,16 @@ def _model_config(cfg: TrainDiTConfig, store, attention_backend: str) -> dict:
     return dataclasses.asdict(cfg) | {
         "latent_shape": [c, h, w], "num_classes": len(store.classes), "classes": store.classes,
         "latent_mean": mean, "latent_std": std,
-        "vae_id": store.vae_id, "vae_path": store.attrs.get("inputs", {}).get("vae", {}).get("path"),
+        "vae_id": store.vae_id, "vae_path": _vae_path(store),
         "attention_backend": attention_backend,
     }
+
+
+def _vae_path(store) -> str | None:
+    """The store's VAE path, absolute where it exists from here: older stores recorded it relative to
+    where `encode` ran, which `sample` from another directory would not find."""
+    path = store.attrs.get("inputs", {}).get("vae", {}).get("path")
+    return str(Path(path).resolve()) if path and Path(path).exists() else path
 
 
 def _write_model(folder: Path, config: dict, inputs: dict, weight_files: dict[str, nn.Module], step: int,
@@ -357,14 +372,25 @@ def _write_model(folder: Path, config: dict, inputs: dict, weight_files: dict[st
     return artifacts.write_manifest(folder, KIND, FORMAT_VERSION, config, inputs, metrics, files=list(weight_files))
 
 
-def _store_vae_found(config: dict, latents: str) -> bool:
-    """Whether the VAE that made the latents is where the store says, which the preview grids decode with;
-    if not, one warning says so (the training itself does not need it)."""
-    path = config["vae_path"]
-    if path and Path(path).exists():
+def _store_vae_loads(config: dict, latents: str) -> bool:
+    """Whether the VAE that made the latents, which the preview grids decode with, loads from where the store
+    says and is that VAE (by id); if not, one warning says so (the training itself does not need it), so that
+    no preview stops the run later."""
+    from .sample import load_vae
+
+    path, why = config["vae_path"], None
+    if not path:
+        why = "without a path"
+    elif not Path(path).exists():
+        why = f"at {path}, which does not exist"
+    else:
+        try:
+            load_vae(path, config, latents)
+        except UserError as e:
+            why = f"at {path}, which does not load as that VAE ({e})"
+    if why is None:
         return True
-    where = f"at {path}, which does not exist" if path else "without a path"
-    warn(f"no preview grids (--sample-every): {latents} names its VAE {config['vae_id']} {where}; re-encode the images "
+    warn(f"no preview grids (--sample-every): {latents} names its VAE {config['vae_id']} {why}; re-encode the images "
          f"with `reals encode --vae PATH` to get them, and sample this model with `reals sample --vae PATH`")
     return False
 
@@ -387,4 +413,10 @@ def _preview(path: Path, ema: DiT, config: dict, step: int) -> None:
 
 
 def resolve_config(**flags: Any) -> TrainDiTConfig:
+    # Here, where a flag left out is still None: --repa-depth's default must not count as given.
+    given = [f"--{name.replace('_', '-')}" for name in ("repa_depth", "repa_vae") if flags.get(name) is not None]
+    if given and not (flags.get("repa_weight") or 0) > 0:
+        several = len(given) > 1
+        raise UserError(f"{', '.join(given)} {'apply' if several else 'applies'} only with REPA (--repa-weight > 0); "
+                        f"drop {'them' if several else 'it'}, or pass --repa-weight W")
     return TrainDiTConfig(**{k: v for k, v in flags.items() if v is not None})

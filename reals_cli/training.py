@@ -48,8 +48,9 @@ def check_run_folder(out: Path, checkpoint: str, resume: bool, finished_ok: bool
 
 
 def check_resume_config(saved: dict, current: dict, may_change: set[str]) -> None:
-    changed = [f"--{k.replace('_', '-')} {v} (now {current.get(k)})" for k, v in saved.items()
-               if k not in may_change and current.get(k) != v]
+    # An input recorded by its id besides its path (latents_id) reads `--latents id A (now B)`.
+    changed = [f"--{k.removesuffix('_id').replace('_', '-')}{' id' if k.endswith('_id') else ''} {v} (now {current.get(k)})"
+               for k, v in saved.items() if k not in may_change and current.get(k) != v]
     if changed:
         raise UserError(f"--resume with other values than the run had: {', '.join(changed)}; resume with the original flags")
 
@@ -119,7 +120,8 @@ class StepLog:
         self.step, self.time = step, now
         append_log(self.path, record)
         if not console.is_terminal:
-            console.print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+            console.print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
+                          soft_wrap=True)
 
 
 def append_log(path: Path, record: dict) -> None:

@@ -232,11 +232,14 @@ def test_the_objective_follows_the_model_name_unless_given():
     ({"workers": -1}, "--workers must be >= 0, got -1"),
     ({"steps": 0}, "--steps must be at least 1, got 0"),
     ({"batch_size": 0}, "--batch-size must be at least 1, got 0"),
-    ({"sample_every": 0}, "--sample-every must be at least 1, got 0"),
+    ({"sample_every": -1}, "--sample-every must be >= 0 (0: no previews), got -1"),
     ({"keep_every": -1}, "--keep-every must be >= 0 (0: keep none), got -1"),
     ({"class_dropout": 1}, "--class-dropout must be in [0, 1), got 1.0"),
     ({"repa_weight": -1}, "--repa-weight must be >= 0 (0: no REPA), got -1.0"),
     ({"repa_weight": 0.5, "repa_depth": 7}, "--repa-depth must be between 1 and the model's depth 6, got 7"),
+    ({"repa_depth": 2}, "--repa-depth applies only with REPA (--repa-weight > 0); drop it, or pass --repa-weight W"),
+    ({"repa_weight": 0, "repa_depth": 2, "repa_vae": "v"},
+     "--repa-depth, --repa-vae apply only with REPA (--repa-weight > 0); drop them, or pass --repa-weight W"),
     ({"objective": "dit", "path": "gvp", "prediction": "noise", "time_distribution": "lognormal"},
      "--path, --prediction, --time-distribution apply only to the sit objective, and this run trains dit "
      "(as --model DiT-T/2 says); drop them, or pass --objective sit"),
@@ -249,8 +252,8 @@ def test_the_objective_follows_the_model_name_unless_given():
 def test_bad_values_are_one_line_errors_before_anything_runs(store, tmp_path, flags, message):
     latents, vae = store
     out = tmp_path / "o"
-    flags = {"steps": 2, **flags}
-    result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, out, flags.pop("steps"), repa_vae=vae, **flags)])
+    flags = {"steps": 2, **({"repa_vae": vae} if flags.get("repa_weight", 0) > 0 else {}), **flags}
+    result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, out, flags.pop("steps"), **flags)])
     assert result.exit_code == 2, result.output
     assert result.output.strip() == f"error: {message}"
     assert not out.exists()
@@ -308,6 +311,8 @@ def test_out_holding_something_else_is_refused(store, tmp_path, make, resume):
     latents, _ = store
     out = tmp_path / "o"
     message = make(out)
+    if resume and make is _unrelated_files:  # no run to resume there: said so, not a new --out
+        message = f"--resume: no checkpoint.safetensors in {out}; start without --resume"
     before = sorted(out.iterdir()) if out.is_dir() else None
     result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, out, 2), *(["--resume"] if resume else [])])
     assert result.exit_code == 2
@@ -349,6 +354,7 @@ def test_resume_of_a_dit_run_that_recorded_the_sit_defaults(store, tmp_path):
     state = load_state(out / "checkpoint.safetensors")
     assert state["config"]["objective"] == "dit" and state["config"]["path"] is None
     state["config"] |= {"path": "linear", "prediction": "velocity", "time_distribution": "uniform"}
+    del state["config"]["latents_id"]  # nor did they record the store's id
     save_state(out / "checkpoint.safetensors", state)
     result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, out, 3), "--resume"])
     assert result.exit_code == 0, result.output
@@ -401,3 +407,129 @@ def test_previews_off_when_the_stores_vae_is_gone_say_so_once(store, tmp_path):
                f"`reals sample --vae PATH`")
     assert "".join(warning.split()) in "".join(result.output.split())  # rich wraps the line
     assert result.output.count("warning:") == 1 and not list(out.glob("samples_*.png"))
+
+
+def _store_id(latents) -> str:
+    from reals_cli.latent_store import open_store
+
+    return open_store(latents).attrs["id"]
+
+
+def test_a_moved_run_resumes_by_another_spelling_of_its_paths(store, tmp_path, monkeypatch):
+    """--out is where the run is now, and --latents the same store (by id) at any path."""
+    import os
+
+    latents, _ = store
+    straight = tmp_path / "straight"
+    train_dit(resolve_config(latents=str(latents), out=str(straight), steps=4, ckpt_every=2, **FLAGS))
+    monkeypatch.chdir(tmp_path)
+    train_dit(resolve_config(latents=os.path.relpath(latents), out="runs/o", steps=2, ckpt_every=2, **FLAGS))
+    assert load_state(tmp_path / "runs/o/checkpoint.safetensors")["config"]["latents_id"] == _store_id(latents)
+    (tmp_path / "runs/o").rename(tmp_path / "moved")
+    monkeypatch.chdir(latents.parent)
+    result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents.resolve(), tmp_path / "moved", 4), "--resume"])
+    assert result.exit_code == 0, result.output
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_weights(straight / name), load_weights(tmp_path / "moved" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_resume_on_another_store_names_both_ids(store, tmp_path):
+    latents, _ = store
+    other, _ = _store_of_new_vae(latents.parent, tmp_path, AlignConfig(4, 8, 6, 4, hidden=8))
+    out = tmp_path / "o"
+    train_dit(resolve_config(latents=str(latents), out=str(out), steps=2, ckpt_every=2, **FLAGS))
+    result = CliRunner().invoke(main, ["train-dit", *_cli_args(other, out, 3), "--resume"])
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"error: --resume with other values than the run had: --latents id "
+                                     f"{_store_id(latents)} (now {_store_id(other)}); resume with the original flags")
+
+
+def test_a_run_with_other_files_in_its_folder_resumes(store, tmp_path):
+    """A resumed run that was killed, in a folder where the user put notes: it is still a run."""
+    latents, _ = store
+    out = tmp_path / "o"
+    train_dit(resolve_config(latents=str(latents), out=str(out), steps=2, ckpt_every=1, **FLAGS))
+    (out / "notes.txt").write_text("x")
+    (out / "manifest.json").unlink()  # killed while training on
+    result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, out, 3, ckpt_every=1), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert read_manifest(out, "dit", 1)["metrics"]["steps"] == 3 and (out / "notes.txt").is_file()
+
+
+def test_previews_off_when_the_stores_vae_path_holds_another_vae(store, tmp_path):
+    """Checked at the start, so that no preview stops the run at its first --sample-every step."""
+    latents, _ = store
+    latents, vae = _store_of_new_vae(latents.parent, tmp_path, AlignConfig(4, 8, 6, 4, hidden=8))
+    vae_id = read_manifest(vae)["id"]
+    shutil.rmtree(vae)
+    torch.manual_seed(7)
+    save_reals_vae(vae, AutoencoderKL(vae_config("tiny")), AlignmentNet(AlignConfig(4, 8, 6, 4, hidden=8)),
+                   {"image_size": 16}, {}, {})
+    out = tmp_path / "o"
+    result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, out, 4, sample_every=2)])
+    assert result.exit_code == 0, result.output
+    flat = "".join(result.output.split())
+    assert "".join(f"warning: no preview grids (--sample-every): {latents} names its VAE {vae_id} at {vae}, which "
+                   f"does not load as that VAE (the VAE at {vae} is VAE {read_manifest(vae)['id']}".split()) in flat
+    assert result.output.count("warning:") == 1 and not list(out.glob("samples_*.png"))
+
+
+def test_sample_every_0_previews_nothing(store, tmp_path):
+    latents, _ = store
+    out = tmp_path / "o"
+    result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, out, 2, sample_every=0)])
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.output and not list(out.glob("samples_*.png"))
+
+
+def test_a_relative_vae_path_of_an_older_store_is_recorded_absolute(store, tmp_path, monkeypatch):
+    import zarr
+
+    latents, _ = store
+    latents, vae = _store_of_new_vae(latents.parent, tmp_path, AlignConfig(4, 8, 6, 4, hidden=8))
+    group = zarr.open_group(str(latents), mode="r+")
+    inputs = group.attrs["inputs"]
+    inputs["vae"]["path"] = "vae"  # as older stores recorded it: relative to where `encode` ran
+    group.attrs["inputs"] = inputs
+    monkeypatch.chdir(tmp_path)
+    train_dit(resolve_config(latents=str(latents), out=str(tmp_path / "o"), steps=1, ckpt_every=1, **FLAGS))
+    assert read_manifest(tmp_path / "o", "dit", 1)["config"]["vae_path"] == str(vae.resolve())
+
+
+def test_init_from_a_model_folder_takes_its_ema(store, tmp_path):
+    latents, _ = store
+    run = tmp_path / "run"
+    train_dit(resolve_config(latents=str(latents), out=str(run), steps=2, ckpt_every=2, keep_every=2, **FLAGS))
+    out = tmp_path / "o"
+    train_dit(resolve_config(latents=str(latents), out=str(out), steps=1, ckpt_every=1, init=str(run / "step-0000002"),
+                             **{**FLAGS, "lr": 0.0}))
+    ema, got = load_weights(run / "step-0000002" / "ema.safetensors"), load_weights(out / "model.safetensors")
+    assert all(torch.equal(got[k], ema[k]) for k in ema)
+
+
+def test_log_lines_stay_whole_off_a_terminal(store, tmp_path, monkeypatch):
+    """A log file: no line split at 80 columns, and the finished progress line has the last step's loss."""
+    import io
+
+    from rich.console import Console
+
+    from reals_cli import console
+    from reals_cli import train_dit as train_dit_module
+    from reals_cli.training import read_log
+
+    log = io.StringIO()
+    narrow = Console(file=log, force_terminal=False, width=80)
+    monkeypatch.setattr(console, "console", narrow)
+    monkeypatch.setattr(train_dit_module, "console", narrow)
+    latents, _ = store
+    out = tmp_path / "o"
+    console.warn(("a long warning " * 10).rstrip())
+    train_dit(resolve_config(latents=str(latents), out=str(out), steps=6, ckpt_every=6, **FLAGS))
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "warning: " + ("a long warning " * 10).rstrip()
+    assert lines[1].startswith("train-dit: DiT-T/2") and lines[1].endswith("1 process(es)")
+    steps = [line for line in lines if line.startswith("step ")]
+    assert len(steps) == 6 and all("tflop_per_s" in line for line in steps)
+    last = read_log(out / "log.jsonl")[-1]["loss"]
+    assert any(line.startswith(f"train-dit: 6/6 loss {last:.4f} (") for line in lines), lines

@@ -42,7 +42,7 @@ from .options import device_option, precision_option, preset_option, seed_option
 @preset_option("--workers", type=int, help="DataLoader worker processes.  [default: 4]")
 @preset_option("--log-every", type=int, help="Steps between log.jsonl lines.  [default: 100]")
 @preset_option("--ckpt-every", type=int, help="Steps between checkpoints.  [default: 5000]")
-@preset_option("--sample-every", type=int, help="Steps between preview grids of EMA samples.  [default: 10000]")
+@preset_option("--sample-every", type=int, help="Steps between preview grids of EMA samples; 0 for none.  [default: 10000]")
 @preset_option("--keep-every", type=int, help="Steps between kept model folders OUT/step-NNNNNNN, each one that "
                "`reals sample --ckpt` reads; 0 for none.  [default: 0]")
 @click.option("--resume", is_flag=True, help="Continue the run in --out where it stopped (or train a finished one longer).")

@@ -264,7 +264,8 @@ def check_output_folder(out: str | os.PathLike, kind: str, written: Sequence[str
     if (out / MANIFEST).is_file():
         manifest = read_manifest(out)
         if manifest.get("kind") != kind:
-            raise UserError(f"--out {out} holds a '{manifest.get('kind')}' artifact, not {command}'s; pass a new --out")
+            by = f" made by `{manifest['command']}`" if manifest.get("command") else ""
+            raise UserError(f"--out {out} holds a '{manifest.get('kind')}' artifact{by}, not {command}'s; pass a new --out")
         return manifest
     if out.is_dir():
         foreign = sorted(p.name for p in out.iterdir()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -152,23 +151,15 @@ def _check(cfg: TrainDiTConfig) -> None:
 
 
 def _check_out(out: Path, resume: bool) -> None:
-    """--out must be new, empty or a train-dit run's folder: another artifact or unrelated files are refused."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; pass a folder")
-    if (out / artifacts.MANIFEST).is_file():
-        made = artifacts.read_manifest(out)
+    """--out must be new, empty or a train-dit run's folder: another artifact or unrelated files are
+    refused. A folder with a checkpoint is a run whatever else is in it, and a --resume without
+    one is told so by check_run_folder."""
+    run = (out / CHECKPOINT).is_file()
+    made = artifacts.check_output_folder(out, KIND, ["*"] if run or resume else RUN_FILES, "reals train-dit")
+    if made is not None and not run:
         by = f" made by `{made['command']}`" if made.get("command") else ""
-        if made.get("kind") != KIND:
-            raise UserError(f"{out} holds a '{made.get('kind')}' artifact{by}, not a train-dit run; pass another --out")
-        if not (out / CHECKPOINT).is_file():
-            raise UserError(f"{out} holds a model{by} without the {CHECKPOINT} to train it on; pass another --out "
-                            f"(--init {out / EMA_FILE} starts from its weights)")
-    elif out.is_dir() and not (out / CHECKPOINT).is_file() and not resume:
-        # A folder with a checkpoint is a run, whatever else is in it; a --resume without one is told so below.
-        foreign = sorted(p.name for p in out.iterdir() if not any(fnmatchcase(p.name, name) for name in RUN_FILES))
-        if foreign:
-            raise UserError(f"{out} holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}, which train-dit "
-                            f"did not write; pass a new or empty --out")
+        raise UserError(f"{out} holds a model{by} without the {CHECKPOINT} to train it on; pass another --out "
+                        f"(--init {out} starts from its weights)")
     check_run_folder(out, CHECKPOINT, resume, finished_ok=True)
 
 

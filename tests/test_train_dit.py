@@ -283,21 +283,21 @@ def test_repa_says_when_no_patch_size_fits(store, tmp_path):
 def _samples_artifact(out: Path) -> str:
     out.mkdir()
     (out / "manifest.json").write_text(json.dumps({"kind": "samples", "command": "reals sample --ckpt m --out s"}))
-    return f"{out} holds a 'samples' artifact made by `reals sample --ckpt m --out s`, not a train-dit run; pass another --out"
+    return f"--out {out} holds a 'samples' artifact made by `reals sample --ckpt m --out s`, not reals train-dit's; pass a new --out"
 
 
 def _released_model(out: Path) -> str:
     out.mkdir()
     (out / "manifest.json").write_text(json.dumps({"kind": "dit", "command": "reals import-dit w.pt"}))
     return (f"{out} holds a model made by `reals import-dit w.pt` without the checkpoint.safetensors to train it on; "
-            f"pass another --out (--init {out / 'ema.safetensors'} starts from its weights)")
+            f"pass another --out (--init {out} starts from its weights)")
 
 
 def _unrelated_files(out: Path) -> str:
     out.mkdir()
     for name in ("notes.txt", "data", "log.jsonl"):
         (out / name).write_text("x")
-    return f"{out} holds data, notes.txt, which train-dit did not write; pass a new or empty --out"
+    return f"--out {out} holds data, notes.txt, which reals train-dit did not write; pass a new or empty --out"
 
 
 def _a_file(out: Path) -> str:

@@ -376,7 +376,8 @@ def _store_vae_loads(config: dict, latents: str) -> bool:
         why = f"at {path}, which does not exist"
     else:
         try:
-            load_vae(path, config, latents)
+            with torch.random.fork_rng(devices=[]):  # building the VAE draws initial weights: not the run's draws
+                load_vae(path, config, latents)
         except UserError as e:
             why = f"at {path}, which does not load as that VAE ({e})"
     if why is None:

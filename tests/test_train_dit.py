@@ -475,6 +475,18 @@ def test_previews_off_when_the_stores_vae_path_holds_another_vae(store, tmp_path
     assert result.output.count("warning:") == 1 and not list(out.glob("samples_*.png"))
 
 
+def test_the_start_up_check_of_the_preview_vae_leaves_the_training_draws_alone(store, tmp_path):
+    """Its VAE build draws initial weights from the global generator, which label dropout also
+    draws from: a run whose only preview is after its last step trains as one without any."""
+    latents, _ = store
+    for name, every in (("checked", 3), ("none", 0)):
+        result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, tmp_path / name, 3, sample_every=every)])
+        assert result.exit_code == 0, result.output
+    assert list((tmp_path / "checked").glob("samples_*.png"))  # the VAE loads: the check ran
+    a, b = (load_weights(tmp_path / name / "model.safetensors") for name in ("checked", "none"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_sample_every_0_previews_nothing(store, tmp_path):
     latents, _ = store
     out = tmp_path / "o"

@@ -253,6 +253,11 @@ def write_manifest(
     return manifest
 
 
+def made_by(manifest: dict) -> str:
+    """The words ` made by `COMMAND`` for a message about an artifact whose manifest records its command."""
+    return f" made by `{manifest['command']}`" if manifest.get("command") else ""
+
+
 def check_output_folder(out: str | os.PathLike, kind: str, written: Sequence[str], command: str) -> dict | None:
     """--out of a command that makes `kind` artifacts: new, empty, or its own. Its own is
     finished (a `kind` manifest, returned) or unfinished (only names matching the glob patterns
@@ -264,8 +269,8 @@ def check_output_folder(out: str | os.PathLike, kind: str, written: Sequence[str
     if (out / MANIFEST).is_file():
         manifest = read_manifest(out)
         if manifest.get("kind") != kind:
-            by = f" made by `{manifest['command']}`" if manifest.get("command") else ""
-            raise UserError(f"--out {out} holds a '{manifest.get('kind')}' artifact{by}, not {command}'s; pass a new --out")
+            raise UserError(f"--out {out} holds a '{manifest.get('kind')}' artifact{made_by(manifest)}, not {command}'s; "
+                            f"pass a new --out")
         return manifest
     if out.is_dir():
         foreign = sorted(p.name for p in out.iterdir()

@@ -116,11 +116,11 @@ def import_released(weights: str, out: str, model: str, vae: str, image_size: in
     `num_classes` and `image_size` default to the store's, else 1000 and 256; `path` and
     `prediction` (SiT only) to what the checkpoint's train.py args say, else linear and
     velocity. `reals sample --ckpt out` then samples it."""
-    from .train_dit import EMA_FILE, FORMAT_VERSION, KIND, MODEL_FILE, TrainDiTConfig, build_objective
+    from .train_dit import EMA_FILE, FORMAT_VERSION, KIND, MODEL_FILE, TrainDiTConfig, build_objective, default_objective
 
     if Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
         raise UserError(f"--out {out} is {'not empty' if Path(out).is_dir() else 'a file'}; pass a new folder")
-    objective = "sit" if model.startswith("SiT-") else "dit"
+    objective = default_objective(model)
     sit_flags = [flag for flag, value in (("--path", path), ("--prediction", prediction)) if value is not None]
     if objective == "dit" and sit_flags:
         raise UserError(f"{', '.join(sit_flags)}: a DiT-* model is DDPM; they describe a SiT-* (transport) model")

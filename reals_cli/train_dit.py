@@ -49,10 +49,9 @@ CHECKPOINT, LOG = "checkpoint.safetensors", "log.jsonl"
 MODEL_FILE, EMA_FILE, PROJECTOR_FILE = "model.safetensors", "ema.safetensors", "projector.safetensors"
 # --out is where the run is now, and --latents may be the same store (by latents_id) at another path.
 RESUMABLE_CHANGES = {"steps", "device", "workers", "log_every", "ckpt_every", "sample_every", "keep_every", "out", "latents"}
-# What train-dit writes into --out; hidden files are temporary ones (ours, .*.tmp, and the
-# libraries', e.g. .tmpXXXXXX) that a kill left behind.
+# What train-dit writes into --out (check_output_folder lets the hidden temporary files of a kill pass).
 RUN_FILES = (CHECKPOINT, LOG, MODEL_FILE, EMA_FILE, PROJECTOR_FILE, artifacts.MANIFEST, "samples_???????.png",
-             "step-???????", ".*")
+             "step-???????")
 # The sit objective's own options and their defaults; a dit run has none (None in its config).
 SIT_ONLY = {"path": "linear", "prediction": "velocity", "time_distribution": "uniform"}
 
@@ -157,8 +156,7 @@ def _check_out(out: Path, resume: bool) -> None:
     run = (out / CHECKPOINT).is_file()
     made = artifacts.check_output_folder(out, KIND, ["*"] if run or resume else RUN_FILES, "reals train-dit")
     if made is not None and not run:
-        by = f" made by `{made['command']}`" if made.get("command") else ""
-        raise UserError(f"{out} holds a model{by} without the {CHECKPOINT} to train it on; pass another --out "
+        raise UserError(f"{out} holds a model{artifacts.made_by(made)} without the {CHECKPOINT} to train it on; pass another --out "
                         f"(--init {out} starts from its weights)")
     check_run_folder(out, CHECKPOINT, resume, finished_ok=True)
 

@@ -187,7 +187,7 @@ def _dit_batch(device: torch.device, name: str) -> int:
     return (64 if xl else 128) if device.type == "cuda" else (2 if xl else 8)
 
 
-def _train_dit_run(device: torch.device, name: str, compile: bool, batch: int | None = None) -> dict:
+def _train_dit_run(device: torch.device, name: str, compile: bool, batch: int | None = None, attn: str = "auto") -> dict:
     """`train_dit` itself for a few dozen steps at 256 px (32x32x4 latents, 1000 classes) on a
     random latent store: loading, the step, clipping, the EMA and the NaN guard, all as a
     user runs them. Images/s is the median of the log's windows after the warm-up (which
@@ -211,7 +211,7 @@ def _train_dit_run(device: torch.device, name: str, compile: bool, batch: int | 
         train_dit(resolve_config(
             latents=str(tmp / "s.zarr"), out=str(tmp / "run"), model=name, objective="sit", batch_size=batch, steps=steps,
             log_every=log_every, ckpt_every=10**9, sample_every=10**9, workers=4 if cuda else 1, device=device.type,
-            precision="bf16", compile=compile))
+            precision="bf16", compile=compile, attn=attn))
         log = read_log(tmp / "run" / LOG)
     measured = log[warmup_windows:]
     return {"rate": float(np.median([r["img_per_s"] for r in measured])),
@@ -361,6 +361,89 @@ def bench_sample(device: torch.device) -> list[tuple[str, float, str]]:
     return rows
 
 
+# Kernel kinds by name, first match wins: the attention kernels of xformers, FlashAttention and
+# cuDNN (some are CUTLASS kernels too), then Inductor's fused Triton kernels, then the GEMMs of
+# cuBLAS (nvjet, sm90 xmma) and CUTLASS, then the fused AdamW and the EMA's foreach kernels.
+KERNEL_KINDS = [("attention", ("fmha", "flash", "attention", "cudnn")), ("fused elementwise and norms (Triton)", ("triton",)),
+                ("matmuls (GEMM)", ("gemm", "nvjet", "xmma", "cutlass", "sm90")), ("optimizer and EMA", ("adam", "multi_tensor", "foreach"))]
+
+
+def _kernel_shares(prof, count: int) -> tuple[float, dict[str, float]]:
+    """GPU kernel milliseconds per step (over `count` steps) and the share of each kernel kind."""
+    times: dict[str, float] = {}
+    for evt in prof.key_averages():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        kind = next((k for k, keys in KERNEL_KINDS if any(key in evt.key.lower() for key in keys)), "other (copies, casts, eager elementwise)")
+        times[kind] = times.get(kind, 0.0) + evt.self_device_time_total
+    total = sum(times.values())
+    return total / count / 1e3, {k: 100 * v / total for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
+
+
+def bench_profile(device: torch.device) -> list[tuple[str, float, str]]:
+    """Where the GPU time goes (CUDA only): the kernel time of DiT-XL/2 `train_dit` steps
+    (batch 128, --compile) and of SiT-XL/2 sampling forwards (512 rows, --compile, bf16), split
+    by kernel kind, next to the wall time per step; then the training rate with torch SDPA in
+    place of xformers, and at batch 256."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from . import train_dit as train_dit_module
+    from .attention import resolve_attention
+    from .dit import build_dit
+    from .runtime import autocast
+
+    if device.type != "cuda":
+        return []
+    rows = []
+    active = 5
+    prof = profile(activities=[ProfilerActivity.CUDA], schedule=schedule(wait=12, warmup=2, active=active, repeat=1))
+    ema_update = train_dit_module.ema_update
+
+    def step_then_tick(*args, **kwargs):  # ema_update ends every step of the loop
+        ema_update(*args, **kwargs)
+        prof.step()
+
+    with prof, mock.patch.object(train_dit_module, "ema_update", step_then_tick):
+        run = _train_dit_run(device, "DiT-XL/2", True, 128)
+    what = "DiT-XL/2 `train_dit` step, batch 128, --compile"
+    busy, shares = _kernel_shares(prof, active)
+    rows += [(f"{what}: wall time", 1e3 * run["batch"] / run["rate"], "ms"), (f"{what}: GPU kernel time", busy, "ms")]
+    rows += [(f"{what}: share of kernel time in {kind}", share, "%") for kind, share in shares.items()]
+
+    model = build_dit("SiT-XL/2", 32, 4, 1000).to(device).eval()
+    torch._dynamo.reset()
+    model.compile_blocks(device)
+    x = torch.randn(512, 4, 32, 32, device=device)
+    t = torch.rand(512, device=device)
+    y = torch.randint(0, 1000, (512,), device=device)
+
+    def forward():
+        with torch.inference_mode(), autocast(device, "bf16"):
+            model(x, t, y)
+
+    wall = _timed(forward, repeats=active, warmup=3)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(active):
+            forward()
+        torch.cuda.synchronize()
+    what = "SiT-XL/2 sampling forward, 512 rows, --compile, bf16"
+    busy, shares = _kernel_shares(prof, active)
+    rows += [(f"{what}: wall time", 1e3 * wall, "ms"), (f"{what}: GPU kernel time", busy, "ms")]
+    rows += [(f"{what}: share of kernel time in {kind}", share, "%") for kind, share in shares.items()]
+    del model, x
+
+    peak = _peak_flops(device)
+    for attn, batch in (("sdpa", 128), ("auto", 256)):
+        what = f"DiT-XL/2 `train_dit`, batch {batch}, {resolve_attention(attn, device)} attention, --compile"
+        try:
+            run = _train_dit_run(device, "DiT-XL/2", True, batch, attn)
+        except torch.cuda.OutOfMemoryError:
+            rows.append((f"{what}: out of GPU memory", float("nan"), ""))
+            continue
+        rows += [(f"{what}: training", run["rate"], "images/s"), (f"{what}: MFU", 100 * run["tflops"] * 1e12 / peak, "%")]
+    return rows
+
+
 BENCHMARKS: dict[str, Callable[[torch.device], list[tuple[str, float, str]]]] = {
     "train-vae": bench_train_vae,
     "encode": bench_encode,
@@ -368,6 +451,7 @@ BENCHMARKS: dict[str, Callable[[torch.device], list[tuple[str, float, str]]]] = 
     "train-dit": bench_train_dit,
     "sample": bench_sample,
     "inception": bench_inception,
+    "profile": bench_profile,
 }
 
 
@@ -401,6 +485,8 @@ def main(out: str, only: tuple[str, ...], device: str) -> None:
         console.print(f"[bold]bench {name}[/bold] on {dev}")
         start = time.perf_counter()
         rows = BENCHMARKS[name](dev)
+        if not rows:  # a benchmark for another device
+            continue
         results[f"{name}@{dev.type}"] = {
             "benchmark": name, "device": dev.type, "machine": describe_machine(dev), "rows": rows,
             "date": time.strftime("%Y-%m-%d"), "seconds": time.perf_counter() - start,

@@ -190,12 +190,14 @@ def test_torchrun_two_processes(store, tmp_path, train_on_two_ranks):
 @pytest.mark.parametrize("objective", ["sit", "dit"])
 def test_no_host_sync_per_step_on_cuda(store, tmp_path, objective):
     """Between log and checkpoint steps the GPU is never waited for: the number of synchronising
-    calls that torch reports does not grow with the number of steps."""
+    calls that torch reports does not grow with the number of steps. Six more steps would add
+    six or more with a sync per step, three with one every other step; the set-up and the final
+    writes vary by one between runs (seen on an H100: 578 and 577)."""
     import warnings
 
     latents, _ = store
     counts = []
-    for steps in (3, 6):
+    for steps in (3, 9):
         flags = {**FLAGS, "device": "cuda", "precision": "bf16", "log_every": 10**6}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -206,7 +208,7 @@ def test_no_host_sync_per_step_on_cuda(store, tmp_path, objective):
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         counts.append(sum("synchronizing" in str(w.message) for w in caught))
-    assert counts[0] == counts[1], counts
+    assert abs(counts[1] - counts[0]) <= 1, counts
 
 
 def test_the_objective_follows_the_model_name_unless_given():

@@ -392,11 +392,15 @@ def _preview(path: Path, ema: DiT, config: dict, step: int) -> None:
     from .sample import generate, load_vae
     from .samplers import resolve_sampler
 
-    vae = load_vae(config["vae_path"], config, str(path.parent)).vae.to(next(ema.parameters()).device)
+    device = next(ema.parameters()).device
     spec = (resolve_sampler("sit", "ode", 25, ode_method="euler") if config["objective"] == "sit"
             else resolve_sampler("dit", "ddim", 25))
     labels = torch.arange(8) % config["num_classes"]
-    images, _ = generate(ema, config, vae, labels, range(8), seed=0, spec=spec, forward_batch=len(labels))
+    # Building the VAE draws initial weights: on the run's generators they would move its label
+    # dropout, so a preview would change the trained weights.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        vae = load_vae(config["vae_path"], config, str(path.parent)).vae.to(device)
+        images, _ = generate(ema, config, vae, labels, range(8), seed=0, spec=spec, forward_batch=len(labels))
     grid = np.concatenate(list(images), axis=1)
     with artifacts.atomic_path(path / f"samples_{step:07d}.png") as tmp:
         Image.fromarray(grid).save(tmp, format="png")

@@ -165,6 +165,21 @@ def test_preview_grid_is_written(store, tmp_path):
     assert grid.size == (8 * 16, 16)  # 8 samples of 16 px, decoded by the store's VAE
 
 
+def test_previews_leave_the_training_unchanged(store, tmp_path):
+    """A preview builds the VAE (its initial weights are random draws) and samples: none of it
+    may move the run's random numbers (label dropout), so the weights equal a run without."""
+    latents, _ = store
+    weights = {}
+    for every in (0, 2):
+        out = tmp_path / f"every{every}"
+        train_dit(resolve_config(latents=str(latents), out=str(out), steps=4, ckpt_every=4, sample_every=every,
+                                 class_dropout=0.5, **FLAGS))
+        weights[every] = load_weights(out / "model.safetensors")
+    assert (tmp_path / "every2" / "samples_0000002.png").is_file()
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[2][key]), key
+
+
 @pytest.mark.slow
 def test_compile_trains_as_eager(store, tmp_path):
     latents, _ = store

@@ -241,7 +241,9 @@ def sample(cfg: SampleConfig) -> dict:
         done = artifacts.read_manifest(out, KIND, FORMAT_VERSION)
         _same_protocol(out, {k: done["config"].get(k) for k in protocol}, protocol)
         shutil.rmtree(out / PARTS, ignore_errors=True)  # a run killed right after its manifest
-        console.print(f"{out} is already complete ({n} samples); nothing to do", soft_wrap=True)
+        written = write_pngs(out) if cfg.png and rank == 0 else 0
+        console.print(f"{out} is already complete ({n} samples); "
+                      + (f"wrote {written} missing PNG{'s' * (written > 1)} into {out / PNG_DIR}" if written else "nothing to do"), soft_wrap=True)
         return {"manifest": done, "already": True, "generated": 0}
     vae = load_vae(vae_path, config, cfg.ckpt)  # before any output: a wrong VAE must not start a run
     _claim(out, protocol, world)
@@ -267,6 +269,8 @@ def sample(cfg: SampleConfig) -> dict:
         while not _done_blocks(parts, num_blocks).all():
             time.sleep(_POLL_S)
     result = _assemble(cfg, config, protocol, parts, num_blocks, {**summary, "world_size": world}, device)
+    if cfg.png:
+        write_pngs(out)
     low, high = cfg.cfg_interval
     print_summary(f"samples {out} ({result['id']})", {
         "samples": n, "sampler": _describe(spec),
@@ -314,7 +318,7 @@ def _protocol(cfg: SampleConfig, manifest: dict, spec: SamplerSpec, classes: lis
         "seed": cfg.seed, "noise": "per sample: torch CPU generator seeded by SeedSequence([seed, i])",
         "num_samples": cfg.num_samples, "block_size": cfg.block_size, "forward_batch": cfg.forward_batch,
         "precision": cfg.precision if device.type == "cuda" else "fp32",  # autocast is CUDA's only
-        "compile": cfg.compile, "png": cfg.png,
+        "compile": cfg.compile,
     }
 
 
@@ -391,14 +395,39 @@ def _generate(cfg, config, manifest, spec, bundle, device, blocks, labels, parts
                 latents.append(z)
                 made += e - s
                 bar.update(task, advance=e - s, status=f"{made / (time.perf_counter() - start):.3g} img/s")
-            images = np.concatenate(images)
-            if cfg.png:  # before the part file: a block redone after a kill writes them again
-                (parts.parent / PNG_DIR).mkdir(parents=True, exist_ok=True)
-                for i, img in zip(range(lo, hi), images):
-                    Image.fromarray(img).save(parts.parent / PNG_DIR / f"{i:06d}.png")
             with artifacts.atomic_path(_part(parts, b)) as tmp, open(tmp, "wb") as f:
-                np.savez(f, images=images, latents=np.concatenate(latents), labels=labels[lo:hi])
+                np.savez(f, images=np.concatenate(images), latents=np.concatenate(latents), labels=labels[lo:hi])
     return made, time.perf_counter() - start
+
+
+def write_pngs(out: Path) -> int:
+    """images/NNNNNN.png for each sample in out's samples.npz that has none yet; how many it wrote.
+
+    PNGs are a copy of the array, so they are not part of the protocol: `--png` on a finished
+    folder writes them, and one cut off by a kill is completed (each file appears whole, by a
+    rename). The array is streamed, never whole in memory.
+    """
+    folder = out / PNG_DIR
+    folder.mkdir(exist_ok=True)
+
+    def save(i: int, img: np.ndarray) -> None:
+        tmp = folder / f".{i:06d}.png.tmp"
+        Image.fromarray(img).save(tmp, format="PNG")
+        os.replace(tmp, folder / f"{i:06d}.png")
+
+    written = 0
+    with zipfile.ZipFile(out / NPZ) as npz, npz.open("arr_0.npy") as f, ThreadPoolExecutor(4) as pool, progress() as bar:
+        np.lib.format.read_magic(f)
+        shape, _, _ = np.lib.format.read_array_header_1_0(f)  # as _assemble writes it
+        n, size = shape[0], math.prod(shape[1:])
+        task = bar.add_task("png", total=n)
+        for start in range(0, n, 256):
+            chunk = np.frombuffer(f.read(min(256, n - start) * size), np.uint8).reshape(-1, *shape[1:])
+            todo = [i for i in range(start, start + len(chunk)) if not (folder / f"{i:06d}.png").is_file()]
+            list(pool.map(lambda i: save(i, chunk[i - start]), todo))
+            written += len(todo)
+            bar.update(task, advance=len(chunk))
+    return written
 
 
 def _assemble(cfg, config, protocol, parts, num_blocks, summary, device) -> dict:
@@ -451,7 +480,7 @@ def _assemble(cfg, config, protocol, parts, num_blocks, summary, device) -> dict
         Image.fromarray(grid).save(tmp, format="PNG")
     full = {**protocol, "image_size": [h, w], "latent_shape": list(shape), "latent_mean": config["latent_mean"],
             "latent_std": config["latent_std"], "batch_size": cfg.batch_size, "device": device.type,
-            "latents_id": latents_id, "png_dir": PNG_DIR if cfg.png else None}
+            "latents_id": latents_id}
     inputs = {"ckpt": artifacts.describe_input(cfg.ckpt), "vae": vae}
     result = artifacts.write_manifest(out, KIND, FORMAT_VERSION, full, inputs, summary, files=[NPZ, GRID])
     shutil.rmtree(parts)

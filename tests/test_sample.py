@@ -331,6 +331,29 @@ def test_outputs_formats_and_normalisation(ckpts, tmp_path):
     assert compiled.exit_code == 2 and "holds samples made with other settings" in compiled.output
 
 
+def test_png_on_a_finished_folder_writes_the_missing_ones(ckpts, tmp_path):
+    """PNGs are a copy of samples.npz: asked for after the run, they are written from it, and
+    the manifest (its id) does not change."""
+    out = tmp_path / "o"
+    _run(ckpts, out, sampler="ode", ode_method="euler", steps=3)
+    before = read_manifest(out, "samples", 1)
+    assert not (out / "images").exists()
+    args = ["sample", "--ckpt", str(ckpts / "sit"), "--out", str(out), "--device", "cpu", "-n", "5", "--block-size", "2",
+            "--sampler", "ode", "--ode-method", "euler", "--steps", "3", "--cfg", "3", "--cfg-interval", "0,0.7",
+            "--forward-batch", "4", "--png"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert f"wrote 5 missing PNGs into {out / 'images'}" in " ".join(first.output.split())
+    images, _, _ = _outputs(out)
+    for i in range(5):
+        assert np.array_equal(np.asarray(Image.open(out / "images" / f"{i:06d}.png")), images[i])
+    (out / "images" / "000002.png").unlink()  # as after a kill
+    again = CliRunner().invoke(main, args)
+    assert f"wrote 1 missing PNG into {out / 'images'}" in " ".join(again.output.split())
+    assert np.array_equal(np.asarray(Image.open(out / "images" / "000002.png")), images[2])
+    assert read_manifest(out, "samples", 1) == before
+
+
 def test_cfg_channels_guides_only_the_first_channels(ckpts, tmp_path):
     """DiT's and SiT's scripts guide 3 of 4 channels; --cfg-channels 3 does that, 4 is "all"."""
     _run(ckpts, tmp_path / "all", num_samples=2)

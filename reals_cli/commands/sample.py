@@ -50,7 +50,8 @@ def _interval(text: str) -> tuple[float, float]:
                    "Fixed, so the samples do not depend on --batch-size or the number of processes; part of the "
                    "protocol. Raise it on a large GPU for throughput.")
 @click.option("--block-size", default=256, show_default=True, type=int, help="Samples per resumable block.")
-@click.option("--png", is_flag=True, help="Also write every image as images/NNNNNN.png.")
+@click.option("--png", is_flag=True, help="Also write every image as images/NNNNNN.png (from samples.npz; on a finished --out, "
+              "writes the PNGs it lacks).")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]),
               help="Autocast precision on CUDA (CPU always runs fp32).")
 @click.option("--compile", is_flag=True, help="torch.compile each transformer block (one graph at the fixed "

@@ -257,10 +257,14 @@ def sample(cfg: SampleConfig) -> dict:
                       soft_wrap=True)
     mine = [b for b in range(num_blocks) if b % world == rank and not done[b]]
     labels = np.array([classes[i % len(classes)] for i in range(n)], dtype=np.int64)
-    generated, loop_s = (_generate(cfg, config, manifest, spec, vae, device, mine, labels, parts, rank, world)
-                         if mine else (0, 0.0))
+    generated, loop_s, evaluated = (_generate(cfg, config, manifest, spec, vae, device, mine, labels, parts, rank, world)
+                                    if mine else (0, 0.0, 0))
     rate = generated / loop_s if generated else 0.0
-    summary = {"generated": generated, "images_per_s": rate, "seconds": time.perf_counter() - started}
+    # The cost of the sampler as run: for dopri5 the steps it chose, for a guidance interval the
+    # steps it left unguided (None where this process made no sample).
+    nfe = evaluated / generated if generated else None
+    summary = {"generated": generated, "images_per_s": rate, "network_evaluations_per_sample": nfe,
+               "seconds": time.perf_counter() - started}
     if rank != 0:
         return {**summary, "already": False}
 
@@ -275,7 +279,8 @@ def sample(cfg: SampleConfig) -> dict:
     print_summary(f"samples {out} ({result['id']})", {
         "samples": n, "sampler": _describe(spec),
         "cfg": f"{cfg.cfg} on tau in [{low}, {high}], {protocol['cfg_channels']} channels",
-        "weights": protocol["weights"], "images/s": f"{rate:.3g} (this process)" if generated else "-"})
+        "weights": protocol["weights"], "images/s": f"{rate:.3g} (this process)" if generated else "-",
+        "network rows / sample": f"{nfe:.4g}" if generated else "-"})
     return {**summary, "manifest": result, "already": False}
 
 
@@ -342,13 +347,15 @@ def in_fixed_batches(fn: Callable[..., torch.Tensor], rows: int) -> Callable[...
 @torch.inference_mode()
 def generate(model: DiT, config: dict, vae, labels: torch.Tensor, indices: range, seed: int, spec: SamplerSpec,
              cfg: float = 1.0, interval: tuple[float, float] = (0.0, 1.0), precision: str = "fp32",
-             forward_batch: int = 128, cfg_channels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+             forward_batch: int = 128, cfg_channels: int | None = None,
+             evaluations: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (n x H x W x 3) and raw latents for `labels`, on the model's device.
 
     Sample indices[j]'s noise depends only on (seed, indices[j]); the store's normalisation
     (config's latent_mean/std) is undone before decoding. The network and the decoder run
     on `forward_batch` rows at a time, whatever the number of labels. Guidance mixes the
-    first `cfg_channels` prediction channels (None: all of the latent's).
+    first `cfg_channels` prediction channels (None: all of the latent's). `evaluations`, if
+    given, gets the number of rows of each network call (a guided step counts two per sample).
     """
     device = next(model.parameters()).device
     objective = build_objective(config)
@@ -357,9 +364,14 @@ def generate(model: DiT, config: dict, vae, labels: torch.Tensor, indices: range
     std = torch.tensor(config["latent_std"], device=device).view(-1, 1, 1)
 
     @partial(in_fixed_batches, rows=forward_batch)
-    def net(x, t, y):
+    def forward(x, t, y):
         with autocast(device, precision):
             return model(x, t, y).float()
+
+    def net(x, t, y):
+        if evaluations is not None:
+            evaluations.append(len(x))
+        return forward(x, t, y)
 
     @partial(in_fixed_batches, rows=forward_batch)
     def decode(z):
@@ -372,8 +384,8 @@ def generate(model: DiT, config: dict, vae, labels: torch.Tensor, indices: range
     return _to_uint8(decode(z)), z.cpu().numpy()
 
 
-def _generate(cfg, config, manifest, spec, bundle, device, blocks, labels, parts, rank, world) -> tuple[int, float]:
-    """Make and write this rank's blocks; (samples made, seconds)."""
+def _generate(cfg, config, manifest, spec, bundle, device, blocks, labels, parts, rank, world) -> tuple[int, float, int]:
+    """Make and write this rank's blocks; (samples made, seconds, rows through the network)."""
     allow_tf32(device)
     model = load_model(cfg.ckpt, manifest, cfg.ema).to(device)
     if cfg.compile:
@@ -381,7 +393,7 @@ def _generate(cfg, config, manifest, spec, bundle, device, blocks, labels, parts
     vae = bundle.vae.to(device)
     n, bs = len(labels), cfg.block_size
     total = sum(min((b + 1) * bs, n) - b * bs for b in blocks)
-    made, start = 0, time.perf_counter()
+    made, start, evaluations = 0, time.perf_counter(), []
     with progress() as bar:
         task = bar.add_task(f"sample{f' rank {rank}' if world > 1 else ''}", total=total)
         for b in blocks:
@@ -390,14 +402,15 @@ def _generate(cfg, config, manifest, spec, bundle, device, blocks, labels, parts
             for s in range(lo, hi, cfg.batch_size):
                 e = min(s + cfg.batch_size, hi)
                 img, z = generate(model, config, vae, torch.from_numpy(labels[s:e]), range(s, e), cfg.seed, spec,
-                                  cfg.cfg, cfg.cfg_interval, cfg.precision, cfg.forward_batch, cfg.cfg_channels)
+                                  cfg.cfg, cfg.cfg_interval, cfg.precision, cfg.forward_batch, cfg.cfg_channels,
+                                  evaluations)
                 images.append(img)
                 latents.append(z)
                 made += e - s
                 bar.update(task, advance=e - s, status=f"{made / (time.perf_counter() - start):.3g} img/s")
             with artifacts.atomic_path(_part(parts, b)) as tmp, open(tmp, "wb") as f:
                 np.savez(f, images=np.concatenate(images), latents=np.concatenate(latents), labels=labels[lo:hi])
-    return made, time.perf_counter() - start
+    return made, time.perf_counter() - start, sum(evaluations)
 
 
 def write_pngs(out: Path) -> int:

@@ -29,7 +29,7 @@ from reals_cli.dit import build_dit
 from reals_cli.errors import UserError
 from reals_cli.latent_store import open_store
 from reals_cli.reals_vae import load_reals_vae, save_reals_vae
-from reals_cli.sample import SampleConfig, SampleNoise, in_fixed_batches, load_model, sample
+from reals_cli.sample import SampleConfig, SampleNoise, generate, in_fixed_batches, load_model, sample
 from reals_cli.samplers import SamplerSpec, dopri5, guided, noise_level, resolve_sampler, run_sampler
 from reals_cli.train_dit import EMA_FILE, MODEL_FILE, TrainDiTConfig, build_objective
 from reals_cli.transport import Transport
@@ -329,6 +329,26 @@ def test_outputs_formats_and_normalisation(ckpts, tmp_path):
     compiled = CliRunner().invoke(main, ["sample", "--ckpt", str(ckpts / "sit"), "--out", str(out), "--device", "cpu",
                                          *same, "--compile"])
     assert compiled.exit_code == 2 and "holds samples made with other settings" in compiled.output
+
+
+@pytest.mark.parametrize("flags, nfe", [
+    # SiT's grid: --steps 3 is 3 points, 2 steps; guided, two rows a step; Heun, two calls a step
+    (dict(ode_method="euler", steps=3, cfg=3.0, cfg_interval=(0.0, 1.0)), 4.0),
+    (dict(ode_method="euler", steps=3, cfg=1.0, cfg_interval=(0.0, 1.0)), 2.0),
+    (dict(ode_method="heun", steps=3, cfg=1.0, cfg_interval=(0.0, 1.0)), 4.0),
+    (dict(cfg=1.0, cfg_interval=(0.0, 1.0)), None),  # dopri5: counted from its calls below
+])
+def test_manifest_records_network_evaluations_per_sample(ckpts, tmp_path, flags, nfe):
+    result = _run(ckpts, tmp_path / "o", sampler="ode", **{"steps": None, **flags})
+    if nfe is None:  # as many rows as dopri5 asks the network for, with one call per stage
+        manifest = read_manifest(ckpts / "sit")
+        rows = []
+        generate(load_model(ckpts / "sit", manifest), manifest["config"], load_reals_vae(ckpts / "vae").vae,
+                 torch.from_numpy(_outputs(tmp_path / "o")[1]), range(5), 0, SamplerSpec("ode", 0, "dopri5"),
+                 forward_batch=4, evaluations=rows)
+        nfe = sum(rows) / 5
+        assert nfe > 12  # more than two dopri5 steps of six stages
+    assert result["manifest"]["metrics"]["network_evaluations_per_sample"] == nfe
 
 
 def test_png_on_a_finished_folder_writes_the_missing_ones(ckpts, tmp_path):

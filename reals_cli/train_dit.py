@@ -358,6 +358,7 @@ def _write_model(folder: Path, config: dict, inputs: dict, weight_files: dict[st
     for name, module in weight_files.items():
         artifacts.save_weights(folder / name, module.state_dict())
     metrics = {"steps": step, "final_loss": loss}
+    config = {**config, "steps": step}  # a kept step's folder describes its own model, not the run's plan
     return artifacts.write_manifest(folder, KIND, FORMAT_VERSION, config, inputs, metrics, files=list(weight_files))
 
 

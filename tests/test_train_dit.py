@@ -398,7 +398,8 @@ def test_kept_steps_are_model_folders_that_sample_reads(store, tmp_path):
     train_dit(resolve_config(latents=str(latents), out=str(at_2), steps=2, ckpt_every=2, **FLAGS))
     for folder, reference in ((out / "step-0000002", at_2), (out / "step-0000004", out)):
         kept = read_manifest(folder, "dit", 1)
-        assert kept["metrics"]["steps"] == int(folder.name[5:]) and set(kept["files"]) == set(final["files"])
+        assert kept["metrics"]["steps"] == kept["config"]["steps"] == int(folder.name[5:])
+        assert set(kept["files"]) == set(final["files"])
         for ema in (True, False):
             expected = load_weights(reference / ("ema.safetensors" if ema else "model.safetensors"))
             got = load_model(folder, kept, ema).state_dict()  # hash-checked, as `sample` loads it

@@ -19,6 +19,7 @@ from unittest import mock
 import click
 import numpy as np
 import torch
+from rich.text import Text
 
 from .artifacts import atomic_write_bytes, atomic_write_json
 from .console import console
@@ -482,7 +483,7 @@ def main(out: str, only: tuple[str, ...], device: str) -> None:
     store = out_path.with_suffix(".json")
     results = json.loads(store.read_text()) if store.is_file() else {}
     for name in only or BENCHMARKS:
-        console.print(f"[bold]bench {name}[/bold] on {dev}")
+        console.print(Text.assemble((f"bench {name}", "bold"), f" on {dev}"))
         start = time.perf_counter()
         rows = BENCHMARKS[name](dev)
         if not rows:  # a benchmark for another device

@@ -14,7 +14,7 @@ import time
 import click
 
 from . import __version__, artifacts
-from .console import console
+from .console import labelled
 from .errors import UserError
 
 
@@ -36,7 +36,7 @@ class RealsGroup(click.Group):
         except UserError as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            console.print(f"[red]error:[/red] {e}", soft_wrap=True)
+            labelled("error:", "red", str(e))
             sys.exit(2)
 
 

@@ -19,8 +19,14 @@ from rich.progress import (
 from rich.text import Text
 from rich.table import Table
 
-# stderr, so that stdout stays clean for whatever a pipeline pipes on.
-console = Console(stderr=True, highlight=False)
+# stderr, so that stdout stays clean for whatever a pipeline pipes on. No markup: messages hold
+# paths and pip extras (`reals-cli[cuda]`) whose brackets rich would take for style tags.
+console = Console(stderr=True, highlight=False, markup=False)
+
+
+def labelled(label: str, style: str, message: str) -> None:
+    """`label message` with the label styled, the message printed as it is, on one line."""
+    console.print(Text.assemble((label, style), " ", message), soft_wrap=True)
 
 
 class _StatusColumn(ProgressColumn):
@@ -99,4 +105,4 @@ def print_summary(title: str, rows: dict[str, Any] | Iterable[tuple[str, Any]]) 
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)  # one line in a log file too
+    labelled("warning:", "yellow", message)  # one line in a log file too

@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 from . import __version__, artifacts
+from .attention import resolve_attention
 from .console import console, print_summary, progress
 from .dit import DiT, build_dit
 from .errors import UserError
@@ -80,6 +81,7 @@ class SampleConfig:
     device: str = "auto"
     precision: str = "fp32"
     compile: bool = False
+    attn: str = "auto"
 
 
 class SampleNoise:
@@ -168,14 +170,14 @@ def load_vae(path: str, config: dict, ckpt: str) -> RealsVAE:
     return bundle
 
 
-def load_model(ckpt: str | Path, manifest: dict, ema: bool = True) -> DiT:
-    """The checkpoint's network with its EMA (default) or raw weights, hash-checked, in eval mode."""
+def load_model(ckpt: str | Path, manifest: dict, ema: bool = True, attn: str = "auto") -> DiT:
+    """The checkpoint's network with its EMA (default) or raw weights, hash-checked, in eval mode.
+    `attn` is this machine's choice: the training run's kernel may not exist here."""
     config, name = manifest["config"], EMA_FILE if ema else MODEL_FILE
     artifacts.verify_files(ckpt, manifest, [name])
     c, h, _ = config["latent_shape"]
-    # attn "auto": the kernel does not change the maths, and the training run's may not exist here.
     model = build_dit(config["model"], h, c, config["num_classes"], learn_sigma=config["learn_sigma"],
-                      qk_norm=config["qk_norm"], attn="auto", class_dropout=config["class_dropout"])
+                      qk_norm=config["qk_norm"], attn=attn, class_dropout=config["class_dropout"])
     model.load_state_dict(artifacts.load_weights(Path(ckpt) / name))
     return model.eval()
 
@@ -323,7 +325,7 @@ def _protocol(cfg: SampleConfig, manifest: dict, spec: SamplerSpec, classes: lis
         "seed": cfg.seed, "noise": "per sample: torch CPU generator seeded by SeedSequence([seed, i])",
         "num_samples": cfg.num_samples, "block_size": cfg.block_size, "forward_batch": cfg.forward_batch,
         "precision": cfg.precision if device.type == "cuda" else "fp32",  # autocast is CUDA's only
-        "compile": cfg.compile,
+        "compile": cfg.compile, "attention": resolve_attention(cfg.attn, device),  # kernels round differently
     }
 
 
@@ -387,7 +389,7 @@ def generate(model: DiT, config: dict, vae, labels: torch.Tensor, indices: range
 def _generate(cfg, config, manifest, spec, bundle, device, blocks, labels, parts, rank, world) -> tuple[int, float, int]:
     """Make and write this rank's blocks; (samples made, seconds, rows through the network)."""
     allow_tf32(device)
-    model = load_model(cfg.ckpt, manifest, cfg.ema).to(device)
+    model = load_model(cfg.ckpt, manifest, cfg.ema, resolve_attention(cfg.attn, device)).to(device)
     if cfg.compile:
         model.compile_blocks(device)
     vae = bundle.vae.to(device)

@@ -26,11 +26,12 @@ def test_version():
 
 def test_user_error_is_one_red_line_and_exit_2(tmp_path):
     # A real process: the exit status and stderr as a shell sees them.
-    cmd = [sys.executable, "-m", "reals_cli", "train-vae", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
+    # Brackets, which rich would read as style tags, are printed as they are.
+    cmd = [sys.executable, "-m", "reals_cli", "train-vae", "--data", str(tmp_path / "nope[red]"), "--out", str(tmp_path / "o"),
            "--teacher", "vgg16"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: dataset folder not found: {tmp_path / 'nope'}"
+    assert result.stderr.strip() == f"error: dataset folder not found: {tmp_path / 'nope[red]'}"
     assert "Traceback" not in result.stderr
 
 

@@ -556,3 +556,22 @@ def test_bad_input_is_one_line(ckpts, tmp_path, extra, message):
         assert all(i in result.output for i in ids)
     if ckpt.name == "sit_novae":
         assert "pass --vae PATH" in result.output
+
+
+def test_attention_kernel_is_chosen_and_recorded(ckpts, tmp_path):
+    """--attn picks the kernel (math: the explicit float32 reference), the manifest records what
+    ran, and a kernel this machine lacks is a one-line error before any output."""
+    runs = {}
+    for attn in ("auto", "math"):
+        result = _run(ckpts, tmp_path / attn, sampler="ode", ode_method="euler", attn=attn)
+        assert result["manifest"]["config"]["attention"] == ("sdpa" if attn == "auto" else "math")
+        runs[attn] = _outputs(tmp_path / attn)[2]
+    np.testing.assert_allclose(runs["auto"], runs["math"], atol=1e-4)
+    args = ["sample", "--ckpt", str(ckpts / "sit"), "--device", "cpu", "-n", "5", "--block-size", "2", "--steps", "5",
+            "--cfg", "3", "--cfg-interval", "0,0.7", "--forward-batch", "4", "--sampler", "ode", "--ode-method", "euler"]
+    other = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "math"), "--attn", "sdpa"])
+    assert other.exit_code == 2 and "holds samples made with other settings" in other.output
+    missing = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "x"), "--attn", "xformers"])
+    assert missing.exit_code == 2 and not (tmp_path / "x").exists()
+    assert missing.output == ("error: xformers attention is not usable on cpu (it needs CUDA and `pip install "
+                              "reals-cli[cuda]`); use --attn sdpa or --attn auto\n")

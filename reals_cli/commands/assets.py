@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 from rich.table import Table
+from rich.text import Text
 
 from .. import assets as lib
 from ..console import console
@@ -33,5 +34,5 @@ def list_() -> None:
     for row in lib.status():
         state = "verified" if row["verified"] else "corrupt" if row["present"] else "missing"
         color = {"verified": "green", "corrupt": "red", "missing": "yellow"}[state]
-        table.add_row(row["name"], f"[{color}]{state}[/{color}]", str(row["path"]), row["purpose"])
+        table.add_row(row["name"], Text(state, style=color), str(row["path"]), row["purpose"])
     console.print(table)

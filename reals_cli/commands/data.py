@@ -72,7 +72,7 @@ def photos(out: Path, size: int, per_photo: int) -> None:
 @click.option("--show", default=10, show_default=True, type=click.IntRange(min=0), help="Bad files to list.")
 def check(directory: Path, split: str | None, masks: bool, workers: int | None, show: int) -> None:
     """Decode every image in DIR and count the good and the bad ones."""
-    from ..console import console, print_summary
+    from ..console import console, labelled, print_summary
     from ..data import ImageFolder
 
     if split is None and (directory / "train").is_dir() and (directory / "test").is_dir():
@@ -94,6 +94,6 @@ def check(directory: Path, split: str | None, masks: bool, workers: int | None, 
         bad_all += [(p, ds.bad[p]) for p in bad]
     print_summary(f"check {directory}", rows)
     for path, reason in bad_all[:show]:
-        console.print(f"[yellow]bad:[/yellow] {path}: {reason}", soft_wrap=True)
+        labelled("bad:", "yellow", f"{path}: {reason}")
     if len(bad_all) > show:
         console.print(f"... and {len(bad_all) - show} more")

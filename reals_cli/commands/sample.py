@@ -56,6 +56,9 @@ def _interval(text: str) -> tuple[float, float]:
               help="Autocast precision on CUDA (CPU always runs fp32).")
 @click.option("--compile", is_flag=True, help="torch.compile each transformer block (one graph at the fixed "
               "--forward-batch); part of the protocol, since fused kernels round differently.")
+@click.option("--attn", default="auto", show_default=True, type=click.Choice(["auto", "xformers", "sdpa", "math"]),
+              help="Attention kernel: auto takes xformers on CUDA where it works, else torch SDPA (on an H100, SDPA "
+                   "was 5% faster). Part of the protocol, as the kernels round differently.")
 @device_option
 @seed_option
 def sample_command(cfg_interval: str, classes: str | None, **flags):

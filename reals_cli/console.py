@@ -73,7 +73,7 @@ class _Progress(Progress):
 def progress(transient: bool = False, disable: bool = False) -> Progress:
     """A progress bar; `disable` for the other ranks of a multi-process run."""
     return _Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         _StatusColumn(),
@@ -86,6 +86,8 @@ def progress(transient: bool = False, disable: bool = False) -> Progress:
 
 
 def _fmt(value: Any) -> str:
+    if value is None:  # not measured
+        return "-"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)

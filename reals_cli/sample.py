@@ -204,8 +204,12 @@ def _claim(out: Path, protocol: dict, world: int) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _same_protocol(out: Path, saved: dict, protocol: dict) -> None:
-    changed = [f"{k} {saved.get(k)!r} (now {protocol.get(k)!r})" for k in sorted(set(saved) | set(protocol))
+def _same_protocol(out: Path, saved: dict, protocol: dict, any_attention: bool = False) -> None:
+    """Refuse `out` if its run had another protocol. Left out of the comparison: `png`, which
+    was part of it before PNGs were written from samples.npz, and the attention kernel where
+    the run predates its record or where any will do (`any_attention`)."""
+    skip = {"png"} | ({"attention"} if any_attention or "attention" not in saved else set())
+    changed = [f"{k} {saved.get(k)!r} (now {protocol.get(k)!r})" for k in sorted((set(saved) | set(protocol)) - skip)
                if saved.get(k) != protocol.get(k)]
     if changed:
         raise UserError(f"{out} holds samples made with other settings: {', '.join(changed)}; "
@@ -241,7 +245,10 @@ def sample(cfg: SampleConfig) -> dict:
 
     if artifacts.check_output_folder(out, KIND, [PARTS, NPZ, GRID, LATENTS, PNG_DIR], "reals sample"):
         done = artifacts.read_manifest(out, KIND, FORMAT_VERSION)
-        _same_protocol(out, {k: done["config"].get(k) for k in protocol}, protocol)
+        # Run again on a finished folder, `--attn auto` accepts the kernel it was made with:
+        # on another machine auto may resolve to another, and nothing is generated here.
+        saved = {k: done["config"].get(k) for k in protocol if k != "attention" or k in done["config"]}
+        _same_protocol(out, saved, protocol, any_attention=cfg.attn == "auto")
         shutil.rmtree(out / PARTS, ignore_errors=True)  # a run killed right after its manifest
         written = write_pngs(out) if cfg.png and rank == 0 else 0
         console.print(f"{out} is already complete ({n} samples); "
@@ -259,14 +266,10 @@ def sample(cfg: SampleConfig) -> dict:
                       soft_wrap=True)
     mine = [b for b in range(num_blocks) if b % world == rank and not done[b]]
     labels = np.array([classes[i % len(classes)] for i in range(n)], dtype=np.int64)
-    generated, loop_s, evaluated = (_generate(cfg, config, manifest, spec, vae, device, mine, labels, parts, rank, world)
-                                    if mine else (0, 0.0, 0))
+    generated, loop_s = (_generate(cfg, config, manifest, spec, vae, device, mine, labels, parts, rank, world)
+                         if mine else (0, 0.0))
     rate = generated / loop_s if generated else 0.0
-    # The cost of the sampler as run: for dopri5 the steps it chose, for a guidance interval the
-    # steps it left unguided (None where this process made no sample).
-    nfe = evaluated / generated if generated else None
-    summary = {"generated": generated, "images_per_s": rate, "network_evaluations_per_sample": nfe,
-               "seconds": time.perf_counter() - started}
+    summary = {"generated": generated, "images_per_s": rate, "seconds": time.perf_counter() - started}
     if rank != 0:
         return {**summary, "already": False}
 
@@ -282,7 +285,7 @@ def sample(cfg: SampleConfig) -> dict:
         "samples": n, "sampler": _describe(spec),
         "cfg": f"{cfg.cfg} on tau in [{low}, {high}], {protocol['cfg_channels']} channels",
         "weights": protocol["weights"], "images/s": f"{rate:.3g} (this process)" if generated else "-",
-        "network rows / sample": f"{nfe:.4g}" if generated else "-"})
+        "network rows / sample": result["metrics"]["network_evaluations_per_sample"]})
     return {**summary, "manifest": result, "already": False}
 
 
@@ -386,8 +389,9 @@ def generate(model: DiT, config: dict, vae, labels: torch.Tensor, indices: range
     return _to_uint8(decode(z)), z.cpu().numpy()
 
 
-def _generate(cfg, config, manifest, spec, bundle, device, blocks, labels, parts, rank, world) -> tuple[int, float, int]:
-    """Make and write this rank's blocks; (samples made, seconds, rows through the network)."""
+def _generate(cfg, config, manifest, spec, bundle, device, blocks, labels, parts, rank, world) -> tuple[int, float]:
+    """Make and write this rank's blocks; (samples made, seconds). Each block's part file keeps
+    its images, latents, labels and the rows it put through the network."""
     allow_tf32(device)
     model = load_model(cfg.ckpt, manifest, cfg.ema, resolve_attention(cfg.attn, device)).to(device)
     if cfg.compile:
@@ -395,12 +399,12 @@ def _generate(cfg, config, manifest, spec, bundle, device, blocks, labels, parts
     vae = bundle.vae.to(device)
     n, bs = len(labels), cfg.block_size
     total = sum(min((b + 1) * bs, n) - b * bs for b in blocks)
-    made, start, evaluations = 0, time.perf_counter(), []
+    made, start = 0, time.perf_counter()
     with progress() as bar:
         task = bar.add_task(f"sample{f' rank {rank}' if world > 1 else ''}", total=total)
         for b in blocks:
             lo, hi = b * bs, min((b + 1) * bs, n)
-            images, latents = [], []
+            images, latents, evaluations = [], [], []
             for s in range(lo, hi, cfg.batch_size):
                 e = min(s + cfg.batch_size, hi)
                 img, z = generate(model, config, vae, torch.from_numpy(labels[s:e]), range(s, e), cfg.seed, spec,
@@ -411,8 +415,9 @@ def _generate(cfg, config, manifest, spec, bundle, device, blocks, labels, parts
                 made += e - s
                 bar.update(task, advance=e - s, status=f"{made / (time.perf_counter() - start):.3g} img/s")
             with artifacts.atomic_path(_part(parts, b)) as tmp, open(tmp, "wb") as f:
-                np.savez(f, images=np.concatenate(images), latents=np.concatenate(latents), labels=labels[lo:hi])
-    return made, time.perf_counter() - start, sum(evaluations)
+                np.savez(f, images=np.concatenate(images), latents=np.concatenate(latents), labels=labels[lo:hi],
+                         evaluations=np.int64(sum(evaluations)))
+    return made, time.perf_counter() - start
 
 
 def write_pngs(out: Path) -> int:
@@ -467,7 +472,7 @@ def _assemble(cfg, config, protocol, parts, num_blocks, summary, device) -> dict
         "config": store_config, "vae_id": config["vae_id"], "image_size": h, "classes": config["classes"],
         "inputs": {"images": {"path": str(out / NPZ), "count": n}, "vae": vae}, "reals_version": __version__,
     })
-    labels, preview = [], {}
+    labels, preview, evaluations = [], {}, []
     with artifacts.atomic_path(out / NPZ) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as npz:
         with npz.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (n, h, w, 3)})
@@ -479,6 +484,7 @@ def _assemble(cfg, config, protocol, parts, num_blocks, summary, device) -> dict
                 # As a posterior [mean, std] = [z, 0], one view: readers take the mean.
                 store.write_block(b, np.stack([z, np.zeros_like(z)], 1)[:, None], part["labels"])
                 labels.append(part["labels"])
+                evaluations.append(int(part["evaluations"]) if "evaluations" in part else None)  # None: an older part
                 for img, label in zip(part["images"], part["labels"].tolist()):
                     if label in preview or len(preview) < GRID_ROWS:
                         row = preview.setdefault(label, [])
@@ -497,6 +503,9 @@ def _assemble(cfg, config, protocol, parts, num_blocks, summary, device) -> dict
             "latent_std": config["latent_std"], "batch_size": cfg.batch_size, "device": device.type,
             "latents_id": latents_id}
     inputs = {"ckpt": artifacts.describe_input(cfg.ckpt), "vae": vae}
-    result = artifacts.write_manifest(out, KIND, FORMAT_VERSION, full, inputs, summary, files=[NPZ, GRID])
+    # The sampler's cost as it ran: for dopri5 the steps it chose, for a guidance interval the steps it left unguided.
+    nfe = None if None in evaluations else sum(evaluations) / n
+    metrics = {**summary, "network_evaluations_per_sample": nfe}
+    result = artifacts.write_manifest(out, KIND, FORMAT_VERSION, full, inputs, metrics, files=[NPZ, GRID])
     shutil.rmtree(parts)
     return result

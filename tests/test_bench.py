@@ -44,5 +44,8 @@ def test_kernel_shares_sort_kernels_by_kind():
     per_step_ms, shares = bench._kernel_shares(prof, count=2)
     assert per_step_ms == pytest.approx(100.0 / 2 / 1e3)  # microseconds over 2 steps, in ms
     assert shares == {"matmuls (GEMM)": 50.0, "attention": 20.0, "fused elementwise and norms (Triton)": 20.0,
-                      "optimizer and EMA": 5.0, "other (copies, casts, eager elementwise)": 5.0}
+                      "optimizer, gradient clipping and EMA": 5.0, "other (copies, casts, eager elementwise)": 5.0}
     assert list(shares) == sorted(shares, key=shares.get, reverse=True)
+    empty = SimpleNamespace(key_averages=lambda: [SimpleNamespace(key="aten::mm", device_type=cpu, self_device_time_total=1.0)])
+    per_step_ms, shares = bench._kernel_shares(empty, count=2)
+    assert shares == {} and per_step_ms != per_step_ms  # NaN: no kernel seen

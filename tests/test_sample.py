@@ -7,6 +7,7 @@ and eps are known exactly (see tests/test_transport.py for their derivation).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shutil
 import signal
@@ -446,6 +447,9 @@ def test_batch_size_and_ranks_do_not_change_the_samples(ckpts, tmp_path, monkeyp
         assert result["generated"] == (2 if rank == 1 else 3)  # blocks 1 and 0, 2 (of 2, 2, 1 samples)
     images, labels, z = _outputs(tmp_path / "two")
     assert np.array_equal(images, ref_images) and np.array_equal(z, ref_z) and np.array_equal(labels, ref_labels)
+    # Counted per block, so over every rank's samples, not only those of rank 0 which assembles.
+    nfe = [read_manifest(tmp_path / run)["metrics"]["network_evaluations_per_sample"] for run in ("one", "two")]
+    assert nfe[0] is not None and nfe[0] == nfe[1]
 
 
 @pytest.mark.slow
@@ -487,6 +491,31 @@ def test_resume_after_sigkill_equals_uninterrupted(ckpts, tmp_path):
     assert "resuming" in result.output
     a, b = _outputs(straight), _outputs(killed)
     assert all(np.array_equal(u, v) for u, v in zip(a, b)) and len(b[0]) == 12
+    nfe = [read_manifest(run)["metrics"]["network_evaluations_per_sample"] for run in (straight, killed)]
+    assert nfe == [16.0, 16.0]  # 8 SDE steps, all guided: two rows each, the blocks made before the kill counted too
+
+
+def test_folders_made_before_png_and_attention_changed_are_accepted(ckpts, tmp_path):
+    """Sample folders from before PNGs left the protocol (a `png` key) and before the attention
+    kernel entered it (no `attention` key): a finished one takes --png, an unfinished one resumes."""
+    args = _cli(ckpts / "sit", tmp_path / "old")
+    assert CliRunner().invoke(main, args).exit_code == 0
+    manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    config = manifest["config"]
+    del config["attention"]
+    config.update(png=False, png_dir=None)
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(main, [*args, "--png"])
+    assert result.exit_code == 0 and "wrote 12 missing PNGs" in " ".join(result.output.split()), result.output
+
+    # An unfinished run of the old code: its parts folder with its protocol, no block done yet.
+    unfinished = tmp_path / "unfinished"
+    after_protocol = {"image_size", "latent_shape", "latent_mean", "latent_std", "batch_size", "device", "latents_id", "png_dir"}
+    (unfinished / "parts").mkdir(parents=True)
+    (unfinished / "parts" / "protocol.json").write_text(json.dumps({k: v for k, v in config.items() if k not in after_protocol}))
+    result = CliRunner().invoke(main, _cli(ckpts / "sit", unfinished))
+    assert result.exit_code == 0, result.output
+    assert all(np.array_equal(u, v) for u, v in zip(_outputs(tmp_path / "old"), _outputs(unfinished)))
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -571,6 +600,10 @@ def test_attention_kernel_is_chosen_and_recorded(ckpts, tmp_path):
             "--cfg", "3", "--cfg-interval", "0,0.7", "--forward-batch", "4", "--sampler", "ode", "--ode-method", "euler"]
     other = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "math"), "--attn", "sdpa"])
     assert other.exit_code == 2 and "holds samples made with other settings" in other.output
+    # --attn auto (the default) on a finished folder takes the kernel it was made with: elsewhere
+    # auto may resolve to another, and nothing is generated.
+    again = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "math")])
+    assert again.exit_code == 0 and "already complete" in again.output, again.output
     missing = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "x"), "--attn", "xformers"])
     assert missing.exit_code == 2 and not (tmp_path / "x").exists()
     assert missing.output == ("error: xformers attention is not usable on cpu (it needs CUDA and `pip install "

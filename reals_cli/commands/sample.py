@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..attention import BACKENDS
 from ..errors import UserError
 from ..sample import SampleConfig, sample
 from ..samplers import ODE_METHODS
@@ -56,7 +57,7 @@ def _interval(text: str) -> tuple[float, float]:
               help="Autocast precision on CUDA (CPU always runs fp32).")
 @click.option("--compile", is_flag=True, help="torch.compile each transformer block (one graph at the fixed "
               "--forward-batch); part of the protocol, since fused kernels round differently.")
-@click.option("--attn", default="auto", show_default=True, type=click.Choice(["auto", "xformers", "sdpa", "math"]),
+@click.option("--attn", default="auto", show_default=True, type=click.Choice(BACKENDS),
               help="Attention kernel: auto takes xformers on CUDA where it works, else torch SDPA (on an H100, SDPA "
                    "was 5% faster). Part of the protocol, as the kernels round differently.")
 @device_option

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..attention import BACKENDS
 from ..dit import DIT_MODELS
 from ..train_dit import resolve_config, train_dit
 from .options import device_option, precision_option, preset_option, seed_option
@@ -30,7 +31,7 @@ from .options import device_option, precision_option, preset_option, seed_option
 @preset_option("--class-dropout", type=float, help="Label dropout for classifier-free guidance.  [default: 0.1]")
 @preset_option("--grad-clip", type=float, help="Gradient norm clip, 0 for none (DiT and SiT clip none; 1.0 is REPA's).  "
                "[default: 1.0]")
-@preset_option("--attn", type=click.Choice(["auto", "xformers", "sdpa", "math"]), help="Attention backend.  [default: auto]")
+@preset_option("--attn", type=click.Choice(BACKENDS), help="Attention backend.  [default: auto]")
 @click.option("--qk-norm", is_flag=True, default=None, help="LayerNorm on queries and keys (against late bf16 NaNs).")
 @click.option("--gradient-checkpointing", is_flag=True, default=None, help="Trade compute for memory.")
 @click.option("--compile", is_flag=True, default=None,

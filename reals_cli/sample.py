@@ -247,12 +247,12 @@ def sample(cfg: SampleConfig) -> dict:
         done = artifacts.read_manifest(out, KIND, FORMAT_VERSION)
         # Run again on a finished folder, `--attn auto` accepts the kernel it was made with:
         # on another machine auto may resolve to another, and nothing is generated here.
-        saved = {k: done["config"].get(k) for k in protocol if k != "attention" or k in done["config"]}
+        saved = {k: done["config"][k] for k in protocol if k in done["config"]}
         _same_protocol(out, saved, protocol, any_attention=cfg.attn == "auto")
         shutil.rmtree(out / PARTS, ignore_errors=True)  # a run killed right after its manifest
         written = write_pngs(out) if cfg.png and rank == 0 else 0
-        console.print(f"{out} is already complete ({n} samples); "
-                      + (f"wrote {written} missing PNG{'s' * (written > 1)} into {out / PNG_DIR}" if written else "nothing to do"), soft_wrap=True)
+        then = f"wrote {written} missing PNG{'s' * (written > 1)} into {out / PNG_DIR}" if written else "nothing to do"
+        console.print(f"{out} is already complete ({n} samples); {then}", soft_wrap=True)
         return {"manifest": done, "already": True, "generated": 0}
     vae = load_vae(vae_path, config, cfg.ckpt)  # before any output: a wrong VAE must not start a run
     _claim(out, protocol, world)

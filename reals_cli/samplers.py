@@ -71,9 +71,10 @@ def resolve_sampler(objective: str, name: str | None = None, steps: int | None =
     if name == "ode" and ode_method != "dopri5" and (rtol, atol) != (None, None):
         raise UserError(f"--rtol and --atol control dopri5's steps; --ode-method {ode_method} takes --steps")
     steps = DEFAULT_STEPS[name] if steps is None else steps
-    low = 1 if name in ("ddpm", "ddim") else 2  # SiT's steps count grid points, two at least
-    if not low <= steps <= (1000 if low == 1 else 100_000):
-        raise UserError(f"--steps for {name} must be between {low} and {1000 if low == 1 else 100_000}, got {steps}")
+    # Two at least: SiT's steps count grid points, and one DDPM step would read noise as t = 0.
+    high = 1000 if name in ("ddpm", "ddim") else 100_000
+    if not 2 <= steps <= high:
+        raise UserError(f"--steps for {name} must be between 2 and {high}, got {steps}")
     rtol, atol = (SamplerSpec.rtol if rtol is None else rtol), (SamplerSpec.atol if atol is None else atol)
     if not (0 < rtol < math.inf and 0 < atol < math.inf):
         raise UserError(f"--rtol and --atol must be positive and finite, got {rtol} and {atol}")

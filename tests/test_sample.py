@@ -401,6 +401,14 @@ def test_ode_settings_alone_pick_the_ode_sampler_and_must_be_finite():
         resolve_sampler("sit", rtol=math.inf)
 
 
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+def test_one_ddpm_step_is_refused_before_sampling(name):
+    # One respaced step keeps only t = 0: no posterior to step from (it used to fail with an IndexError).
+    assert resolve_sampler("dit", name, 2).steps == 2
+    with pytest.raises(UserError, match=rf"^--steps for {name} must be between 2 and 1000, got 1$"):
+        resolve_sampler("dit", name, 1)
+
+
 def test_sample_noise_is_each_index_s_own_stream_in_order():
     """Prefetching the next draw on a thread must not reorder or share any stream."""
     def stream(seed, i):

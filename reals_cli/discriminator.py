@@ -45,8 +45,13 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return -logits_fake.mean()
 
 
-def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
-    """||d rec / d W|| / ||d g / d W|| at the decoder's last layer W, detached."""
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4,
+                    loss_scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """||d rec / d W|| / (||d g / d W|| + 1e-4) at the decoder's last layer W, detached.
+
+    Under fp16 autocast pass the GradScaler's scale: a per-pixel mean loss has gradients
+    of 1 / (B x 3 x H x W) per pixel, which fp16 rounds (to 0 from about 10M pixels); both
+    gradients and the 1e-4 are scaled alike, so the ratio is unchanged."""
+    rec_grad = torch.autograd.grad(rec_loss * loss_scale, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss * loss_scale, last_layer, retain_graph=True)[0]
+    return (rec_grad.float().norm() / (g_grad.float().norm() + 1e-4 * loss_scale)).clamp(0.0, max_weight).detach()

@@ -6,7 +6,8 @@ All metrics come from one Inception pass per image set (reals_cli.inception):
   features: each point's radius is the distance to its k-th nearest neighbour within its
   own set (k = 3); a point of one set is covered if it lies within the radius of some
   point of the other. Precision: samples covered by the reference; recall: the reverse.
-- IS from the classifier's unbiased logits, 10 contiguous splits (ADM: 5,000 per split at 50k).
+- IS from the classifier's unbiased logits over contiguous splits of 5,000 (ADM's; torch-fidelity
+  takes 10 splits, the same only at 50k).
 
 Means and covariances are accumulated in float64, and the Frechet distance is computed
 from symmetric eigendecompositions, so it stays real and finite on the singular
@@ -41,7 +42,7 @@ from .inception import LOGITS_FEATURE, POOL_FEATURE, SFID_FEATURE, ExtractorChoi
 METRICS = ("fid", "sfid", "kid", "pr", "is")
 FID_50K = 50_000
 PR_K = 3
-IS_SPLITS = 10
+IS_SPLIT_SIZE = 5000
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 STATS_FORMAT = "reals-fid-stats"
@@ -131,13 +132,14 @@ def kernel_inception_distance(real_feats, fake_feats, subsets: int = KID_SUBSETS
     return float(np.mean(values)), float(np.std(values))
 
 
-def inception_score(logits, splits: int = IS_SPLITS) -> tuple[float, float]:
-    """exp(E_x KL(p(y|x) || p(y))) per contiguous split (ADM, improved-GAN); mean and std over splits."""
+def inception_score(logits, split_size: int = IS_SPLIT_SIZE) -> tuple[float, float]:
+    """exp(E_x KL(p(y|x) || p(y))) per contiguous split of split_size rows, the last one
+    shorter (ADM's evaluator); mean and std over splits."""
     logits = np.asarray(logits, np.float64)
     shifted = logits - logits.max(1, keepdims=True)
     log_p = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
     scores = []
-    for part in np.array_split(log_p, min(splits, len(log_p))):
+    for part in np.split(log_p, range(split_size, len(log_p), split_size)):
         p = np.exp(part)
         kl = (p * (part - np.log(p.mean(0, keepdims=True)))).sum(1).mean()
         scores.append(np.exp(kl))
@@ -620,7 +622,7 @@ def compute_metrics(
         "reference_stats_saved": str(save_ref_stats) if save_ref_stats is not None else None,
         "protocol": sample_src.protocol,
         "settings": {"batch_size": batch_size, "device": str(dev), "resize": "299x299, TF1 bilinear (torch-fidelity)",
-                     "pr_k": PR_K, "is_splits": IS_SPLITS, "kid_subsets": KID_SUBSETS,
+                     "pr_k": PR_K, "is_split_size": IS_SPLIT_SIZE, "kid_subsets": KID_SUBSETS,
                      "kid_subset_size": min(KID_SUBSET_SIZE, n, ref_src.count), "sfid": "mixed_6/conv[:7], 2023-d"},
         "warnings": warnings,
         "versions": {"reals": __version__, "torch": torch.__version__, "torch_fidelity": _tf_version()},

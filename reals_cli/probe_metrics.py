@@ -5,9 +5,11 @@ matrix over every labelled pixel of the split, IoU_k = TP / (TP + FP + FN), and 
 with no pixel in the ground truth or the prediction (union 0) has no IoU and is left
 out of the mean. Label 255 means "ignore" (VOC's object borders) and is never counted.
 
-Depth is scored as the NYU evaluation of DINOv2's depth toolbox does: a pixel whose
-ground truth is 0, negative or not finite has no measurement and is left out; each
-metric is computed per image over its valid pixels, then averaged over the images.
+Depth takes the formulas of DINOv2's depth toolbox: each metric per image over its valid
+pixels, then averaged over the images. A pixel whose ground truth is 0, negative or not
+finite has no measurement and is left out. Unlike the toolbox's NYU evaluation, there is
+no Eigen crop and no 0.001-10 m mask (the images are centre crops at the VAE's size), so
+these numbers are not comparable with published NYU ones.
 """
 
 from __future__ import annotations

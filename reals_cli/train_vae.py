@@ -297,7 +297,8 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
                 d_w = torch.zeros((), device=device)
                 if d_active:
                     g_loss = hinge_g_loss(model_d(recon.float()))
-                    d_w = adaptive_weight(nll, g_loss, last_layer) * cfg.disc_weight
+                    loss_scale = scaler_g.scale(torch.ones((), device=device))  # 1 unless fp16
+                    d_w = adaptive_weight(nll, g_loss, last_layer, loss_scale=loss_scale) * cfg.disc_weight
                     loss = loss + d_w * g_loss
             opt_g.zero_grad(set_to_none=True)
             scaler_g.scale(loss).backward()

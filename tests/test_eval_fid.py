@@ -113,10 +113,17 @@ def test_kid_matches_torch_fidelity_on_whole_sets():
 
 
 def test_inception_score_by_hand():
-    assert inception_score(np.zeros((20, 5)), splits=2) == pytest.approx((1.0, 0.0))  # uniform p(y|x): IS 1
+    assert inception_score(np.zeros((20, 5)), split_size=10) == pytest.approx((1.0, 0.0))  # uniform p(y|x): IS 1
     sure = np.full((16, 4), -1e4)
     sure[np.arange(16), np.arange(16) % 4] = 0  # each split of 8: confident, spread evenly over 4 classes: IS 4
-    assert inception_score(sure, splits=2)[0] == pytest.approx(4.0)
+    assert inception_score(sure, split_size=8)[0] == pytest.approx(4.0)
+    # ADM's splits: 12,000 rows are 5,000 + 5,000 + 2,000. Rows 10,000+ spread over 2 classes, the rest over 4.
+    rows = np.arange(12_000)
+    labels = np.where(rows < 10_000, rows % 4, rows % 2)
+    sure = np.full((12_000, 4), -40.0)  # not -1e4: p(y) of an unseen class must stay above 0
+    sure[rows, labels] = 0
+    mean, std = inception_score(sure)
+    assert mean == pytest.approx(np.mean([4, 4, 2]), rel=1e-9) and std == pytest.approx(np.std([4, 4, 2]), rel=1e-9)
 
 
 # -- real images ----------------------------------------------------------------------------------

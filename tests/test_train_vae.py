@@ -180,6 +180,27 @@ def test_torchrun_two_processes(assets_home, shapes_data, tmp_path, train_on_two
     assert (out / "manifest.json").is_file()
 
 
+def test_adaptive_weight_survives_fp16_with_the_loss_scale():
+    # A per-pixel mean over many pixels has per-pixel gradients below fp16's range (here 3e-9).
+    from reals_cli.discriminator import adaptive_weight
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 3)
+    x, target = torch.randn(4096, 16), torch.randn(4096, 3)
+
+    def weight(dtype, loss_scale=1.0):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            out = layer(x).float()
+            rec = 1e-4 * (out - target).abs().mean()
+            g_loss = -out[:, 0].mean()
+        return adaptive_weight(rec, g_loss, layer.weight, loss_scale=loss_scale)
+
+    reference = weight(torch.float32)
+    assert weight(torch.float16) == 0  # what fp16 did without the scale
+    assert weight(torch.float16, loss_scale=torch.tensor(65536.0)) == pytest.approx(reference.item(), rel=1e-2)
+    assert weight(torch.float32, loss_scale=65536.0) == pytest.approx(reference.item(), rel=1e-5)
+
+
 def test_ema_warmup_follows_ldm():
     from reals_cli.ema import ema_copy, ema_update
 

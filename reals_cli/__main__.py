@@ -2,4 +2,4 @@
 
 from .cli import main
 
-main()
+main(prog_name="reals")  # as the console script names itself, in usage lines and error hints

@@ -29,6 +29,10 @@ from . import __version__
 from .errors import UserError
 
 MANIFEST = "manifest.json"
+# mkstemp makes owner-only files; outputs get what open() would give them. Read once: the
+# umask can only be read by setting it, which is not safe while other threads create files.
+_FILE_MODE = 0o666 & ~(_umask := os.umask(0o022))
+os.umask(_umask)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -58,6 +62,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, _FILE_MODE)
     os.close(fd)
     tmp = Path(tmp)
     try:

@@ -1,8 +1,8 @@
 """The `reals` command: a click group over the library, with one error convention.
 
 Each subcommand lives in `reals_cli/commands/` as a thin wrapper over a library
-function. A `UserError` anywhere prints one red line and exits 2; `--debug` shows
-the traceback instead.
+function. A `UserError` anywhere, or a flag click refuses, prints one red line and exits
+2; an interruption exits 130; `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -33,10 +33,16 @@ class RealsGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except UserError as e:
-            if ctx.obj and ctx.obj.get("debug"):
+        except (UserError, click.UsageError, KeyboardInterrupt) as e:
+            if ctx.obj and ctx.obj.get("debug"):  # set by the group's callback, inside invoke
                 raise
-            labelled("error:", "red", str(e))
+            if isinstance(e, KeyboardInterrupt):  # Ctrl-C or SIGTERM; a training loop says what it saved
+                labelled("interrupted:", "yellow", str(e) or "stopped by the user")
+                sys.exit(130)
+            message = str(e)
+            if isinstance(e, click.UsageError):  # a flag or value that click refuses: one line too
+                message = e.format_message() + (f" (see `{e.ctx.command_path} --help`)" if e.ctx else "")
+            labelled("error:", "red", message)
             sys.exit(2)
 
 

@@ -67,7 +67,7 @@ def _ranges(blocks: np.ndarray) -> str:
     return ", ".join(parts)
 
 
-def _open_existing(out: str, vae_id: str, config: dict, listing: str) -> LatentStore:
+def _open_existing(out: str, vae_id: str, config: dict, listing: str, images: str) -> LatentStore:
     store = LatentStore(out, writable=True)
     if store.vae_id != vae_id:
         raise UserError(f"{out} holds latents of VAE {store.vae_id}, but this VAE is {vae_id}; "
@@ -75,9 +75,13 @@ def _open_existing(out: str, vae_id: str, config: dict, listing: str) -> LatentS
     if store.attrs["config"] != config:
         raise UserError(f"{out} was made with other settings ({store.attrs['config']}, now {config}); "
                         f"re-run with those settings, or pass a new output path")
-    if store.attrs["inputs"]["images"]["listing"] != listing:
-        raise UserError(f"the images in {store.attrs['inputs']['images']['path']} changed since {out} was started "
-                        f"({store.rows} images then); restore them, or pass a new output path")
+    started = store.attrs["inputs"]["images"]
+    if started["listing"] != listing:
+        if Path(started["path"]).resolve() != Path(images).resolve():
+            raise UserError(f"{out} holds the latents of {started['path']} ({store.rows} images), not of {images}; "
+                            f"pass a new output path for these")
+        raise UserError(f"the images in {images} changed since {out} was started ({store.rows} images then); "
+                        f"restore them, or pass a new output path")
     return store
 
 
@@ -134,7 +138,7 @@ def encode(
     if state == "other":
         raise UserError(f"{out} exists and is not a latent store; pass a new output path, or delete it")
     if state == "store":
-        store = _open_existing(out, bundle.id, config, listing)
+        store = _open_existing(out, bundle.id, config, listing, folder.folder)
     elif rank == 0:
         # Absolute paths: train-dit and sample find the VAE through this one, from any directory.
         inputs = {"images": {"path": str(Path(folder.folder).resolve()), "count": len(folder), "listing": listing},
@@ -146,7 +150,7 @@ def encode(
                              dtype=dtype, block_size=block_size, attrs=attrs)
     else:
         _wait_for_store(out)
-        store = _open_existing(out, bundle.id, config, listing)
+        store = _open_existing(out, bundle.id, config, listing, folder.folder)
 
     result = {"out": out, "vae_id": bundle.id, "rows": store.rows, "blocks": store.num_blocks,
               "latent_shape": latent_shape, "views": store.views}

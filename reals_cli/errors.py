@@ -2,9 +2,14 @@
 
 Library code raises `UserError` with a message that says what is wrong and what to
 do about it; the CLI prints that message as one red line and exits with status 2.
-Anything else is a bug and keeps its traceback.
+Anything else is a bug and keeps its traceback. `Interrupted` is a KeyboardInterrupt that
+says what was kept (a training run stopped by Ctrl-C or SIGTERM); the CLI exits 130 with it.
 """
 
 
 class UserError(Exception):
     """A problem with the user's input (missing file, bad value, incompatible artifact)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Stopped by a signal after saving what lets the job continue; the message says how."""

@@ -156,7 +156,10 @@ def _inspect(path: str) -> tuple[str, dict]:
             attrs, names = io.attrs(), io.names()
         finally:
             io.close()
-    except Exception:  # zarr and h5py raise many types for "not one of mine"
+    except Exception as e:  # zarr and h5py raise many types for "not one of mine"
+        if "unable to lock file" in str(e):  # h5py: a store is open for writing elsewhere
+            raise UserError(f"{path} is open in another process (HDF5 locks it while writing); wait for that "
+                            f"process to end, then run again") from None
         return "other", {}
     if attrs.get("kind") == KIND:
         return "store", attrs

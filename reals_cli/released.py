@@ -90,17 +90,20 @@ def _fix(state: dict, own: dict, model_name: str, downsample: int | None, store:
     channels, want = state["x_embedder.proj.weight"].shape[1], own["x_embedder.proj.weight"].shape[1]
     if channels != want:
         fixes.append(f"it takes {channels}-channel latents, not {want}: pass " +
-                     ("the --vae it was trained on" if downsample else "--latents of the VAE it was trained on"))
+                     ("the --vae it was trained on" if downsample else "LATENTS of the VAE it was trained on"))
     tokens = state["pos_embed"].shape[1] if "pos_embed" in state else None
     if tokens and tokens != own["pos_embed"].shape[1] and math.isqrt(tokens) ** 2 == tokens:
         size = math.isqrt(tokens) * net[2]
+        # With --latents the image size is the store's: the store is what has to change.
         fixes.append(f"it was trained on {size}x{size} latents: pass " +
-                     (f"--image-size {size * downsample}" if downsample else "--latents of that size"))
+                     (f"--latents, a store encoded at {size * downsample} px" if downsample and store else
+                      f"--image-size {size * downsample}" if downsample else "LATENTS of that size"))
     table = state.get("y_embedder.embedding_table.weight")
     if table is not None and table.shape[0] != own["y_embedder.embedding_table.weight"].shape[0]:
         n = table.shape[0] - 1  # the last row is the null class
         fixes.append(f"it has {n} classes (and the null class): pass " +
-                     (f"--num-classes {n}" if downsample and not store else "--latents of that many classes"))
+                     (f"--num-classes {n}" if downsample and not store else
+                      "--latents of that many classes" if downsample else "LATENTS of that many classes"))
     return ", and ".join(fixes) or "its layers differ from the official layout that --model builds (learned sigma, a null class)"
 
 
@@ -136,7 +139,7 @@ def import_released(weights: str, out: str, model: str, vae: str, image_size: in
     # `sample` reads the VAE and the store from any working directory.
     vae_path = str(Path(vae).resolve())
     if store is not None:
-        _check_store(store, latents, bundle.id, vae, [channels, size, size])
+        _check_store(store, latents, bundle.id, vae, [channels, size, size], image_size)
         if num_classes is not None and num_classes != len(store.classes):
             raise UserError(f"--num-classes {num_classes} disagrees with the {len(store.classes)} classes of {latents}, "
                             f"whose names the model takes; pass a store of the model's classes, or drop --num-classes")
@@ -187,11 +190,12 @@ def import_released(weights: str, out: str, model: str, vae: str, image_size: in
     return manifest
 
 
-def _check_store(store: LatentStore, latents: str, vae_id: str, vae: str, shape: list[int]) -> None:
+def _check_store(store: LatentStore, latents: str, vae_id: str, vae: str, shape: list[int], image_size: int) -> None:
     """The latent store `latents` must be VAE `vae_id`'s at the model's latent shape."""
     if store.vae_id != vae_id:
         raise UserError(f"{latents} was encoded by VAE {store.vae_id}, but --vae {vae} is VAE {vae_id}; "
                         f"pass a store that this VAE made")
-    if list(store.latent_shape) != shape:
-        raise UserError(f"{latents} holds {'x'.join(map(str, store.latent_shape))} latents, the model "
-                        f"{'x'.join(map(str, shape))}; pass the matching --image-size")
+    if list(store.latent_shape) != shape:  # only with an explicit --image-size: it defaults to the store's
+        raise UserError(f"{latents} holds {'x'.join(map(str, store.latent_shape))} latents, and --image-size "
+                        f"{image_size} makes {'x'.join(map(str, shape))}; drop --image-size, or pass a store "
+                        f"encoded at {image_size} px")

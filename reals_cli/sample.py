@@ -192,10 +192,12 @@ def _done_blocks(parts: Path, num_blocks: int) -> np.ndarray:
 
 
 def _claim(out: Path, protocol: dict, world: int) -> None:
-    """Start `out`, or check that its unfinished run had this protocol; clear a killed run's temp files."""
+    """Start `out`, or check that its unfinished run had this protocol; clear a killed run's temp files.
+    A run that failed before its first block (a bad flag, a damaged checkpoint) made nothing: its
+    protocol gives way to this one."""
     parts = out / PARTS
     saved = parts / PROTOCOL
-    if saved.is_file():
+    if saved.is_file() and any(parts.glob("block_*.npz")):  # the parts that _part names
         _same_protocol(out, json.loads(saved.read_text()), protocol)
     else:
         artifacts.atomic_write_json(saved, protocol)  # every rank writes the same bytes

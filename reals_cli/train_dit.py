@@ -40,14 +40,14 @@ from .latent_store import LatentDataset, draw_latents
 from .released import load_released
 from .runtime import allow_tf32, autocast, resolve_device, seed_everything
 from .training import (
-    FiniteGuard, StepLog, check_run_folder, init_distributed, load_checkpoint, save_checkpoint, truncate_log,
+    FiniteGuard, SignalStop, StepLog, check_run_folder, init_distributed, load_checkpoint, save_checkpoint, truncate_log,
 )
 from .transport import Transport
 
 KIND, FORMAT_VERSION = "dit", 1
 CHECKPOINT, LOG = "checkpoint.safetensors", "log.jsonl"
 MODEL_FILE, EMA_FILE, PROJECTOR_FILE = "model.safetensors", "ema.safetensors", "projector.safetensors"
-# --out is where the run is now, and --latents may be the same store (by latents_id) at another path.
+# --out is where the run is now, and LATENTS may be the same store (by latents_id) at another path.
 RESUMABLE_CHANGES = {"steps", "device", "workers", "log_every", "ckpt_every", "sample_every", "keep_every", "out", "latents"}
 # What train-dit writes into --out (check_output_folder lets the hidden temporary files of a kill pass).
 RUN_FILES = (CHECKPOINT, LOG, MODEL_FILE, EMA_FILE, PROJECTOR_FILE, artifacts.MANIFEST, "samples_???????.png",
@@ -195,6 +195,10 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
     if cfg.init:
         # A model folder (a run's, or a kept step's) starts from its EMA weights.
         init = str(Path(cfg.init) / EMA_FILE) if (Path(cfg.init) / EMA_FILE).is_file() else cfg.init
+        if Path(init).is_dir():
+            kind = artifacts.describe_input(init).get("kind")
+            raise UserError(f"--init {init} is {f'a {kind!r} artifact' if kind else 'a folder'}; it takes a DiT or SiT "
+                            f"checkpoint file, or a train-dit model folder")
         load_released(model, init, cfg.model)
     model.grad_checkpointing = cfg.gradient_checkpointing
     objective = build_objective(dataclasses.asdict(cfg))
@@ -264,15 +268,18 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
         previews = 0 < cfg.sample_every <= cfg.steps and _store_vae_loads(config, cfg.latents)
 
     trainable.train()
-    batches = iter(loader)
     log = StepLog(out / LOG, cfg.batch_size * world, step, 3 * dit_flops(cfg.model, h, c, cfg.learn_sigma))
     guard = FiniteGuard(device, ckpt_path, "--qk-norm, --precision fp32, a lower --lr or a smaller --grad-clip")
     # Nothing below reads a value back from the GPU except at log and checkpoint steps, so the
     # host queues step after step; the draws use a generator on the device for that reason.
     g = torch.Generator(device)
-    with progress(disable=not is_main) as bar:
+    saved = step if resume else -1
+    with SignalStop(world) as stop, progress(disable=not is_main) as bar:
+        batches = iter(loader)  # the workers start here, inside SignalStop (see there)
         task = bar.add_task("train-dit", total=cfg.steps, completed=step)
         while step < cfg.steps:
+            if stop.now(agree=step % cfg.log_every == 0):
+                break
             post, y = next(batches)
             post, y = post.to(device, non_blocking=True), y.to(device, non_blocking=True)
             g.manual_seed((cfg.seed * 1_000_003 + step) * 64 + rank)
@@ -315,6 +322,12 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
                 _write_model(out / f"step-{step:07d}", config, inputs, weight_files, step, loss.item())
             if checkpointing:
                 save_checkpoint(ckpt_path, step, saved_config, stateful, world)
+                saved = step
+        if step < cfg.steps:  # stopped by a signal
+            guard.check()
+            if saved != step:
+                save_checkpoint(ckpt_path, step, saved_config, stateful, world)
+            raise stop.stopped(step, ckpt_path)
 
     if world > 1:
         dist.barrier()

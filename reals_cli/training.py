@@ -1,9 +1,12 @@
-"""What every training loop here shares: processes, the JSONL log, resume checks, the NaN guard."""
+"""What every training loop here shares: processes, the JSONL log, resume checks, the NaN guard,
+stopping on a signal."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -11,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .artifacts import atomic_write_bytes
-from .errors import UserError
+from .errors import Interrupted, UserError
 from .runtime import local_device
 
 
@@ -48,9 +51,9 @@ def check_run_folder(out: Path, checkpoint: str, resume: bool, finished_ok: bool
 
 
 def check_resume_config(saved: dict, current: dict, may_change: set[str]) -> None:
-    # An input recorded by its id besides its path (latents_id) reads `--latents id A (now B)`.
-    changed = [f"--{k.removesuffix('_id').replace('_', '-')}{' id' if k.endswith('_id') else ''} {v} (now {current.get(k)})"
-               for k, v in saved.items() if k not in may_change and current.get(k) != v]
+    # An input recorded by its id besides its path is an argument: latents_id reads `LATENTS id A (now B)`.
+    changed = [f"{k.removesuffix('_id').upper() + ' id' if k.endswith('_id') else '--' + k.replace('_', '-')} {v} "
+               f"(now {current.get(k)})" for k, v in saved.items() if k not in may_change and current.get(k) != v]
     if changed:
         raise UserError(f"--resume with other values than the run had: {', '.join(changed)}; resume with the original flags")
 
@@ -100,6 +103,56 @@ class FiniteGuard:
             where = f"last good checkpoint: {self.checkpoint}" if self.checkpoint.is_file() else "no checkpoint was written yet"
             raise UserError(f"the loss stopped being finite at step {step} ({where}); "
                             f"resume with --resume and try {self.remedies}")
+
+
+class SignalStop:
+    """Ctrl-C or SIGTERM (a cluster's preemption or time limit) asks a training loop to stop
+    after its current step and save a checkpoint, so that --resume loses nothing; a second
+    signal stops at once. Enter it before the DataLoader starts its workers: forked workers
+    inherit the handler and keep serving the last batches instead of dying on the signal.
+
+    With several processes the ranks must stop at the same step (saving is collective), so
+    they agree at log steps, which already wait for the GPU; alone, every step looks."""
+
+    def __init__(self, world: int):
+        self.world, self.requested = world, False
+
+    def __enter__(self) -> "SignalStop":
+        self._owner, self._previous = os.getpid(), {}
+        if threading.current_thread() is threading.main_thread():  # signals reach only the main thread
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if os.getpid() == self._owner:  # not in a DataLoader worker
+            from .console import warn
+
+            warn(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint (again to stop at once)")
+
+    def now(self, agree: bool) -> bool:
+        """Whether to stop before the next step; `agree` marks the steps where all ranks compare."""
+        if self.world == 1:
+            return self.requested
+        if not agree:
+            return False
+        flag = torch.tensor([float(self.requested)], device=_collective_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    @staticmethod
+    def stopped(step: int, checkpoint: Path) -> Interrupted:
+        return Interrupted(f"stopped at step {step}; {checkpoint} holds it: continue with the same command and --resume")
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 class StepLog:

@@ -22,6 +22,14 @@ def test_atomic_path_leaves_old_file_on_failure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.json"]  # no temp file left behind
 
 
+def test_atomic_files_get_the_mode_open_gives(tmp_path):
+    # mkstemp's owner-only 0600 kept collaborators on a shared cluster from reading outputs.
+    (tmp_path / "plain").write_bytes(b"")
+    artifacts.atomic_write_bytes(tmp_path / "atomic", b"x")
+    mode = (tmp_path / "atomic").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain").stat().st_mode & 0o777
+
+
 def test_state_round_trip_keeps_structure_and_dtypes(tmp_path):
     state = {
         "step": 7, "lr": 1e-4, "name": "x", "none": None, "flag": True,

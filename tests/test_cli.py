@@ -42,9 +42,27 @@ def test_debug_shows_the_traceback(tmp_path):
     assert "Traceback" in result.stderr and "UserError: dataset folder not found" in result.stderr
 
 
-def test_bad_choice_exits_2():
-    result = CliRunner().invoke(main, ["train-vae", "--rec-loss", "huber"])
+def test_flags_click_refuses_are_one_line_and_exit_2():
+    result = CliRunner().invoke(main, ["train-vae", "--rec-loss", "huber"], prog_name="reals")
     assert result.exit_code == 2
+    assert result.output == ("error: Invalid value for '--rec-loss': 'huber' is not one of 'l1', 'mse'. "
+                             "(see `reals train-vae --help`)\n")
+    result = CliRunner().invoke(main, ["sample", "--bogus"], prog_name="reals")
+    assert (result.exit_code, result.output) == (2, "error: No such option '--bogus'. Did you mean '--out'? (see `reals sample --help`)\n")
+    # --debug keeps click's own usage text.
+    result = CliRunner().invoke(main, ["--debug", "sample", "--bogus"], prog_name="reals")
+    assert result.exit_code == 2 and result.output.startswith("Usage: reals sample")
+
+
+def test_an_interruption_exits_130(monkeypatch):
+    from reals_cli import report
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "write_report", interrupted)
+    result = CliRunner().invoke(main, ["report", "."])
+    assert (result.exit_code, result.output) == (130, "interrupted: stopped by the user\n")
 
 
 def test_progress_off_a_terminal_prints_plain_lines(monkeypatch):

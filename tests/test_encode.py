@@ -2,6 +2,7 @@
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -213,6 +214,17 @@ def test_bad_outputs_and_unreadable_images(vae_dir, images, tmp_path):
     line = _error_line(run(main, ["encode", str(images), str(out), "--vae", str(other), "--workers", "0"]))
     assert a in line and b in line
     assert "usage: reals encode IMAGES OUT --vae" in _error_line(run(main, ["encode", str(images), str(out)]))
+    # Another folder of images into this store, then this folder with an image more.
+    others = _make_images(tmp_path / "others", per_class=1)
+    assert _error_line(run(main, ["encode", str(others), str(out), *base, "--block-size", "4"])) == (
+        f"error: {out} holds the latents of {Path(images).resolve()} (18 images), not of {others}; "
+        "pass a new output path for these")
+    grown = shutil.copytree(images, tmp_path / "grown")
+    encode(grown, tmp_path / "g.zarr", vae_dir, **FAST)
+    shutil.copy(grown / "cat" / "000.png", grown / "cat" / "new.png")
+    assert _error_line(run(main, ["encode", str(grown), str(tmp_path / "g.zarr"), *base, "--block-size", "4"])) == (
+        f"error: the images in {grown} changed since {tmp_path / 'g.zarr'} was started (18 images then); "
+        "restore them, or pass a new output path")
 
     bad = _make_images(tmp_path / "bad", per_class=3)
     (bad / "cat" / "001.png").write_bytes(b"not a png")
@@ -226,6 +238,20 @@ def test_bad_outputs_and_unreadable_images(vae_dir, images, tmp_path):
     assert not store.read(np.array([1, 6])).any()  # no latent of another image under a bad file's row
     assert np.array_equal(store.read(np.arange(7)), zarr.open_group(out)["posterior"][:])  # the fast path
     assert len(LatentDataset(out)) == 5
+
+
+def test_an_hdf5_store_open_elsewhere_is_named_as_such(vae_dir, images, tmp_path):
+    out = tmp_path / "s.h5"
+    holder = subprocess.Popen([sys.executable, "-c", f"import h5py, time; f = h5py.File({str(out)!r}, 'w'); "
+                               "print('open', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(UserError, match=r"^.*s\.h5 is open in another process \(HDF5 locks it while writing\); "
+                                            r"wait for that process to end, then run again$"):
+            encode(images, out, vae_dir, **FAST)
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_plain_diffusers_vae_needs_image_size(images, tmp_path):

@@ -177,8 +177,8 @@ def test_a_checkpoint_of_no_known_size_and_one_for_train_dit_init_say_what_fits(
         load_released(build_dit("DiT-T/2", 8, 4, 3), str(tmp_path / "deep.pt"), "DiT-T/2", 2)
     # train-dit --init: the latents set the latent size and the classes.
     torch.save(build_dit("DiT-T/2", 16, 4, 10).state_dict(), tmp_path / "big.pt")
-    with pytest.raises(UserError, match=r"it was trained on 16x16 latents: pass --latents of that size, and it has 10 "
-                                        r"classes \(and the null class\): pass --latents of that many classes$"):
+    with pytest.raises(UserError, match=r"it was trained on 16x16 latents: pass LATENTS of that size, and it has 10 "
+                                        r"classes \(and the null class\): pass LATENTS of that many classes$"):
         load_released(build_dit("DiT-T/2", 8, 4, 3), str(tmp_path / "big.pt"))
 
 
@@ -249,7 +249,13 @@ def test_statistics_and_class_names_from_a_latent_store_as_releases_of_reals_nee
     result = _import(tmp_path / "release32.pt", sd_like_vae, tmp_path / "m2", "SiT-T/2", "--latents",
                      str(tmp_path / "lat.zarr"), "--image-size", "32", num_classes=None)
     assert result.exit_code == 2 and result.output.strip() == (
-        f"error: {tmp_path / 'lat.zarr'} holds 4x8x8 latents, the model 4x16x16; pass the matching --image-size")
+        f"error: {tmp_path / 'lat.zarr'} holds 4x8x8 latents, and --image-size 32 makes 4x16x16; drop --image-size, "
+        "or pass a store encoded at 32 px")
+    # Without --image-size (the store's 16 px) the release's size is told to come from the store, not the flag.
+    result = _import(tmp_path / "release32.pt", sd_like_vae, tmp_path / "m2", "SiT-T/2", "--latents",
+                     str(tmp_path / "lat.zarr"), num_classes=None)
+    assert result.exit_code == 2 and result.output.strip().endswith(
+        "it was trained on 16x16 latents: pass --latents, a store encoded at 32 px")
     # Without --image-size the store's is taken; a release of other classes is told to bring their store.
     result = CliRunner().invoke(main, ["import-dit", "release.pt", "--model", "SiT-T/2", "--vae", vae, "--out", "m3",
                                        "--latents", "lat.zarr"])

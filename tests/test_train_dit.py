@@ -74,6 +74,39 @@ def test_resume_after_sigkill_equals_uninterrupted(store, tmp_path, objective, k
     assert len(m["config"]["latent_mean"]) == 4  # the store's normalisation travels with the model
 
 
+def test_ctrl_c_saves_the_step_it_stopped_at_and_resume_goes_on_exactly(store, tmp_path):
+    """Ctrl-C reaches the whole process group, the DataLoader worker too: the run finishes its
+    step, checkpoints it though no checkpoint was due, and exits 130 saying how to go on."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    latents, _ = store
+    out, ckpt = tmp_path / "stopped", tmp_path / "stopped" / "checkpoint.safetensors"
+    args = _cli_args(latents, out, 100_000, ckpt_every=100_000, workers=1, sample_every=0)
+    proc = subprocess.Popen([sys.executable, "-m", "reals_cli", "train-dit", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log, deadline = out / "log.jsonl", time.monotonic() + 180
+    while time.monotonic() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    stopped = load_state(ckpt)["step"]
+    assert stopped >= 3 and not (out / "manifest.json").exists()
+    assert err.strip().splitlines()[-1] == (f"interrupted: stopped at step {stopped}; {ckpt} holds it: "
+                                           "continue with the same command and --resume")
+    steps = stopped + 2
+    result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, out, steps, sample_every=0), "--resume"])
+    assert result.exit_code == 0, result.output
+    straight = tmp_path / "straight"
+    train_dit(resolve_config(latents=str(latents), out=str(straight), steps=steps, sample_every=0, **FLAGS))
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_weights(straight / name), load_weights(out / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
 def test_loss_falls(store, tmp_path):
     latents, _ = store
     out = tmp_path / "o"
@@ -276,6 +309,14 @@ def test_bad_values_are_one_line_errors_before_anything_runs(store, tmp_path, fl
     assert not out.exists()
 
 
+def test_init_from_a_folder_that_is_no_model_says_what_it_is(store, tmp_path):
+    latents, vae = store
+    kind = read_manifest(vae)["kind"]
+    result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, tmp_path / "o", 2, init=vae)])
+    assert (result.exit_code, result.output.strip()) == (2, f"error: --init {vae} is a {kind!r} artifact; it takes a "
+                                                            "DiT or SiT checkpoint file, or a train-dit model folder")
+
+
 def test_repa_names_the_patch_size_that_fits(store, tmp_path):
     latents, vae = store
     result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, tmp_path / "o", 2, model="DiT-T/4", repa_weight=0.5,
@@ -434,7 +475,7 @@ def _store_id(latents) -> str:
 
 
 def test_a_moved_run_resumes_by_another_spelling_of_its_paths(store, tmp_path, monkeypatch):
-    """--out is where the run is now, and --latents the same store (by id) at any path."""
+    """--out is where the run is now, and LATENTS the same store (by id) at any path."""
     import os
 
     latents, _ = store
@@ -459,7 +500,7 @@ def test_resume_on_another_store_names_both_ids(store, tmp_path):
     train_dit(resolve_config(latents=str(latents), out=str(out), steps=2, ckpt_every=2, **FLAGS))
     result = CliRunner().invoke(main, ["train-dit", *_cli_args(other, out, 3), "--resume"])
     assert result.exit_code == 2
-    assert result.output.strip() == (f"error: --resume with other values than the run had: --latents id "
+    assert result.output.strip() == (f"error: --resume with other values than the run had: LATENTS id "
                                      f"{_store_id(latents)} (now {_store_id(other)}); resume with the original flags")
 
 

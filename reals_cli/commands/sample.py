@@ -66,7 +66,7 @@ def sample_command(cfg_interval: str, classes: str | None, **flags):
     """Generate images (ADM samples.npz) and latents from a trained DiT/SiT.
 
     Sample i depends only on (--seed, i): the same command run again after a kill
-    finishes the missing blocks, and `torchrun --nproc-per-node K reals sample ...`
+    finishes the missing blocks, and `torchrun --nproc-per-node K -m reals_cli sample ...`
     splits the blocks over K processes with the same result.
     """
     class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None

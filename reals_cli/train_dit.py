@@ -239,6 +239,9 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
         # Older dit runs recorded SiT's defaults for the options a dit run does not have.
         may_change = RESUMABLE_CHANGES | (set(SIT_ONLY) if cfg.objective == "dit" else set())
         step = load_checkpoint(ckpt_path, saved_config, stateful, may_change, rank)
+        if step == cfg.steps and (out / artifacts.MANIFEST).is_file():  # a requeued job that had finished
+            console.print(f"{out} is already trained for {step} steps; nothing to do", soft_wrap=True)
+            return artifacts.read_manifest(out, KIND, FORMAT_VERSION) if rank == 0 else {}
         if step >= cfg.steps:
             raise UserError(f"{out} is already trained for {step} steps; pass a larger --steps to train on")
         (out / artifacts.MANIFEST).unlink(missing_ok=True)  # training on: the old artifact is superseded

@@ -309,6 +309,22 @@ def test_bad_values_are_one_line_errors_before_anything_runs(store, tmp_path, fl
     assert not out.exists()
 
 
+def test_resume_of_a_finished_run_is_a_no_op_or_trains_on(store, tmp_path):
+    """A requeued job (the same command with --resume) that had finished changes nothing."""
+    latents, _ = store
+    out = tmp_path / "o"
+    train_dit(resolve_config(latents=str(latents), out=str(out), steps=2, ckpt_every=2, sample_every=0, **FLAGS))
+    before = (out / "manifest.json").read_bytes()
+    again = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, out, 2, sample_every=0), "--resume"])
+    assert (again.exit_code, again.output.strip()) == (0, f"{out} is already trained for 2 steps; nothing to do")
+    assert (out / "manifest.json").read_bytes() == before
+    fewer = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, out, 1, sample_every=0), "--resume"])
+    assert (fewer.exit_code, fewer.output.strip()) == (
+        2, f"error: {out} is already trained for 2 steps; pass a larger --steps to train on")
+    more = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, out, 3, sample_every=0), "--resume"])
+    assert more.exit_code == 0 and read_manifest(out)["metrics"]["steps"] == 3
+
+
 def test_init_from_a_folder_that_is_no_model_says_what_it_is(store, tmp_path):
     latents, vae = store
     kind = read_manifest(vae)["kind"]

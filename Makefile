@@ -84,19 +84,19 @@ $(FID_REF): | install assets
 $(DEMO)/seg/manifest.json: $(DEMO)/reals/vae/manifest.json
 	$(REALS) probe-seg fit --data $(DEMO)/data --limit 1000 --vae $(DEMO)/reals/vae --device $(DEVICE) --out $(DEMO)/seg
 
-$(DEMO)/seg/eval-test/metrics.json: $(DEMO)/seg/manifest.json $(DEMO)/baseline/vae/manifest.json $(DEMO)/reals/samples/manifest.json
+$(DEMO)/seg/eval-test/manifest.json: $(DEMO)/seg/manifest.json $(DEMO)/baseline/vae/manifest.json $(DEMO)/reals/samples/manifest.json
 	$(REALS) probe-seg eval --data $(DEMO)/data --limit 1000 --vae $(DEMO)/reals/vae --head $(DEMO)/seg \
 	  --baseline-vae $(DEMO)/baseline/vae --latents $(DEMO)/reals/samples/latents.zarr --device $(DEVICE)
 
 $(DEMO)/depth/manifest.json: $(DEMO)/reals/vae/manifest.json
 	$(REALS) probe-depth fit --data motorcycle --vae $(DEMO)/reals/vae --device $(DEVICE) --out $(DEMO)/depth
 
-$(DEMO)/depth/eval-test/metrics.json: $(DEMO)/depth/manifest.json $(DEMO)/baseline/vae/manifest.json
+$(DEMO)/depth/eval-test/manifest.json: $(DEMO)/depth/manifest.json $(DEMO)/baseline/vae/manifest.json
 	$(REALS) probe-depth eval --data motorcycle --vae $(DEMO)/reals/vae --head $(DEMO)/depth \
 	  --baseline-vae $(DEMO)/baseline/vae --device $(DEVICE)
 
 DEMO_STEPS = $(DEMO)/reals/fid.json $(DEMO)/reals/analysis/analysis.json $(DEMO)/baseline/analysis/analysis.json \
-             $(DEMO)/seg/eval-test/metrics.json $(DEMO)/depth/eval-test/metrics.json
+             $(DEMO)/seg/eval-test/manifest.json $(DEMO)/depth/eval-test/manifest.json
 
 # The report is cheap: rewritten (only if it changed) and its table printed on every run.
 demo: $(DEMO_STEPS)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import MANIFEST, atomic_path, atomic_write_json, describe_input, read_manifest, write_manifest
+from .artifacts import MANIFEST, atomic_path, atomic_write_json, check_output_folder, describe_input, write_manifest
 from .console import progress
 from .errors import UserError
 from .latent_store import LatentDataset, LatentStore
@@ -286,8 +286,8 @@ def analyze(stores: list[str], out: str | Path | None = None, method: str = "tsn
         raise UserError(f"--test-fraction {test_fraction} is not between 0 and 1 (exclusive)")
     paths = [str(p) for p in stores]
     opened = [_open(p, pool) for p in paths]  # every refusal before any work
-    if out is not None and (Path(out) / MANIFEST).is_file():
-        read_manifest(out, kind=KIND)  # never overwrite another kind of artifact
+    if out is not None:  # never write into another artifact or among unrelated files
+        check_output_folder(out, KIND, ["analysis.json", "*.png"], "reals analyze")
     config = {"method": method, "pool": pool, "limit": limit, "test_fraction": test_fraction, "seed": seed,
               "perplexity": perplexity, "l2": l2, "plot_points": PLOT_POINTS}
     if out is not None:

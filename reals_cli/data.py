@@ -485,7 +485,8 @@ def export_fashion_mnist(
     and renamed, so it is complete). A finished export with the same settings is not
     redone. `limit` keeps the first N images of each split.
     """
-    from .artifacts import MANIFEST, atomic_write_json, describe_input, sha256_file, write_manifest
+    from .artifacts import (MANIFEST, atomic_write_json, describe_input, made_by, read_manifest, sha256_file,
+                            write_manifest)
 
     started = time.perf_counter()
     if size < 1:
@@ -521,11 +522,12 @@ def export_fashion_mnist(
     }
 
     if (out / MANIFEST).is_file():
-        try:
-            old = json.loads((out / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError):
-            old = {}
-        if old.get("kind") == "dataset" and old.get("config") == config:
+        old = read_manifest(out)
+        other = old.get("config") if isinstance(old.get("config"), dict) else {}
+        if old.get("kind") != "dataset" or other.get("dataset") != "fashion-mnist":
+            raise UserError(f"{out} holds a '{old.get('kind')}' artifact{made_by(old)}, not a Fashion-MNIST export; "
+                            f"choose another folder")
+        if other == config:
             metrics = old.get("metrics", {})
             return {
                 "out": str(out), "already": True, "size": size, "limit": limit,
@@ -534,7 +536,6 @@ def export_fashion_mnist(
                 "kept": metrics.get("train", 0) + metrics.get("test", 0),
                 "seconds": time.perf_counter() - started, "workers": 0,
             }
-        other = old.get("config", {}) if isinstance(old.get("config"), dict) else {}
         raise UserError(
             f"{out} already holds a finished export made with other settings "
             f"(size {other.get('size')}, limit {other.get('limit')}); choose another folder or delete it"

@@ -19,6 +19,7 @@ Layouts (`--format`, detected when `auto`); the splits are "train" and "test":
          png    ROOT/{train,test}/<stem>.{jpg,png,...} + <stem>.depth.png, 16-bit, millimetres
          motorcycle  the Middlebury Motorcycle pair from the `motorcycle` asset, cut into tiles
                 (see MotorcycleDepth)
+--splits is read for nyu only; given with another depth format it is refused.
 A segmentation label outside the class list (other than 255) is refused, naming the file.
 """
 
@@ -376,6 +377,9 @@ def open_probe_data(task: str, path: str | os.PathLike, split: str, size: int, f
         if fmt not in readers:
             raise UserError(f"unknown segmentation format {fmt!r}; choose one of {', '.join(SEG_FORMATS)}")
         return readers[fmt](path, split, size, limit, classes)
+    if splits is not None and fmt in DEPTH_FORMATS and fmt != "nyu":  # only NYU's .mat needs a split list
+        raise UserError(f"--splits applies only to NYU .mat data; {fmt} data has its own train and test splits: "
+                        f"drop --splits")
     if fmt == "nyu":
         return NYUDepth(path, split, size, limit, splits)
     if fmt == "png":

@@ -40,8 +40,8 @@ from PIL import Image, ImageDraw, ImageFont
 from rich.table import Table
 from torch import nn
 
-from .artifacts import (atomic_path, atomic_write_json, describe_input, load_weights, provenance, read_manifest, save_weights,
-                        torch_load, verify_files, write_manifest)
+from .artifacts import (MANIFEST, atomic_path, atomic_write_json, check_output_folder, describe_input, load_weights,
+                        provenance, read_manifest, save_weights, torch_load, verify_files, write_manifest)
 from .console import console, print_summary, progress, warn
 from .errors import UserError
 from .probe_data import ProbeData, open_probe_data
@@ -50,8 +50,10 @@ from .reals_vae import RealsVAE, load_reals_vae
 from .runtime import autocast, resolve_device, seed_everything
 
 KINDS = {"seg": "probe-seg", "depth": "probe-depth"}
+EVAL_KINDS = {"seg": "probe-seg-eval", "depth": "probe-depth-eval"}
 FORMAT_VERSION = 1
 HEAD_FILE = "head.safetensors"
+METRICS_FILE, PANELS_FILE, LATENTS_FILE = "metrics.json", "panels.png", "latents.png"
 DEPTH_UPSAMPLE = 4  # DINOv2's BNHead upsamples the patch grid 4x before predicting bins
 SIG_LAMBDA, SIG_EPS = 0.15, 1e-3  # DINOv2's SigLoss
 # (table row, panel column) of each feature source
@@ -298,6 +300,16 @@ def _depth_range(data: ProbeData, targets: torch.Tensor, min_depth: float | None
     return lo, hi
 
 
+def _check_classes(data: ProbeData, targets: torch.Tensor) -> None:
+    """Refuse labels past the class list before training: each image's labels are checked as it is
+    read, but features from the cache (made under any --classes) skip the reading."""
+    labels = targets[targets != IGNORE_INDEX]
+    top, n = (int(labels.max()) if labels.numel() else -1), len(data.classes)
+    if top >= n:
+        raise UserError(f"{data.path} ({data.split}) has label {top}, outside the {n} classes (0..{n - 1}); "
+                        f"pass --classes with {top + 1} names, one for each label 0..{top}")
+
+
 def _train_head(head: nn.Module, config: dict, feats: dict, epochs: int, batch_size: int, lr: float, seed: int,
                 device: torch.device) -> float:
     """AdamW with the rate decayed linearly to 0 (DINOv2's linear probes use a poly schedule); last epoch's mean loss."""
@@ -333,7 +345,7 @@ def fit_head(data: DataSpec, vae: str | os.PathLike, out: str | os.PathLike, *, 
              precision: str = "fp32") -> dict:
     """Fit a head on teacher features of `data` (or import DINOv2's depth head) into the artifact `out`."""
     out = Path(out)
-    if (out / "manifest.json").is_file():
+    if check_output_folder(out, KINDS[data.task], [HEAD_FILE], f"reals {KINDS[data.task]} fit"):
         raise UserError(f"{out} already holds a finished head; pass another --out, or delete it to fit again")
     for name, value in {"epochs": epochs, "batch-size": batch_size, "bins": bins}.items():
         if value < 1:
@@ -366,6 +378,7 @@ def fit_head(data: DataSpec, vae: str | os.PathLike, out: str | os.PathLike, *, 
         train = data.open(split, spec.image_size)
         feats = teacher_features(train, spec, cache_dir, dev, precision, batch_size)
         if data.task == "seg":
+            _check_classes(train, feats["target"])
             config |= {"classes": train.classes}
         else:
             lo, hi = _depth_range(train, feats["target"], min_depth, max_depth)
@@ -463,10 +476,21 @@ def evaluate_head(data: DataSpec, vae: str | os.PathLike, head_path: str | os.Pa
                   baseline_vae: str | None = None, latents: str | None = None, out: str | None = None,
                   panels: int = 8, batch_size: int = 64, cache_dir: str | None = None, device: str = "auto",
                   precision: str = "fp32") -> dict:
-    """Score the head three ways on `split`; write metrics.json and PNG panels into `out`."""
+    """Score the head three ways on `split`; write metrics.json, PNG panels (none when `panels` is 0)
+    and, last, a manifest into the artifact `out`."""
+    kind, command = KINDS[data.task], f"reals {KINDS[data.task]}"
+    if Path(head_path).is_file():
+        hint = (f" (to import DINOv2's released head: `{command} fit --dinov2-head {head_path} --vae VAE --out DIR`, "
+                f"then --head DIR)" if data.task == "depth" else "")
+        raise UserError(f"--head {head_path} is a file; --head takes a head folder made by `{command} fit`{hint}")
+    if latents is not None and panels < 1:
+        raise UserError("--latents only draws panels, and --panels 0 draws none; "
+                        "pass --panels 1 or more, or drop --latents")
     dev = resolve_device(device)
-    head_manifest = read_manifest(head_path, KINDS[data.task], FORMAT_VERSION)
+    head_manifest = read_manifest(head_path, kind, FORMAT_VERSION)
     config = head_manifest["config"]
+    out = Path(out) if out else Path(head_path) / f"eval-{split}"
+    check_output_folder(out, EVAL_KINDS[data.task], [METRICS_FILE, PANELS_FILE, LATENTS_FILE], f"{command} eval")
     vaes = {"reals": (vae, load_reals_vae(vae, need_align=True))}
     if baseline_vae is not None:
         vaes["baseline"] = (baseline_vae, load_reals_vae(baseline_vae, need_align=True))
@@ -493,24 +517,41 @@ def evaluate_head(data: DataSpec, vae: str | os.PathLike, head_path: str | os.Pa
 
     beats, informative = better("reals", "baseline"), better("reals", "constant")
 
-    out = Path(out) if out else Path(head_path) / f"eval-{split}"
     out.mkdir(parents=True, exist_ok=True)
-    drawn = [w for w in results if w != "constant"]  # a flat map says nothing on a panel
-    columns = ["image", "ground truth", *[WAYS[w][1] for w in drawn]]
-    cells = [[_rgb(shown["image"][i])] + [_colorize(shown[k][i], config) for k in ["target", *drawn]]
-             for i in range(len(shown["image"]))]
-    _save_png(out / "panels.png", _panel(columns, cells, config))
+    # An earlier run's: a re-run killed halfway must not look finished, nor keep pictures it did not draw.
+    for name in (MANIFEST, PANELS_FILE, LATENTS_FILE):
+        (out / name).unlink(missing_ok=True)
+    files = [METRICS_FILE]
+    if panels > 0:
+        drawn = [w for w in results if w != "constant"]  # a flat map says nothing on a panel
+        columns = ["image", "ground truth", *[WAYS[w][1] for w in drawn]]
+        cells = [[_rgb(shown["image"][i])] + [_colorize(shown[k][i], config) for k in ["target", *drawn]]
+                 for i in range(len(shown["image"]))]
+        _save_png(out / PANELS_FILE, _panel(columns, cells, config))
+        files.append(PANELS_FILE)
     report = {
         "task": data.task, "split": split, "data": test.describe(), "head": describe_input(head_path),
         "vae": describe_input(vae), "baseline_vae": describe_input(baseline_vae) if baseline_vae else None,
-        "teacher": spec.name, "results": results, "primary_metric": key,
-        "reals_beats_baseline": beats, "reals_beats_constant": informative, "panels": str(out / "panels.png"), **provenance(),
+        "teacher": spec.name, "results": results, "primary_metric": key, "reals_beats_baseline": beats,
+        "reals_beats_constant": informative, "panels": str(out / PANELS_FILE) if panels > 0 else None, **provenance(),
     }
     if latents is not None:
         report["latents"] = _latent_panels(latents, vaes["reals"][1], head, config, out, panels, dev, precision)
-    atomic_write_json(out / "metrics.json", report)
+        files.append(LATENTS_FILE)
+    atomic_write_json(out / METRICS_FILE, report)
+    inputs = {"head": report["head"], "vae": report["vae"], "data": describe_input(data.path)}
+    if baseline_vae is not None:
+        inputs["baseline_vae"] = report["baseline_vae"]
+    if latents is not None:
+        inputs["latents"] = describe_input(latents)
+    eval_config = {"task": data.task, "split": split, "data": test.describe(), "teacher": spec.name,
+                   "panels": panels, "batch_size": batch_size, "precision": precision}
+    metrics = {**{f"{way}_{key}": r[key] for way, r in results.items()},
+               "reals_beats_baseline": beats, "reals_beats_constant": informative}
+    write_manifest(out, EVAL_KINDS[data.task], FORMAT_VERSION, eval_config, inputs, metrics, files=files)
     _print_results(data.task, results, test, beats, informative)
-    console.print(f"metrics: {out / 'metrics.json'}; panels: {out / 'panels.png'}", soft_wrap=True)
+    drew = f"panels: {out / PANELS_FILE}" if panels > 0 else "no panels (--panels 0)"
+    console.print(f"metrics: {out / METRICS_FILE}; {drew}", soft_wrap=True)
     return report
 
 
@@ -547,14 +588,14 @@ def _score_split(data: ProbeData, feats: dict, head, config: dict, vaes: dict[st
 @torch.no_grad()
 def _latent_panels(path: str, bundle: RealsVAE, head, config: dict, out: Path, count: int, dev, precision) -> dict:
     """decoded latent | prediction, for latents that have no ground truth (generated ones)."""
-    z = load_latents(path, bundle, max(count, 1)).to(dev)
+    z = load_latents(path, bundle, count).to(dev)
     with autocast(dev, precision):
         images = ((bundle.vae.decode(z).float().clamp(-1, 1) + 1) / 2).cpu()
         patch, glob = bundle.align(z)
     preds = predict(head, config["task"], patch, glob, config["image_size"])
     cells = [[_rgb(images[i]), _colorize(preds[i], config)] for i in range(len(z))]
-    _save_png(out / "latents.png", _panel(["decoded latent", "prediction"], cells, config))
-    return {"path": str(path), "count": len(z), "panels": str(out / "latents.png")}
+    _save_png(out / LATENTS_FILE, _panel(["decoded latent", "prediction"], cells, config))
+    return {"path": str(path), "count": len(z), "panels": str(out / LATENTS_FILE)}
 
 
 def _print_results(task: str, results: dict, data: ProbeData, beats: bool | None, informative: bool | None) -> None:

@@ -158,6 +158,9 @@ def test_cli_writes_json_plots_and_manifest(tmp_path):
     verify_files(out, manifest)
     assert set(manifest["files"]) == {"analysis.json", "a.png", "b.png"}
     assert manifest["inputs"]["a"]["id"] == "store0" and manifest["metrics"]["b"]["probe_test_accuracy"] == 1.0
+    again = CliRunner().invoke(main, ["analyze", a, "--out", str(out), "--method", "pca", "--pool", "2"])
+    assert again.exit_code == 0, again.output  # its own earlier analysis is rewritten
+    assert set(read_manifest(out, kind="analysis")["files"]) == {"analysis.json", "a.png"}
 
 
 def _error_line(result) -> str:
@@ -182,9 +185,12 @@ def test_cli_refuses_with_one_line(tmp_path):
         ([single], f"error: {single} holds latents of 1 class(es); a linear probe needs two or more: "
                    f"encode a folder with one sub-folder per class"),
         ([store, "--out", str(tmp_path / "vae")],
-         f"error: {tmp_path / 'vae'} is a 'vae' artifact, but a 'analysis' artifact is needed here"),
+         f"error: --out {tmp_path / 'vae'} holds a 'vae' artifact, not reals analyze's; pass a new --out"),
+        ([store, "--out", str(tmp_path / "folder")],
+         f"error: --out {tmp_path / 'folder'} holds x.txt, which reals analyze did not write; pass a new or empty --out"),
     ]
     for args, expected in cases:
         result = CliRunner().invoke(main, ["analyze", *args, "--method", "pca"])
         assert _error_line(result) == expected
     assert (tmp_path / "vae" / "manifest.json").is_file()  # the other artifact is left alone
+    assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == ["x.txt"]

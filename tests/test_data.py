@@ -408,11 +408,29 @@ def test_cli_missing_source_is_one_line(tmp_path):
 
 def test_cli_check_counts_bad(tree):
     r = CliRunner().invoke(main, ["data", "check", str(tree["root"])])
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 1, r.output  # bad files found: a Makefile stops here
+    assert "Traceback" not in r.output
     rows = {line.split("│")[1].strip(): line.split("│")[2].strip()
             for line in r.output.splitlines() if line.count("│") >= 3}
     assert rows["good"] == "8" and rows["bad"] == "2" and rows["images"] == "10"
     assert "corrupt.jpg" in r.output
+
+
+def test_cli_check_help_names_the_exit_status():
+    r = CliRunner().invoke(main, ["data", "check", "--help"])
+    assert r.exit_code == 0 and "Exits with status 1 when any file is bad" in r.output, r.output
+
+
+def test_cli_export_refuses_another_artifact(fm_source, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    command = f"reals analyze a.zarr --limit 100 --out {other}"
+    (other / "manifest.json").write_text(json.dumps({"kind": "analysis", "config": {"limit": 100}, "command": command}))
+    r = CliRunner().invoke(main, ["data", "fashion-mnist", str(other), "--source", str(fm_source["src"])])
+    assert r.exit_code == 2 and r.output.strip().splitlines() == [
+        f"error: {other} holds a 'analysis' artifact made by `{command}`, not a Fashion-MNIST export; "
+        f"choose another folder"], r.output
+    assert sorted(p.name for p in other.iterdir()) == ["manifest.json"]
 
 
 def test_cli_check_empty_folder(tmp_path):

@@ -1,6 +1,7 @@
 """probe-seg / probe-depth: metrics by hand, real file layouts, the three-way report, bad input."""
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from reals_cli.artifacts import load_weights
+from reals_cli.artifacts import load_weights, read_manifest, verify_files
 from reals_cli.cli import main
 from reals_cli.errors import UserError
 from reals_cli.probe_data import MotorcycleDepth, open_probe_data
@@ -27,6 +28,12 @@ def _one_line_error(result, fragment: str) -> None:
     lines = result.output.strip().splitlines()
     assert lines[-1].startswith("error: ") and fragment in lines[-1], result.output
     assert "Traceback" not in result.output and sum(line.startswith("error") for line in lines) == 1
+
+
+def _error_line(result) -> str:
+    """The one error line (exit 2, no traceback), for an exact comparison."""
+    _one_line_error(result, "")
+    return result.output.strip().splitlines()[-1]
 
 
 # -- metrics, against hand-computed values -------------------------------------------------------
@@ -278,6 +285,13 @@ def test_seg_fit_cache_and_three_way_eval(vaes, mask_data, cache, tmp_path):
     assert "teacher (upper bound)" in result.output and "baseline VAE" in result.output
     assert Image.open(out / "panels.png").size[1] > 4 * 96 and report["latents"]["count"] == 3
     assert Image.open(out / "latents.png").size[0] == 4 + 2 * (96 + 4)
+    # The evaluation is an artifact like the others: its manifest, written last, vouches for its files.
+    made = read_manifest(out, "probe-seg-eval", 1)
+    verify_files(out, made)
+    assert set(made["files"]) == {"metrics.json", "panels.png", "latents.png"}
+    assert made["inputs"]["head"]["id"] == manifest["id"] and made["inputs"]["baseline_vae"]["kind"] == "vae"
+    assert made["inputs"]["latents"]["path"] == str(tmp_path / "samples.npz") and "sha256" in made["inputs"]["latents"]
+    assert made["metrics"]["reals_miou"] == report["results"]["reals"]["miou"] and made["config"]["panels"] == 4
 
 
 def test_depth_fit_and_three_way_eval_on_motorcycle(vaes, cache, tmp_path):
@@ -301,6 +315,18 @@ def test_depth_fit_and_three_way_eval_on_motorcycle(vaes, cache, tmp_path):
     rmse = np.mean([np.sqrt(((mean - t[t > 0]) ** 2).mean()) for t in test])
     assert report["results"]["constant"]["rmse"] == pytest.approx(rmse, rel=1e-5)
     assert (tmp_path / "eval/panels.png").is_file()
+    assert set(read_manifest(tmp_path / "eval", "probe-depth-eval", 1)["files"]) == {"metrics.json", "panels.png"}
+
+    # --panels 0 draws nothing, and says so; run again into its own folder, the earlier panels go too.
+    # With --latents (which only draws) it is refused.
+    eval0 = ["probe-depth", "eval", *common, "--head", str(tmp_path / "depth"), "--panels", "0"]
+    result = CliRunner().invoke(main, [*eval0, "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 0 and "no panels (--panels 0)" in result.output, result.output
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["manifest.json", "metrics.json"]
+    assert json.loads((tmp_path / "eval/metrics.json").read_text())["panels"] is None
+    result = CliRunner().invoke(main, [*eval0, "--latents", str(tmp_path / "z.npz")])
+    assert _error_line(result) == ("error: --latents only draws panels, and --panels 0 draws none; "
+                                   "pass --panels 1 or more, or drop --latents")
 
 
 # -- bad input: one red line, exit 2 --------------------------------------------------------------------
@@ -357,3 +383,75 @@ def test_latents_from_a_latent_store(vaes, mask_data, tmp_path):
         assert torch.allclose(z, bundle.vae.encode(images * 2 - 1)[0], atol=1e-5)
     with pytest.raises(UserError, match="holds latents of VAE"):
         load_latents(store, load_reals_vae(vaes["baseline"]), 3)
+
+
+def test_classes_must_name_every_label(vaes, mask_data, cache, tmp_path):
+    fit = ["probe-seg", "fit", "--data", str(mask_data), "--vae", str(vaes["reals"]), "--epochs", "1",
+           "--device", "cpu"]
+    warm = CliRunner().invoke(main, [*fit, "--cache-dir", str(cache), "--out", str(tmp_path / "two")])
+    assert warm.exit_code == 0, warm.output
+    # Cached features skip reading the masks: the class list is checked against the cached labels.
+    result = CliRunner().invoke(main, [*fit, "--cache-dir", str(cache), "--out", str(tmp_path / "one"),
+                                       "--classes", "only"])
+    assert _error_line(result) == (f"error: {mask_data} (train) has label 1, outside the 1 classes (0..0); "
+                                   f"pass --classes with 2 names, one for each label 0..1")
+    assert not (tmp_path / "one").exists()
+    # Read afresh, the first mask with a label past the list is named.
+    result = CliRunner().invoke(main, [*fit, "--cache-dir", str(tmp_path / "cold"), "--out", str(tmp_path / "one"),
+                                       "--classes", "only"])
+    assert _error_line(result) == (f"error: {mask_data / 'train/0-square/000.mask.png'} has label 1, outside the 1 "
+                                   f"classes (0..0; 255 = ignore); fit the head with --classes listing every class")
+    result = CliRunner().invoke(main, [*fit, "--out", str(tmp_path / "none"), "--classes", ","])
+    assert _error_line(result) == ("error: --classes ',' names no class; pass names separated by commas "
+                                   "(e.g. background,object), or a file with one per line")
+
+
+def test_missing_data_head_file_and_foreign_splits(vaes, tmp_path):
+    vae = str(vaes["reals"])
+    result = CliRunner().invoke(main, ["probe-seg", "fit", "--vae", vae, "--out", str(tmp_path / "o")])
+    assert _error_line(result) == "error: --data is required: the labelled images to fit the head on"
+    result = CliRunner().invoke(main, ["probe-depth", "fit", "--vae", vae, "--out", str(tmp_path / "o")])
+    assert _error_line(result) == "error: --data is required (or --dinov2-head to import DINOv2's released depth head)"
+
+    pth = tmp_path / "dinov2_vitb14_nyu_linear_head.pth"
+    pth.write_bytes(b"not read")
+    result = CliRunner().invoke(main, ["probe-depth", "eval", "--data", "motorcycle", "--vae", vae, "--head", str(pth)])
+    assert _error_line(result) == (
+        f"error: --head {pth} is a file; --head takes a head folder made by `reals probe-depth fit` (to import "
+        f"DINOv2's released head: `reals probe-depth fit --dinov2-head {pth} --vae VAE --out DIR`, then --head DIR)")
+    result = CliRunner().invoke(main, ["probe-seg", "eval", "--data", str(tmp_path), "--vae", vae, "--head", str(pth)])
+    assert _error_line(result) == f"error: --head {pth} is a file; --head takes a head folder made by `reals probe-seg fit`"
+
+    result = CliRunner().invoke(main, ["probe-depth", "fit", "--data", "motorcycle", "--splits", str(tmp_path / "s.mat"),
+                                       "--vae", vae, "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert _error_line(result) == ("error: --splits applies only to NYU .mat data; motorcycle data has its own train "
+                                   "and test splits: drop --splits")
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_must_be_new_empty_or_the_commands_own(vaes, mask_data, cache, tmp_path):
+    head = tmp_path / "head"
+    common = ["--data", str(mask_data), "--vae", str(vaes["reals"]), "--device", "cpu", "--cache-dir", str(cache)]
+    fit = ["probe-seg", "fit", *common, "--epochs", "1"]
+    assert CliRunner().invoke(main, [*fit, "--out", str(head)]).exit_code == 0
+    a_file, stranger = tmp_path / "notes.txt", tmp_path / "stranger"
+    a_file.write_text("x")
+    stranger.mkdir()
+    (stranger / "thesis.tex").write_text("x")
+    vae = vaes["reals"]
+    cases = [
+        (fit, a_file, f"error: --out {a_file} is a file; pass a folder"),
+        (fit, vae, f"error: --out {vae} holds a 'vae' artifact, not reals probe-seg fit's; pass a new --out"),
+        (fit, stranger, f"error: --out {stranger} holds thesis.tex, which reals probe-seg fit did not write; "
+                        f"pass a new or empty --out"),
+        (fit, head, f"error: {head} already holds a finished head; pass another --out, or delete it to fit again"),
+        (["probe-seg", "eval", *common, "--head", str(head)], vae,
+         f"error: --out {vae} holds a 'vae' artifact, not reals probe-seg eval's; pass a new --out"),
+        (["probe-seg", "eval", *common, "--head", str(head)], head,
+         f"error: --out {head} holds a 'probe-seg' artifact made by `{shlex.join(['reals', *fit, '--out', str(head)])}`, "
+         f"not reals probe-seg eval's; pass a new --out"),
+    ]
+    before = sorted(p.name for p in vae.iterdir())
+    for command, out, expected in cases:
+        assert _error_line(CliRunner().invoke(main, [*command, "--out", str(out)])) == expected
+    assert sorted(p.name for p in vae.iterdir()) == before  # nothing was written into the VAE

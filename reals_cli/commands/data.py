@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -71,7 +72,10 @@ def photos(out: Path, size: int, per_photo: int) -> None:
 @click.option("--workers", default=None, type=click.IntRange(min=1), help="Worker processes [default: all CPUs].")
 @click.option("--show", default=10, show_default=True, type=click.IntRange(min=0), help="Bad files to list.")
 def check(directory: Path, split: str | None, masks: bool, workers: int | None, show: int) -> None:
-    """Decode every image in DIR and count the good and the bad ones."""
+    """Decode every image in DIR and count the good and the bad ones.
+
+    Exits with status 1 when any file is bad (so a Makefile stops there), 0 when all are good.
+    """
     from ..console import console, labelled, print_summary
     from ..data import ImageFolder
 
@@ -97,3 +101,5 @@ def check(directory: Path, split: str | None, masks: bool, workers: int | None, 
         labelled("bad:", "yellow", f"{path}: {reason}")
     if len(bad_all) > show:
         console.print(f"... and {len(bad_all) - show} more")
+    if bad_all:
+        sys.exit(1)

@@ -23,11 +23,18 @@ def _apply(f, decorators):
 
 def _classes(value: str | None) -> list[str] | None:
     """A comma-separated list, or a text file with one class name per line."""
+    from ..errors import UserError
+
     if value is None:
         return None
     if Path(value).is_file():
-        return [line.strip() for line in Path(value).read_text().splitlines() if line.strip()]
-    return [name.strip() for name in value.split(",") if name.strip()]
+        names = [line.strip() for line in Path(value).read_text().splitlines() if line.strip()]
+    else:
+        names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:  # an empty list would silently mean the format's default classes
+        raise UserError(f"--classes {value!r} names no class; pass names separated by commas "
+                        f"(e.g. background,object), or a file with one per line")
+    return names
 
 
 def _data_options(task: str, eval_: bool) -> list:
@@ -48,7 +55,8 @@ def _data_options(task: str, eval_: bool) -> list:
     if task == "depth":
         options += [
             click.option("--splits", default=None, type=click.Path(dir_okay=False),
-                         help="NYU splits.mat (trainNdxs/testNdxs) [default: first 80% train, last 20% test]."),
+                         help="NYU splits.mat (trainNdxs/testNdxs) [default: first 80% train, last 20% test]; "
+                              "NYU only: the other formats have their own splits."),
             click.option("--depth-scale", default=1000.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
                          help="Depth PNG units per metre (1000: millimetres)."),
         ]
@@ -79,7 +87,8 @@ def _make_group(task: str) -> click.Group:
         from ..probes import fit_head
 
         if data_path is None and dinov2_head is None:
-            raise UserError("--data is required (or --dinov2-head to import DINOv2's released depth head)")
+            raise UserError("--data is required (or --dinov2-head to import DINOv2's released depth head)"
+                            if task == "depth" else "--data is required: the labelled images to fit the head on")
         fit_head(_spec(task, data_path, fmt, limit, classes, splits, depth_scale), vae, out,
                  dinov2_head=dinov2_head, **flags)
 
@@ -114,17 +123,21 @@ def _make_group(task: str) -> click.Group:
     eval_options = [
         *_data_options(task, eval_=True),
         click.option("--vae", required=True, help="The ReaLS VAE whose aligned latents are scored (b)."),
-        click.option("--head", required=True, help=f"A {name} head artifact (`reals {name} fit`)."),
+        click.option("--head", required=True, help=f"A head folder made by `reals {name} fit`" + (
+            " (a DINOv2 .pth goes through `fit --dinov2-head` first)." if task == "depth" else ".")),
         click.option("--baseline-vae", default=None, help="A VAE trained with --align-weight 0, scored the same way (c)."),
         click.option("--latents", default=None,
                      help="Latents without ground truth, e.g. `reals sample`'s latents.zarr (or a .safetensors/.npz "
                           "with 'latents' N x C x h x w, unnormalised): decoded | prediction panels."),
-        click.option("--out", default=None, help="Folder for metrics.json and panels [default: HEAD/eval-SPLIT]."),
+        click.option("--out", default=None, help="Folder for metrics.json, panels and a manifest: new, empty or an "
+                                                 "earlier eval's [default: HEAD/eval-SPLIT]."),
         click.option("--split", default="test", show_default=True, help="Held-out split (VOC: test reads val.txt)."),
-        click.option("--panels", default=8, show_default=True, type=click.IntRange(min=0), help="Images drawn in the panels."),
+        click.option("--panels", default=8, show_default=True, type=click.IntRange(min=0),
+                     help="Images drawn in panels.png (and latents drawn with --latents); 0: no panels."),
     ]
     group.command("eval", help="Score the head on teacher features (a), the VAE's aligned latents (b) and a "
-                               "baseline VAE's (c); write a table, metrics.json and panels.")(_apply(eval_, eval_options))
+                               "baseline VAE's (c); write a table, metrics.json, panels and a manifest.")(
+        _apply(eval_, eval_options))
     return group
 
 

@@ -286,6 +286,17 @@ def check_output_folder(out: str | os.PathLike, kind: str, written: Sequence[str
     return None
 
 
+def check_output_file(path: str | os.PathLike, option: str, example: str) -> None:
+    """Refuse, before any work, a file path that the end of the run could not write: a folder, or
+    a path under a file. `example` is a file name to suggest inside a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder; pass a file path, e.g. {path / example}")
+    above = next(p for p in path.parents if p.exists())
+    if not above.is_dir():
+        raise UserError(f"{option} {path} is under {above}, which is a file; pass a path in a folder")
+
+
 def read_manifest(directory: str | os.PathLike, kind: str | None = None, format_version: int | None = None) -> dict:
     """Read and check an artifact's manifest; every mismatch names both sides and a remedy."""
     directory = Path(directory)

@@ -16,7 +16,9 @@ covariances of small sets (where `scipy.linalg.sqrtm` returns NaN or complex val
 Inputs: an ADM `.npz` (`arr_0` = N x H x W x 3 uint8, streamed, never loaded whole), a
 folder holding `samples.npz` (`reals sample` output), a folder of images, a class-folder
 tree (ADM-center-cropped), an ADM reference batch (whose stored mu/sigma are used as
-they are), or a statistics file written by `save_reference_stats`.
+they are), or a statistics file written by `save_reference_stats`. A `reals sample` folder's
+samples.npz is checked against the hash in its manifest, since the result carries that
+manifest's protocol.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch
 from PIL import Image
 
 from . import __version__
-from .artifacts import MANIFEST, atomic_path, read_manifest
+from .artifacts import MANIFEST, atomic_path, check_output_file, read_manifest, verify_files
 from .errors import UserError
 from .inception import LOGITS_FEATURE, POOL_FEATURE, SFID_FEATURE, ExtractorChoice, choose_extractor
 
@@ -52,6 +54,15 @@ _POOL_KEY = "pool"
 _STAT_KEYS = {POOL_FEATURE: ("mu", "sigma"), SFID_FEATURE: ("mu_s", "sigma_s")}  # ADM's names
 _DIMS = {POOL_FEATURE: 2048, SFID_FEATURE: 7 * 17 * 17}
 _WORKERS_FROM = 1000  # fewer images than this decode faster in-process than with forked workers
+SAMPLES_NPZ = "samples.npz"
+# An unfinished `reals sample` run: its blocks and protocol, no manifest yet (reals_cli.sample).
+_SAMPLE_RUN_PROTOCOL = Path("parts", "protocol.json")
+_IMAGE_KINDS = ("samples", "dataset")  # the artifacts whose folders hold images
+_TAKES = {  # what each input may be, for the messages that refuse one
+    "SAMPLES": "an ADM .npz (arr_0 = N x H x W x 3 uint8), a `reals sample` folder or a folder of images",
+    "--ref": "an ADM reference batch, an .npz of images, a statistics file from --save-ref-stats, a folder of images "
+             "or a class-folder tree",
+}
 
 
 # -- metrics on features ---------------------------------------------------------------------
@@ -148,11 +159,13 @@ def inception_score(logits, split_size: int = IS_SPLIT_SIZE) -> tuple[float, flo
 
 # -- inputs -------------------------------------------------------------------------------------
 
-def _manifest_protocol(folder: Path) -> dict | None:
-    """What made these images: the manifest's kind, id and full config, if the folder has one."""
+def _manifest_protocol(folder: Path, verify: tuple[str, ...] = ()) -> dict | None:
+    """What made these images: the manifest's kind, id and full config, if the folder has one;
+    the files named in `verify` are first checked against the hashes it records."""
     if not (folder / MANIFEST).is_file():
         return None
     manifest = read_manifest(folder)
+    verify_files(folder, manifest, list(verify))
     return {"manifest": str(folder / MANIFEST), "kind": manifest.get("kind"), "id": manifest.get("id"),
             "config": manifest.get("config")}
 
@@ -192,9 +205,17 @@ class ImageSource:
     count: int
     resolution: tuple[int, int]  # H, W
     protocol: dict | None = None
+    upsampled = 0  # images of the last pass that the center crop had to enlarge
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         raise NotImplementedError
+
+    def _counting(self, loader: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[torch.Tensor]:
+        """The images of (images, enlarged?) batches, counting the enlarged ones in `upsampled`."""
+        self.upsampled = 0
+        for images, enlarged in loader:
+            self.upsampled += int(enlarged.sum())
+            yield images
 
     def describe(self) -> dict:
         return {"kind": self.kind, "path": str(self.path), "count": self.count, "resolution": list(self.resolution)}
@@ -249,7 +270,7 @@ class _Files(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
         from .data import adm_center_crop, to_rgb
 
         try:
@@ -258,13 +279,15 @@ class _Files(torch.utils.data.Dataset):
                 img = to_rgb(im)
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read image {self.paths[i]} ({e})") from None
+        enlarged = self.crop is not None and min(img.size) < self.crop
         if self.crop is not None:
             img = adm_center_crop(img, self.crop)
-        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1), enlarged
 
 
 class _Uint8(torch.utils.data.Dataset):
-    """data.ImageFolder's float [0, 1] images back as the uint8 they were decoded from."""
+    """data.ImageFolder's float [0, 1] images back as the uint8 they were decoded from, and whether
+    the file's short side is below the crop size (read from its header: ImageFolder keeps no sizes)."""
 
     def __init__(self, folder) -> None:
         self.folder = folder
@@ -272,11 +295,16 @@ class _Uint8(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.folder)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.folder[i][0].mul(255).round_().to(torch.uint8)
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
+        image = self.folder[i][0].mul(255).round_().to(torch.uint8)
+        try:
+            with Image.open(self.folder.samples[i][0]) as im:
+                return image, min(im.size) < self.folder.size
+        except (OSError, ValueError):  # a file ImageFolder skipped (it returned the next readable one)
+            return image, False
 
 
-def _loader(dataset, batch_size: int) -> Iterator[torch.Tensor]:
+def _loader(dataset, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     workers = 0 if len(dataset) < _WORKERS_FROM else min(8, os.cpu_count() or 1)
     yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
 
@@ -311,7 +339,7 @@ class FolderImages(ImageSource):
         self.resolution = (h, w)
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        return _loader(_Files(self.files, self.crop), batch_size)
+        yield from self._counting(_loader(_Files(self.files, self.crop), batch_size))
 
 
 class ClassFolderImages(ImageSource):
@@ -332,7 +360,7 @@ class ClassFolderImages(ImageSource):
         return {**super().describe(), "split": self.folder.split, "crop": "adm-center-crop"}
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        yield from _loader(_Uint8(self.folder), batch_size)
+        yield from self._counting(_loader(_Uint8(self.folder), batch_size))
         self.folder.report_skipped()
 
 
@@ -372,13 +400,27 @@ class StatsFile:
         return cls(path, meta, _stat_pairs(path, arrays), arrays.get(_POOL_KEY))
 
 
+def _sample_run(folder: Path) -> NpzImages | None:
+    """`reals sample` output: its samples.npz, hash-checked against its manifest (whose protocol the
+    result carries); None for a folder without samples.npz. An unfinished run is refused."""
+    if (folder / _SAMPLE_RUN_PROTOCOL).is_file() and not (folder / MANIFEST).is_file():
+        raise UserError(f"{folder} is an unfinished `reals sample` run (no {MANIFEST} yet); run the same "
+                        f"`reals sample` command again to finish it")
+    npz = folder / SAMPLES_NPZ
+    if not npz.is_file():
+        return None
+    return NpzImages(npz, _npz_keys(npz), _manifest_protocol(folder, verify=(SAMPLES_NPZ,)))
+
+
 def open_input(path: str | os.PathLike, crop: int | None = None, classes: bool = True) -> ImageSource | StatsFile:
     """Recognise an input by its form (see the module docstring); `crop` applies to folders only.
 
-    `classes=False` refuses class-folder trees (generated samples are a flat folder or an npz).
+    `classes=False` opens SAMPLES: it refuses class-folder trees (generated samples are a flat
+    folder or an npz), and its messages name SAMPLES rather than --ref.
     """
     from .data import IMAGE_EXTENSIONS, MASK_SUFFIX
 
+    role = "--ref" if classes else "SAMPLES"
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist")
@@ -389,17 +431,22 @@ def open_input(path: str | os.PathLike, crop: int | None = None, classes: bool =
         keys = _npz_keys(path)
         if _META in keys:
             return StatsFile.load(path)
-        protocol = _manifest_protocol(path.parent) if path.name == "samples.npz" else None
-        return NpzImages(path, keys, protocol)
-    if (path / "samples.npz").is_file():  # `reals sample` output: the npz and the manifest saying how it was made
-        return NpzImages(path / "samples.npz", _npz_keys(path / "samples.npz"), _manifest_protocol(path))
+        if path.name == SAMPLES_NPZ:
+            return _sample_run(path.parent)
+        return NpzImages(path, keys)
+    if (path / MANIFEST).is_file():
+        kind = read_manifest(path).get("kind")
+        if kind not in _IMAGE_KINDS:  # its files (a VAE's reconstruction preview, say) are not a set of images
+            raise UserError(f"{path} is a '{kind}' artifact, not images; {role} takes {_TAKES[role]}")
+    run = _sample_run(path)
+    if run is not None:
+        return run
     files = sorted(str(p) for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
                    and p.name.lower().endswith(IMAGE_EXTENSIONS) and not p.name.lower().endswith(MASK_SUFFIX))
     if files:
         return FolderImages(path, files, crop)
     if not classes:
-        raise UserError(f"no image files directly in {path}; samples are an .npz, a folder holding samples.npz, "
-                        f"or a folder of images")
+        raise UserError(f"no image files directly in {path}; SAMPLES takes {_TAKES['SAMPLES']}")
     return ClassFolderImages(path, crop)
 
 
@@ -477,6 +524,23 @@ def save_reference_stats(path: str | os.PathLike, features: _Features, choice: E
 
 # -- the whole evaluation ------------------------------------------------------------------------
 
+def _check_stats_out(path: str | os.PathLike) -> None:
+    check_output_file(path, "--save-ref-stats", "ref-stats.npz")
+    if Path(path).suffix.lower() != ".npz":  # --ref recognises a file by this suffix
+        raise UserError(f"--save-ref-stats {path} does not end in .npz, which --ref needs to read it back; "
+                        f"pass {path}.npz")
+
+
+def _upsampling_warnings(ref_src: ImageSource | StatsFile) -> list[str]:
+    """A reference smaller than the samples, enlarged by the center crop in the pass just made."""
+    if not isinstance(ref_src, ImageSource) or not ref_src.upsampled:
+        return []
+    h, w = ref_src.resolution
+    return [f"{ref_src.upsampled} of {ref_src.count} reference images in {ref_src.path} are smaller than the "
+            f"samples' {h}x{w} and were upsampled to it: FID then also measures the upsampling; use reference "
+            f"images at least as large as the samples"]
+
+
 def _check_stats_file(ref: StatsFile, choice: ExtractorChoice) -> None:
     made = ref.meta.get("extractor", {})
     if (made.get("name"), made.get("weights_sha256")) != (choice.name, choice.weights_sha256):
@@ -517,6 +581,8 @@ def compute_metrics(
         raise UserError(f"--batch-size must be positive, got {batch_size}")
     if ref_size is not None and ref_size < 1:
         raise UserError(f"--ref-size must be positive, got {ref_size}")
+    if save_ref_stats is not None:
+        _check_stats_out(save_ref_stats)
     wanted = set(metrics)
     dev = resolve_device(device)
 
@@ -602,7 +668,7 @@ def compute_metrics(
     if "is" in wanted and "is" not in unavailable:
         result["inception_score"], result["inception_score_std"] = inception_score(fake.kept[LOGITS_FEATURE])
 
-    warnings = [choice.note] if choice.note else []
+    warnings = ([choice.note] if choice.note else []) + _upsampling_warnings(ref_src)
     if n != FID_50K:
         warnings.append(f"{n} samples, not 50,000: this is not FID-50K and is not comparable with published "
                         f"FID-50K numbers (FID is biased upwards for fewer samples)")
@@ -645,6 +711,7 @@ def compute_reference_stats(ref: str | os.PathLike, out: str | os.PathLike, ref_
     from .runtime import resolve_device
 
     started = time.perf_counter()
+    _check_stats_out(out)
     ref_src = open_input(ref, ref_size)
     if not isinstance(ref_src, ImageSource):
         raise UserError(f"{ref} already holds statistics; --save-ref-stats needs reference images")
@@ -655,4 +722,5 @@ def compute_reference_stats(ref: str | os.PathLike, out: str | os.PathLike, ref_
         got = _extract(ref_src, net, {POOL_FEATURE, SFID_FEATURE}, {POOL_FEATURE}, dev, batch_size, bar, "reference")
     save_reference_stats(out, got, choice, ref_src)
     return {"out": str(out), "count": ref_src.count, "resolution": list(ref_src.resolution),
-            "extractor": choice.describe(), "seconds": round(time.perf_counter() - started, 2)}
+            "extractor": choice.describe(), "warnings": _upsampling_warnings(ref_src),
+            "seconds": round(time.perf_counter() - started, 2)}

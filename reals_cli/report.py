@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
-from .artifacts import MANIFEST, atomic_path, atomic_write_bytes
+from .artifacts import MANIFEST, atomic_path, atomic_write_bytes, check_output_file
 from .console import console
 from .errors import UserError
 from .runtime import describe_machine
@@ -122,6 +122,8 @@ def _manifests(root: Path) -> list[tuple[Path, dict]]:
     found = []
     for source in sorted(root.rglob("*.json")):
         path = source
+        if path.name == "metrics.json" and (path.parent / MANIFEST).is_file():
+            continue  # a probe evaluation's: its manifest records the same command
         if path.name in (MANIFEST, "metrics.json") or path.parent == root or path.name.startswith("fid"):
             m = _json(path)
         elif path.name == "zarr.json" and path.parent.suffix == ".zarr" and not (path.parent.parent / MANIFEST).is_file():
@@ -169,6 +171,7 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None, 
     if not found:
         raise UserError(f"{root} holds no <variant>/vae/{MANIFEST}: no finished train-vae step to report on")
     out = Path(out) if out else root / "report.md"
+    check_output_file(out, "--out", "report.md")  # before the pictures and the plot are written beside it
     evaluations = _probe_evaluations(root)
     probes = _probe_results(evaluations)
     rows = {p.name: variant_row(p, probes) for p in found}

@@ -37,18 +37,22 @@ from .ema import ema_copy, ema_update
 from .errors import UserError
 from .image_metrics import psnr, ssim
 from .perceptual import LPIPS
-from .reals_vae import save_reals_vae
+from .reals_vae import ALIGN_FILE, KIND, save_reals_vae
 from .runtime import autocast, resolve_device, seed_everything
-from .teachers import Teacher, build_teacher
+from .teachers import DINOv2Teacher, Teacher, build_teacher
 from .training import (
-    FiniteGuard, StepLog, check_run_folder, init_distributed, load_checkpoint, save_checkpoint, truncate_log,
+    FiniteGuard, SignalStop, StepLog, check_run_folder, init_distributed, load_checkpoint, save_checkpoint, truncate_log,
 )
-from .vae import AutoencoderKL, kl_loss, load_diffusers_vae, vae_config
+from .vae import CONFIG_NAME, WEIGHTS_NAMES, AutoencoderKL, kl_loss, load_diffusers_vae, vae_config
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "log.jsonl"
 # Flags that may differ on --resume without changing what the run computes (steps: train longer).
 RESUMABLE_CHANGES = {"steps", "device", "workers", "log_every", "ckpt_every", "image_every"}
+# What train-vae writes into --out (check_output_folder lets the hidden temporary files of a kill pass).
+RUN_FILES = (CHECKPOINT, LOG, artifacts.MANIFEST, CONFIG_NAME, WEIGHTS_NAMES[0], ALIGN_FILE, "recon_???????.png")
+# VGG16 (LPIPS on the images, and the vgg16 teacher) pools 4 times before its last block.
+VGG_MIN_SIZE = 16
 
 
 @dataclass
@@ -73,7 +77,7 @@ class TrainVAEConfig:
     kl: float = 1e-6
     disc_weight: float = 0.5
     disc_start: int = 50_001
-    disc_layers: int | None = None  # None: 3 (LDM's), fewer for images too small for 3
+    disc_layers: int | None = None  # None: 3 (LDM's), fewer below 32 px
     align_weight: float = 1.0
     align_patch_weight: float = 1.0
     align_global_weight: float = 1.0
@@ -95,8 +99,8 @@ class TrainVAEConfig:
 # Recipes by name; explicit flags override them.
 PRESETS: dict[str, dict[str, Any]] = {
     # Fashion-MNIST at 32 px (28 px natively), VGG16 teacher on a 64 px upsample (8x8 relu4_3
-    # grid = the 8x8 latent grid of the f4 demo VAE): minutes on 2 CPU cores. lr 1e-3: at 4e-4, 150
-    # steps left the photographs' latents too little aligned for the depth probe (docs/probes.md).
+    # grid = the 8x8 latent grid of the f4 demo VAE): minutes on 2 CPU cores. lr 1e-3: at 4e-4, the
+    # Makefile's 150 steps left the photographs' latents too little aligned for the depth probe (docs/probes.md).
     "demo": dict(
         data="runs/demo/data", out="runs/demo/reals/vae", vae="demo", image_size=32, teacher="vgg16",
         teacher_resolution=64, align_hidden=256, steps=300, batch_size=32, lr=1e-3, disc_lr=1e-3,
@@ -131,17 +135,46 @@ class Generator(nn.Module):
         return recon, mean, logvar, patch, glob
 
 
+# Each numeric flag's allowed values: a test and its words for the error (NaN and infinity pass none).
+ALLOWED_VALUES = {
+    **dict.fromkeys(("steps", "batch_size", "align_hidden", "log_every", "ckpt_every", "image_every"),
+                    (lambda v: v >= 1, "at least 1")),
+    **dict.fromkeys(("lr", "disc_lr", "weight_decay", "kl", "lpips_weight", "disc_weight", "disc_start", "align_patch_weight",
+                     "align_global_weight", "align_cos", "align_l1", "seed", "workers"), (lambda v: v >= 0, ">= 0")),
+    "image_size": (lambda v: v >= VGG_MIN_SIZE, f"at least {VGG_MIN_SIZE} (LPIPS's VGG16 halves it 4 times)"),
+    "align_weight": (lambda v: v >= 0, ">= 0 (0: the baseline VAE)"),
+    "grad_clip": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    "ema_decay": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "val_count": (lambda v: v >= 0, ">= 0 (0: no validation)"),
+}
+
+
 def _check_config(cfg: TrainVAEConfig) -> None:
     if cfg.rec_loss not in ("l1", "mse"):
         raise UserError(f"--rec-loss must be l1 or mse, got {cfg.rec_loss!r}")
-    positive = {"steps": cfg.steps, "batch-size": cfg.batch_size, "image-size": cfg.image_size,
-                "ckpt-every": cfg.ckpt_every, "log-every": cfg.log_every, "image-every": cfg.image_every}
-    for name, value in positive.items():
-        if value < 1:
-            raise UserError(f"--{name} must be at least 1, got {value}")
-    for name in ("kl", "lpips_weight", "disc_weight", "align_weight", "lr", "disc_lr"):
-        if getattr(cfg, name) < 0 or not math.isfinite(getattr(cfg, name)):
-            raise UserError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(cfg, name)}")
+    for name, (allowed, rule) in ALLOWED_VALUES.items():
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and allowed(value)):
+            raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+    # The smallest input a teacher has a feature grid for: one DINOv2 patch; VGG16 as above.
+    smallest = VGG_MIN_SIZE if cfg.teacher == "vgg16" else DINOv2Teacher.stride
+    if cfg.teacher_resolution is not None and cfg.teacher_resolution < smallest:
+        raise UserError(f"--teacher-resolution must be at least {smallest} for --teacher {cfg.teacher}, "
+                        f"got {cfg.teacher_resolution}")
+    # Each discriminator layer halves the image, and its last two convolutions (kernel 4, stride 1,
+    # padding 1) need 3 px left: `fits` layers fit.
+    fits = (cfg.image_size // 3).bit_length() - 1
+    if cfg.disc_layers is not None and not 1 <= cfg.disc_layers <= fits:
+        raise UserError(f"--disc-layers must be between 1 and {fits} at --image-size {cfg.image_size}, got {cfg.disc_layers}")
+
+
+def _check_out(out: Path, resume: bool) -> None:
+    """--out must be new, empty or a train-vae run's folder: another artifact or unrelated files are
+    refused. A folder with a checkpoint is a run whatever else is in it, and a --resume without
+    one is told so by check_run_folder."""
+    run = (out / CHECKPOINT).is_file()
+    artifacts.check_output_folder(out, KIND, ["*"] if run or resume else RUN_FILES, "reals train-vae")
+    check_run_folder(out, CHECKPOINT, resume)
 
 
 def _build_vae(cfg: TrainVAEConfig) -> AutoencoderKL:
@@ -168,6 +201,9 @@ def _datasets(cfg: TrainVAEConfig) -> tuple[torch.utils.data.Dataset, torch.util
         return ConcatDataset([train, *extra]), Subset(val, keep)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     n_val = min(cfg.val_count, len(train) // 10)
+    if cfg.val_count and not n_val:
+        raise UserError(f"{root} has {len(train)} images, too few to hold a tenth out for validation; add images "
+                        f"or a test/ split, or pass --val-count 0")
     return ConcatDataset([Subset(train, order[n_val:]), *extra]), Subset(train, order[:n_val])
 
 
@@ -220,7 +256,7 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
     out = Path(cfg.out)
     rank, world, device = init_distributed(resolve_device(cfg.device))
     ckpt_path = out / CHECKPOINT
-    check_run_folder(out, CHECKPOINT, resume)
+    _check_out(out, resume)
     seed_everything(cfg.seed + rank)
 
     train_set, val_set = _datasets(cfg)
@@ -229,7 +265,7 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
     latent_grid = cfg.image_size // vae.downsample_factor
     align = AlignmentNet(AlignConfig(vae.config.latent_channels, latent_grid, teacher.dim, teacher.grid(cfg.image_size), cfg.align_hidden))
     gen = Generator(vae, align, detach_align=cfg.align_weight == 0).to(device)
-    disc = PatchDiscriminator(layers=cfg.disc_layers or max(1, min(3, int(math.log2(cfg.image_size // 4))))).to(device)
+    disc = PatchDiscriminator(layers=cfg.disc_layers or min(3, int(math.log2(cfg.image_size // 4)))).to(device)
     lpips = LPIPS().to(device)
     ema = ema_copy(gen)
     opt_g = torch.optim.AdamW(gen.parameters(), lr=cfg.lr, betas=(0.5, 0.9), weight_decay=cfg.weight_decay)
@@ -243,7 +279,7 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
     if resume:
         step = load_checkpoint(ckpt_path, dataclasses.asdict(cfg), stateful, RESUMABLE_CHANGES, rank)
         console.print(f"resumed {out} at step {step}")
-        truncate_log(out / LOG, step)
+    truncate_log(out / LOG, step)  # lines past the checkpoint, or of a run killed before its first one
 
     model_g, model_d = gen, disc
     if world > 1:
@@ -274,12 +310,15 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
 
     gen.train()
     disc.train()
-    data_iter = iter(loader)
     log = StepLog(out / LOG, cfg.batch_size * world, step)
     guard = FiniteGuard(device, ckpt_path, "--precision fp32, a lower --lr or a smaller --grad-clip")
-    with progress(disable=not is_main) as bar:
+    saved = step if resume else -1
+    with SignalStop(world) as stop, progress(disable=not is_main) as bar:
+        data_iter = iter(loader)  # the workers start here, inside SignalStop (see there)
         task = bar.add_task("train-vae", total=cfg.steps, completed=step, status="")
         while step < cfg.steps:
+            if stop.now(agree=True):  # every step reads the loss back already: the ranks can agree at each
+                break
             x01 = _flip(next(data_iter)[0], cfg.seed, step, rank).to(device, non_blocking=True)
             x = x01 * 2 - 1
             with autocast(device, cfg.precision):
@@ -303,7 +342,7 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
             opt_g.zero_grad(set_to_none=True)
             scaler_g.scale(loss).backward()
             scaler_g.unscale_(opt_g)
-            grad_norm = nn.utils.clip_grad_norm_(gen.parameters(), cfg.grad_clip)
+            grad_norm = nn.utils.clip_grad_norm_(gen.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             scaler_g.step(opt_g)
             scaler_g.update()
 
@@ -330,12 +369,18 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
                 _save_grid(out / f"recon_{step:07d}.png", x01, (recon.detach().float() + 1) / 2)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 save_checkpoint(ckpt_path, step, dataclasses.asdict(cfg), stateful, world)
+                saved = step
+        if step < cfg.steps:  # stopped by a signal
+            if saved != step:
+                save_checkpoint(ckpt_path, step, dataclasses.asdict(cfg), stateful, world)
+            raise stop.stopped(step, ckpt_path)
 
     if world > 1:
         dist.barrier()
     if not is_main:
         return {}
-    metrics = evaluate(ema.vae, ema.align, teacher, lpips, val_loader, device)
+    # --val-count 0: no validation metrics, and the manifest says so with val_images 0.
+    metrics = evaluate(ema.vae, ema.align, teacher, lpips, val_loader, device) if len(val_set) else {"val_images": 0}
     metrics["steps"] = step
     inputs = {"data": artifacts.describe_input(cfg.data)}
     inputs |= {f"extra_data_{i}": artifacts.describe_input(folder) for i, folder in enumerate(cfg.extra_data)}
@@ -345,9 +390,12 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
         inputs["teacher_weights"] = artifacts.describe_input(cfg.teacher_weights)
     config = dataclasses.asdict(cfg) | {"teacher_dim": teacher.dim, "teacher_grid": align.config.teacher_grid}
     manifest = save_reals_vae(out, ema.vae, ema.align, config, inputs, metrics)
-    print_summary(f"VAE {out} ({manifest['id']})", {
-        "steps": step, "PSNR (dB)": metrics["psnr"], "SSIM": metrics["ssim"], "LPIPS": metrics["lpips"],
-        "align cos patch": metrics["align_cos_patch"], "align cos global": metrics["align_cos_global"],
-        "latent std": " ".join(f"{s:.3f}" for s in metrics["latent_std"]),
-    })
+    summary: dict[str, Any] = {"steps": step}
+    if len(val_set):
+        summary |= {"PSNR (dB)": metrics["psnr"], "SSIM": metrics["ssim"], "LPIPS": metrics["lpips"],
+                    "align cos patch": metrics["align_cos_patch"], "align cos global": metrics["align_cos_global"],
+                    "latent std": " ".join(f"{s:.3f}" for s in metrics["latent_std"])}
+    else:
+        summary["validation"] = "none (--val-count 0)"
+    print_summary(f"VAE {out} ({manifest['id']})", summary)
     return manifest

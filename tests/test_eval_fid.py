@@ -17,6 +17,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from reals_cli import artifacts
 from reals_cli.artifacts import write_manifest
 from reals_cli.cli import main
 from reals_cli.fid import frechet_distance, inception_score, kernel_inception_distance, precision_recall
@@ -347,6 +348,24 @@ def test_image_folder_inputs(tmp_path):
     assert all(b.dtype == torch.uint8 and b.shape[1:] == (3, 8, 8) for b in src.batches(4))
 
 
+def _image_tree(root: Path, side: int, n: int) -> Path:
+    """n random side x side images in two class folders."""
+    rng = np.random.default_rng(7)
+    for i in range(n):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(root / f"c{i % 2}" / f"{i}.png")
+    return root
+
+
+def test_images_enlarged_by_the_center_crop_are_counted(tmp_path):
+    from reals_cli.fid import open_input
+
+    small, large = _image_tree(tmp_path / "small", 16, 3), _image_tree(tmp_path / "large", 40, 3)
+    for path, crop, enlarged in [(small, 32, 3), (large, 32, 0), (small / "c0", 32, 2), (large / "c0", 32, 0)]:
+        src = open_input(path, crop=crop)  # a class-folder tree, then a flat folder
+        assert sum(len(b) for b in src.batches(2)) == src.count and src.upsampled == enlarged, path
+
+
 # -- bad input: one red line, exit 2 ---------------------------------------------------------------
 
 def _one_line_error(r, *fragments: str) -> str:
@@ -409,3 +428,102 @@ def test_reference_statistics_alone_equal_those_saved_beside_an_evaluation(fm, r
     assert nothing.exit_code == 2
     assert nothing.output.strip() == ("error: give SAMPLES to evaluate, or --save-ref-stats FILE to cache the "
                                       "reference statistics alone")
+
+
+@pytest.fixture
+def no_inputs_opened(monkeypatch):
+    """Outputs are checked first: opening an input (hashing a 10 GB npz, say) is already work."""
+    import reals_cli.fid as fid
+
+    monkeypatch.setattr(fid, "open_input", lambda *a, **k: pytest.fail("an input was opened"))
+
+
+@pytest.mark.parametrize("option", ["--out", "--save-ref-stats"])
+def test_error_output_that_is_a_folder(tmp_path, no_inputs_opened, option):
+    example = "metrics.json" if option == "--out" else "ref-stats.npz"
+    r = _invoke(tmp_path / "samples.npz", "--ref", tmp_path / "ref.npz", option, tmp_path)
+    assert _one_line_error(r) == f"error: {option} {tmp_path} is a folder; pass a file path, e.g. {tmp_path / example}"
+
+
+def test_error_output_under_a_file(tmp_path, no_inputs_opened):
+    (tmp_path / "file").write_text("")
+    r = _invoke(tmp_path / "samples.npz", "--ref", tmp_path / "ref.npz", "--out", tmp_path / "file" / "m.json")
+    assert _one_line_error(r) == (f"error: --out {tmp_path / 'file' / 'm.json'} is under {tmp_path / 'file'}, "
+                                  f"which is a file; pass a path in a folder")
+
+
+@pytest.mark.parametrize("with_samples", [True, False])
+def test_error_reference_statistics_file_without_npz_suffix(tmp_path, no_inputs_opened, with_samples):
+    # --ref reads only .npz files as statistics: a name it would refuse is refused before they are made.
+    stats = tmp_path / "refstats"
+    r = _invoke(*([tmp_path / "samples.npz"] if with_samples else []), "--ref", tmp_path / "ref",
+                "--save-ref-stats", stats)
+    assert _one_line_error(r) == (f"error: --save-ref-stats {stats} does not end in .npz, which --ref needs to "
+                                  f"read it back; pass {stats}.npz")
+    assert not stats.exists()
+
+
+def _sample_folder(folder: Path, monkeypatch) -> dict:
+    """A finished `reals sample` folder (4 images of 8 px), its manifest recording the command."""
+    folder.mkdir()
+    np.savez(folder / "samples.npz", arr_0=np.random.default_rng(8).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    monkeypatch.setattr(artifacts, "invocation", {"command": f"reals sample --out {folder}", "started": 0.0})
+    return write_manifest(folder, "samples", 1, {"seed": 0}, files=["samples.npz"])
+
+
+def test_samples_npz_is_checked_against_the_hash_in_its_manifest(tmp_path, monkeypatch):
+    from reals_cli.fid import open_input
+
+    folder = tmp_path / "samples"
+    manifest = _sample_folder(folder, monkeypatch)
+    for path in (folder, folder / "samples.npz"):
+        assert open_input(path, classes=False).protocol["id"] == manifest["id"]
+    with np.load(folder / "samples.npz") as z:
+        images = z["arr_0"].copy()
+    images[1] ^= 1  # one image changed: its protocol would no longer describe it
+    np.savez(folder / "samples.npz", arr_0=images)
+    for path in (folder, folder / "samples.npz"):
+        assert _one_line_error(_invoke(path, "--ref", path)) == (
+            f"error: {folder / 'samples.npz'} does not match the hash in its manifest (corrupt or replaced); "
+            f"delete {folder} and run `reals sample --out {folder}` again")
+
+
+def test_error_unfinished_sample_run(tmp_path, monkeypatch):
+    folder = tmp_path / "samples"
+    (folder / "parts").mkdir(parents=True)
+    (folder / "parts" / "protocol.json").write_text("{}")
+    _npz(folder / "parts" / "block_000000.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
+    expected = (f"error: {folder} is an unfinished `reals sample` run (no manifest.json yet); run the same "
+                f"`reals sample` command again to finish it")
+    assert _one_line_error(_invoke(folder, "--ref", folder)) == expected
+    # Killed while assembling: samples.npz is written before the manifest.
+    _npz(folder / "samples.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    for path in (folder, folder / "samples.npz"):
+        assert _one_line_error(_invoke(path, "--ref", path)) == expected
+
+
+def test_error_artifact_that_holds_no_images(tmp_path):
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    Image.fromarray(np.zeros((16, 32, 3), np.uint8)).save(vae / "recon_0000010.png")  # a preview, not a sample set
+    write_manifest(vae, "vae", 1, {})
+    samples = _npz(tmp_path / "s.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    assert _one_line_error(_invoke(samples, "--ref", vae)) == (
+        f"error: {vae} is a 'vae' artifact, not images; --ref takes an ADM reference batch, an .npz of images, "
+        f"a statistics file from --save-ref-stats, a folder of images or a class-folder tree")
+    assert _one_line_error(_invoke(vae, "--ref", samples)) == (
+        f"error: {vae} is a 'vae' artifact, not images; SAMPLES takes an ADM .npz (arr_0 = N x H x W x 3 uint8), "
+        f"a `reals sample` folder or a folder of images")
+
+
+@pytest.mark.assets
+def test_warning_reference_smaller_than_the_samples(tmp_path):
+    samples = _npz(tmp_path / "s.npz", arr_0=np.random.default_rng(9).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))
+    ref = _image_tree(tmp_path / "ref", 16, 3)
+    r = _invoke(samples, "--ref", ref, "--metrics", "fid", "--extractor", "offline", "--device", "cpu",
+                "--out", tmp_path / "m.json")
+    assert r.exit_code == 0, r.output
+    expected = (f"3 of 3 reference images in {ref} are smaller than the samples' 32x32 and were upsampled to it: "
+                f"FID then also measures the upsampling; use reference images at least as large as the samples")
+    assert expected in json.loads((tmp_path / "m.json").read_text())["warnings"]
+    assert f"warning: {expected}" in r.output.splitlines()

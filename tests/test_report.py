@@ -95,3 +95,12 @@ def test_cli_prints_the_table_and_refuses_an_empty_folder(pipeline, tmp_path):
     assert r.exit_code == 2
     assert r.output.strip() == (f"error: {tmp_path / 'empty'} holds no <variant>/vae/manifest.json: no finished "
                                 "train-vae step to report on")
+
+
+def test_cli_refuses_an_out_folder_before_writing(pipeline, tmp_path):
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    r = CliRunner().invoke(main, ["report", str(pipeline), "--out", str(folder)])
+    assert r.exit_code == 2
+    assert r.output.strip() == f"error: --out {folder} is a folder; pass a file path, e.g. {folder / 'report.md'}"
+    assert list(folder.iterdir()) == []

@@ -1,5 +1,6 @@
-"""train-vae: resume equivalence after SIGKILL, the baseline's detached alignment, bad input."""
+"""train-vae: resume equivalence after SIGKILL, the baseline's detached alignment, bad input and --out."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -10,10 +11,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from reals_cli.alignment import AlignConfig, AlignmentNet
-from reals_cli.artifacts import load_weights
+from reals_cli.artifacts import load_weights, read_manifest
 from reals_cli.cli import main
 from reals_cli.errors import UserError
 from reals_cli.train_vae import Generator, resolve_config, train_vae
+from reals_cli.training import read_log
 from reals_cli.vae import AutoencoderKL, save_diffusers_vae, vae_config
 
 TINY_FLAGS = dict(vae="tiny", image_size=16, teacher="vgg16", align_hidden=16, batch_size=4, workers=0,
@@ -72,6 +74,38 @@ def test_resume_after_sigkill_equals_uninterrupted_run(assets_home, shapes_data,
     assert steps_logged == list(range(1, steps + 1))
 
 
+def test_sigterm_saves_the_step_it_stopped_at_and_resume_goes_on_exactly(assets_home, shapes_data, tmp_path):
+    """A cluster's SIGTERM (preemption, time limit): the step finishes, is checkpointed though no
+    checkpoint was due, and the run exits 130; --resume then ends where an uninterrupted run does."""
+    import signal
+    import subprocess
+    import time
+
+    from reals_cli.artifacts import load_state
+
+    out, ckpt = tmp_path / "stopped", tmp_path / "stopped" / "checkpoint.safetensors"
+    proc = subprocess.Popen([sys.executable, "-m", "reals_cli", "train-vae", *_args(shapes_data, out, 10_000,
+                                                                                  ckpt_every=10_000)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log, deadline = out / "log.jsonl", time.monotonic() + 180
+    while time.monotonic() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    stopped = load_state(ckpt)["step"]
+    assert stopped >= 2 and not (out / "manifest.json").exists()
+    assert err.strip().splitlines()[-1] == (f"interrupted: stopped at step {stopped}; {ckpt} holds it: "
+                                           "continue with the same command and --resume")
+    steps = stopped + 1
+    result = CliRunner().invoke(main, ["train-vae", *_args(shapes_data, out, steps), "--resume"])
+    assert result.exit_code == 0, result.output
+    straight = tmp_path / "straight"
+    train_vae(resolve_config(**{**TINY_FLAGS, "data": str(shapes_data), "out": str(straight), "steps": steps}))
+    a, b = _final_weights(straight), _final_weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_finished_run_manifest_and_metrics(assets_home, shapes_data, tmp_path):
     out = tmp_path / "vae"
     manifest = train_vae(resolve_config(**{**TINY_FLAGS, "data": str(shapes_data), "out": str(out), "steps": 3, "ckpt_every": 3}))
@@ -116,17 +150,102 @@ def test_alignment_patch_size_follows_grids():
 
 
 @pytest.mark.parametrize("extra, message", [
-    (dict(teacher_resolution=24), "error: the teacher's 3x3 feature grid does not divide the 8x8 latent grid; pick a --teacher-resolution"),
-    (dict(image_size=15), "error: --image-size 15 is not divisible by the VAE's downsampling factor 2"),
+    (dict(teacher_resolution=24), "the teacher's 3x3 feature grid does not divide the 8x8 latent grid; pick a "
+     "--teacher-resolution or --image-size that makes the latent grid a multiple of the teacher grid"),
+    (dict(image_size=17), "--image-size 17 is not divisible by the VAE's downsampling factor 2"),
     (dict(rec_loss="huber"), None),  # click refuses the choice itself (exit 2)
-    (dict(batch_size=0), "error: --batch-size must be at least 1, got 0"),
+    (dict(batch_size=0), "--batch-size must be at least 1, got 0"),
+    (dict(align_hidden=0), "--align-hidden must be at least 1, got 0"),
+    (dict(image_size=8), "--image-size must be at least 16 (LPIPS's VGG16 halves it 4 times), got 8"),
+    (dict(grad_clip=-1), "--grad-clip must be >= 0 (0: no clipping), got -1.0"),
+    (dict(ema_decay=-1), "--ema-decay must be in [0, 1], got -1.0"),
+    (dict(ema_decay=2), "--ema-decay must be in [0, 1], got 2.0"),
+    (dict(align_weight=-1), "--align-weight must be >= 0 (0: the baseline VAE), got -1.0"),
+    (dict(align_cos=-1), "--align-cos must be >= 0, got -1.0"),
+    (dict(align_l1=-2), "--align-l1 must be >= 0, got -2.0"),
+    (dict(align_patch_weight=-1), "--align-patch-weight must be >= 0, got -1.0"),
+    (dict(align_global_weight=-1), "--align-global-weight must be >= 0, got -1.0"),
+    (dict(kl="nan"), "--kl must be >= 0, got nan"),
+    (dict(seed=-1), "--seed must be >= 0, got -1"),
+    (dict(workers=-1), "--workers must be >= 0, got -1"),
+    (dict(val_count=-3), "--val-count must be >= 0 (0: no validation), got -3"),
+    (dict(teacher_resolution=0), "--teacher-resolution must be at least 16 for --teacher vgg16, got 0"),
+    (dict(teacher_resolution=8), "--teacher-resolution must be at least 16 for --teacher vgg16, got 8"),
+    (dict(teacher_resolution=-64), "--teacher-resolution must be at least 16 for --teacher vgg16, got -64"),
+    (dict(teacher="dinov2-s", teacher_resolution=7), "--teacher-resolution must be at least 14 for --teacher dinov2-s, got 7"),
+    # 16 px: 3 layers would leave 2 px for the last two 4x4 convolutions (they crashed at --disc-start).
+    (dict(disc_layers=3), "--disc-layers must be between 1 and 2 at --image-size 16, got 3"),
+    (dict(disc_layers=0), "--disc-layers must be between 1 and 2 at --image-size 16, got 0"),
+    (dict(disc_layers=-1), "--disc-layers must be between 1 and 2 at --image-size 16, got -1"),
 ])
 def test_bad_input_one_line_errors(assets_home, shapes_data, tmp_path, extra, message):
     result = CliRunner().invoke(main, ["train-vae", *_args(shapes_data, tmp_path / "o", 2, **extra)])
     assert result.exit_code == 2, result.output
     if message:
-        assert len(result.output.strip().splitlines()) == 1, result.output
-        assert result.output.startswith(message)
+        assert result.output.strip() == f"error: {message}"
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_too_few_images_to_hold_out_validation(assets_home, tmp_path):
+    data = tmp_path / "few"
+    for i in range(9):
+        (data / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((16, 16, 3), i * 20, np.uint8)).save(data / "ab"[i % 2] / f"{i}.png")
+    result = CliRunner().invoke(main, ["train-vae", *_args(data, tmp_path / "o", 2)])
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"error: {data} has 9 images, too few to hold a tenth out for validation; add images "
+                                     f"or a test/ split, or pass --val-count 0")
+    assert not (tmp_path / "o").exists()
+
+
+def test_val_count_zero_trains_without_validation(assets_home, shapes_data, tmp_path):
+    # It used to train every step, then crash on the empty validation set and leave an unfinishable run.
+    out = tmp_path / "o"
+    result = CliRunner().invoke(main, ["train-vae", *_args(shapes_data, out, 2, val_count=0, grad_clip=0)])
+    assert result.exit_code == 0, result.output
+    assert read_manifest(out, "vae", 1)["metrics"] == {"val_images": 0, "steps": 2}
+
+
+def _dit_artifact(out: Path) -> str:
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"kind": "dit", "command": "reals train-dit --latents l --out m"}))
+    return f"--out {out} holds a 'dit' artifact made by `reals train-dit --latents l --out m`, not reals train-vae's; pass a new --out"
+
+
+def _unrelated_files(out: Path) -> str:
+    out.mkdir()
+    for name in ("cat.png", "notes.txt", "log.jsonl"):
+        (out / name).write_text("x")
+    return f"--out {out} holds cat.png, notes.txt, which reals train-vae did not write; pass a new or empty --out"
+
+
+def _a_file(out: Path) -> str:
+    out.write_text("x")
+    return f"--out {out} is a file; pass a folder"
+
+
+@pytest.mark.parametrize("make", [_dit_artifact, _unrelated_files, _a_file])
+@pytest.mark.parametrize("resume", [False, True])
+def test_out_holding_something_else_is_refused(assets_home, shapes_data, tmp_path, make, resume):
+    out = tmp_path / "o"
+    message = make(out)
+    if resume and make is _unrelated_files:  # no run to resume there: said so, not a new --out
+        message = f"--resume: no checkpoint.safetensors in {out}; start without --resume"
+    before = sorted(out.iterdir()) if out.is_dir() else None
+    result = CliRunner().invoke(main, ["train-vae", *_args(shapes_data, out, 2), *(["--resume"] if resume else [])])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: {message}"
+    assert (sorted(out.iterdir()) if out.is_dir() else None) == before
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_over_in_its_folder(assets_home, shapes_data, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "log.jsonl").write_text(json.dumps({"step": 5, "loss": 9.0}) + "\n")
+    for leftover in ("recon_0000005.png", ".checkpoint.safetensors.x1y2.tmp"):
+        (out / leftover).write_bytes(b"")
+    train_vae(resolve_config(**{**TINY_FLAGS, "data": str(shapes_data), "out": str(out), "steps": 2}))
+    assert [r["step"] for r in read_log(out / "log.jsonl")] == [1, 2]  # the killed run's lines are gone
 
 
 def test_init_folder_of_another_architecture(assets_home, shapes_data, tmp_path):

@@ -50,7 +50,8 @@ def _rows(r: dict) -> list[tuple[str, object]]:
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Write the metrics JSON here (atomically); without it the JSON goes to stdout.")
 @click.option("--save-ref-stats", type=click.Path(path_type=Path), default=None,
-              help="Cache the reference statistics (mu, sigma, mu_s, sigma_s, pool features) in this .npz.")
+              help="Cache the reference statistics (mu, sigma, mu_s, sigma_s, pool features) in this .npz "
+                   "(the name must end in .npz).")
 @click.option("--ref-size", type=int, default=None,
               help="ADM center-crop size for image-folder references.  [default: the samples' size]")
 @click.option("--metrics", default=",".join(METRICS), show_default=True,
@@ -71,6 +72,7 @@ def eval_fid_command(samples: Path, ref: Path, out: Path | None, save_ref_stats:
     The result is labelled FID-50K only for exactly 50,000 samples. Without SAMPLES,
     `--save-ref-stats` computes the reference statistics alone, once for many runs.
     """
+    from ..artifacts import check_output_file
     from ..fid import compute_metrics, compute_reference_stats
 
     if samples is None:
@@ -78,11 +80,15 @@ def eval_fid_command(samples: Path, ref: Path, out: Path | None, save_ref_stats:
             raise UserError("give SAMPLES to evaluate, or --save-ref-stats FILE to cache the reference statistics alone")
         done = compute_reference_stats(ref, save_ref_stats, ref_size=ref_size, batch_size=batch_size, device=device,
                                        extractor=extractor, inception_weights=inception_weights)
+        for message in done["warnings"]:
+            warn(message)
         print_summary(f"reference statistics -> {save_ref_stats}", [
             ("images", done["count"]), ("resolution", "x".join(map(str, done["resolution"]))),
             ("extractor", done["extractor"]["name"]), ("seconds", done["seconds"])])
         return
 
+    if out is not None:
+        check_output_file(out, "--out", "metrics.json")
     chosen = [m.strip() for m in metrics.split(",") if m.strip()]
     result = compute_metrics(samples, ref, metrics=chosen, batch_size=batch_size, device=device,
                              extractor=extractor, inception_weights=inception_weights, ref_size=ref_size,

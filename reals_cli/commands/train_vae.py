@@ -8,7 +8,6 @@ from ..train_vae import PRESETS, resolve_config, train_vae
 from .options import device_option, precision_option, preset_option, seed_option
 
 
-
 @click.command("train-vae", short_help="Train the representation-aligned VAE (ReaLS).")
 @preset_option("--preset", type=click.Choice(list(PRESETS)), help="A named recipe (demo: Fashion-MNIST, VGG16 teacher, CPU).")
 @preset_option("--data", help="Image folder, one sub-folder per class (a train/ + test/ pair is split).")
@@ -16,7 +15,7 @@ from .options import device_option, precision_option, preset_option, seed_option
 @preset_option("--out", help="Output folder: the VAE artifact, checkpoints, logs and image grids.")
 @preset_option("--vae", help="Architecture preset: sd-f8c4 (SD's KL-f8, the paper's), demo, tiny.  [default: sd-f8c4]")
 @preset_option("--init", help="A diffusers AutoencoderKL folder to fine-tune from (e.g. sd-vae-ft-ema).")
-@preset_option("--image-size", type=int, help="Training resolution (ADM center crop).  [default: 256]")
+@preset_option("--image-size", type=int, help="Training resolution (ADM center crop), at least 16.  [default: 256]")
 @preset_option("--teacher", help="dinov2-s|b|l|g or vgg16.  [default: dinov2-b]")
 @preset_option("--teacher-weights", help="Local teacher weights file (offline use).")
 @preset_option("--teacher-resolution", type=int, help="Resize for the teacher (DINOv2 default 224: 16x16 tokens).")
@@ -30,16 +29,16 @@ from .options import device_option, precision_option, preset_option, seed_option
 @preset_option("--kl", type=float, help="KL weight, LDM's scale.  [default: 1e-6]")
 @preset_option("--disc-weight", type=float, help="Adversarial weight (times the adaptive weight).  [default: 0.5]")
 @preset_option("--disc-start", type=int, help="Step at which the discriminator switches on.  [default: 50001]")
-@preset_option("--disc-layers", type=int, help="PatchGAN depth.  [default: 3, fewer below 32 px]")
+@preset_option("--disc-layers", type=int, help="PatchGAN depth, each layer halving the image.  [default: 3, fewer below 32 px]")
 @preset_option("--align-weight", type=float, help="Alignment weight; 0 trains the baseline VAE.  [default: 1.0]")
 @preset_option("--align-patch-weight", type=float, help="Weight of the patch alignment term.  [default: 1.0]")
 @preset_option("--align-global-weight", type=float, help="Weight of the global alignment term.  [default: 1.0]")
 @preset_option("--align-cos", type=float, help="Cosine-embedding share of each alignment term.  [default: 0.9]")
 @preset_option("--align-l1", type=float, help="Smooth-L1 share of each alignment term.  [default: 0.1]")
-@preset_option("--ema-decay", type=float, help="EMA decay of the saved weights.  [default: 0.999]")
-@preset_option("--grad-clip", type=float, help="Gradient norm clip.  [default: 1.0]")
+@preset_option("--ema-decay", type=float, help="EMA decay of the saved weights, in [0, 1].  [default: 0.999]")
+@preset_option("--grad-clip", type=float, help="Gradient norm clip, 0 for none.  [default: 1.0]")
 @preset_option("--workers", type=int, help="DataLoader worker processes.  [default: 2]")
-@preset_option("--val-count", type=int, help="Held-out images for validation.  [default: 64]")
+@preset_option("--val-count", type=int, help="Held-out images for validation, 0 for none.  [default: 64]")
 @preset_option("--log-every", type=int, help="Steps between log.jsonl lines.  [default: 10]")
 @preset_option("--ckpt-every", type=int, help="Steps between checkpoints.  [default: 500]")
 @preset_option("--image-every", type=int, help="Steps between reconstruction grids.  [default: 500]")

@@ -133,8 +133,9 @@ class DINOv2Teacher(Teacher):
 
         if name not in DINOV2_ARCHS:
             raise UserError(f"unknown DINOv2 teacher {name!r}; choose one of {', '.join(DINOV2_ARCHS)}")
-        if resolution % self.stride:
-            raise UserError(f"--teacher-resolution {resolution} is not a multiple of DINOv2's patch size 14 (use 224 or 448)")
+        if resolution < self.stride or resolution % self.stride:
+            raise UserError(f"--teacher-resolution must be a positive multiple of DINOv2's patch size 14 (224 or 448, say), "
+                            f"got {resolution}")
         self.name = name
         arch = DINOV2_ARCHS[name]
         weights = weights or _hub_cache_file(arch)  # a cached download works offline

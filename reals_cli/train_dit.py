@@ -149,18 +149,6 @@ def _check(cfg: TrainDiTConfig) -> None:
                         f"trains dit ({why}); drop {'them' if several else 'it'}, or pass --objective sit")
 
 
-def _check_out(out: Path, resume: bool) -> None:
-    """--out must be new, empty or a train-dit run's folder: another artifact or unrelated files are
-    refused. A folder with a checkpoint is a run whatever else is in it, and a --resume without
-    one is told so by check_run_folder."""
-    run = (out / CHECKPOINT).is_file()
-    made = artifacts.check_output_folder(out, KIND, ["*"] if run or resume else RUN_FILES, "reals train-dit")
-    if made is not None and not run:
-        raise UserError(f"{out} holds a model{artifacts.made_by(made)} without the {CHECKPOINT} to train it on; pass another --out "
-                        f"(--init {out} starts from its weights)")
-    check_run_folder(out, CHECKPOINT, resume, finished_ok=True)
-
-
 class Trainable(nn.Module):
     """The network and, with REPA, its projector: one module for DDP."""
 
@@ -182,7 +170,7 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
     rank, world, device = init_distributed(resolve_device(cfg.device))
     allow_tf32(device)
     ckpt_path = out / CHECKPOINT
-    _check_out(out, resume)
+    check_run_folder(out, CHECKPOINT, resume, KIND, RUN_FILES, "reals train-dit", finished_ok=True)
     seed_everything(cfg.seed + rank)
 
     data = LatentDataset(cfg.latents, raw=True)

@@ -168,15 +168,6 @@ def _check_config(cfg: TrainVAEConfig) -> None:
         raise UserError(f"--disc-layers must be between 1 and {fits} at --image-size {cfg.image_size}, got {cfg.disc_layers}")
 
 
-def _check_out(out: Path, resume: bool) -> None:
-    """--out must be new, empty or a train-vae run's folder: another artifact or unrelated files are
-    refused. A folder with a checkpoint is a run whatever else is in it, and a --resume without
-    one is told so by check_run_folder."""
-    run = (out / CHECKPOINT).is_file()
-    artifacts.check_output_folder(out, KIND, ["*"] if run or resume else RUN_FILES, "reals train-vae")
-    check_run_folder(out, CHECKPOINT, resume)
-
-
 def _build_vae(cfg: TrainVAEConfig) -> AutoencoderKL:
     if cfg.init:
         vae = load_diffusers_vae(cfg.init, expected=vae_config(cfg.vae), role="--init folder")
@@ -256,7 +247,7 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
     out = Path(cfg.out)
     rank, world, device = init_distributed(resolve_device(cfg.device))
     ckpt_path = out / CHECKPOINT
-    _check_out(out, resume)
+    check_run_folder(out, CHECKPOINT, resume, KIND, RUN_FILES, "reals train-vae")
     seed_everything(cfg.seed + rank)
 
     train_set, val_set = _datasets(cfg)

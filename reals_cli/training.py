@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -37,16 +38,25 @@ def gather_objects(obj, world: int) -> list:
     return out
 
 
-def check_run_folder(out: Path, checkpoint: str, resume: bool, finished_ok: bool = False) -> None:
-    """Refuse to overwrite a finished artifact or an unfinished run, and a --resume with nothing to resume."""
-    from .artifacts import MANIFEST
+def check_run_folder(out: Path, checkpoint: str, resume: bool, kind: str, run_files: Sequence[str], command: str,
+                     finished_ok: bool = False) -> None:
+    """--out of a training run: new, empty or this command's run folder. Another artifact, or files
+    the run does not write, are refused (a folder with a checkpoint is a run, whatever else is in
+    it); so are overwriting a finished artifact or an unfinished run, and a --resume with nothing
+    to resume."""
+    from .artifacts import check_output_folder, made_by
 
-    if (out / MANIFEST).is_file() and not (resume and finished_ok):
+    run = (out / checkpoint).is_file()
+    made = check_output_folder(out, kind, ["*"] if run or resume else run_files, command)
+    if made is not None and not run:  # imported, or a kept step: weights without what training needs
+        raise UserError(f"{out} holds a model{made_by(made)} without the {checkpoint} to train it on; pass another "
+                        f"--out (--init {out} starts from its weights)")
+    if made is not None and not (resume and finished_ok):
         hint = "pass --resume with a larger --steps to train on, or another --out" if finished_ok else "pass another --out, or delete it to retrain"
         raise UserError(f"{out} already holds a finished run; {hint}")
-    if (out / checkpoint).is_file() and not resume:
+    if run and not resume:
         raise UserError(f"{out} holds an unfinished run; pass --resume to continue it, or another --out")
-    if resume and not (out / checkpoint).is_file():
+    if resume and not run:
         raise UserError(f"--resume: no {checkpoint} in {out}; start without --resume")
 
 

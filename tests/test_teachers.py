@@ -79,6 +79,13 @@ def test_dinov2_offline_fails_fast_naming_both_remedies(monkeypatch):
     assert "--teacher-weights" in str(err.value) and "internet" in str(err.value)
 
 
+@pytest.mark.parametrize("resolution", [0, -14, 100])
+def test_dinov2_resolution_is_a_positive_multiple_of_its_patch(resolution):
+    with pytest.raises(UserError, match=rf"^--teacher-resolution must be a positive multiple of DINOv2's patch size 14 "
+                                        rf"\(224 or 448, say\), got {resolution}$"):
+        DINOv2Teacher("dinov2-s", resolution=resolution)
+
+
 def test_unknown_teacher():
     with pytest.raises(UserError, match="unknown teacher 'clip'; choose one of dinov2-s, dinov2-b, dinov2-l, dinov2-g, vgg16"):
         build_teacher("clip")

@@ -40,7 +40,7 @@ from .latent_store import LatentDataset, draw_latents
 from .released import load_released
 from .runtime import allow_tf32, autocast, resolve_device, seed_everything
 from .training import (
-    FiniteGuard, SignalStop, StepLog, check_run_folder, init_distributed, load_checkpoint, save_checkpoint, truncate_log,
+    FiniteGuard, SignalStop, StepLog, already_trained, check_run_folder, init_distributed, load_checkpoint, save_checkpoint, truncate_log,
 )
 from .transport import Transport
 
@@ -170,7 +170,7 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
     rank, world, device = init_distributed(resolve_device(cfg.device))
     allow_tf32(device)
     ckpt_path = out / CHECKPOINT
-    check_run_folder(out, CHECKPOINT, resume, KIND, RUN_FILES, "reals train-dit", finished_ok=True)
+    check_run_folder(out, CHECKPOINT, resume, KIND, RUN_FILES, "reals train-dit")
     seed_everything(cfg.seed + rank)
 
     data = LatentDataset(cfg.latents, raw=True)
@@ -227,12 +227,8 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
         # Older dit runs recorded SiT's defaults for the options a dit run does not have.
         may_change = RESUMABLE_CHANGES | (set(SIT_ONLY) if cfg.objective == "dit" else set())
         step = load_checkpoint(ckpt_path, saved_config, stateful, may_change, rank)
-        if step == cfg.steps and (out / artifacts.MANIFEST).is_file():  # a requeued job that had finished
-            console.print(f"{out} is already trained for {step} steps; nothing to do", soft_wrap=True)
+        if already_trained(out, step, cfg.steps):
             return artifacts.read_manifest(out, KIND, FORMAT_VERSION) if rank == 0 else {}
-        if step >= cfg.steps:
-            raise UserError(f"{out} is already trained for {step} steps; pass a larger --steps to train on")
-        (out / artifacts.MANIFEST).unlink(missing_ok=True)  # training on: the old artifact is superseded
     truncate_log(out / LOG, step)  # lines past the checkpoint, or of a run killed before its first one
 
     if cfg.compile:

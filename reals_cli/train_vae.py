@@ -37,11 +37,11 @@ from .ema import ema_copy, ema_update
 from .errors import UserError
 from .image_metrics import psnr, ssim
 from .perceptual import LPIPS
-from .reals_vae import ALIGN_FILE, KIND, save_reals_vae
+from .reals_vae import ALIGN_FILE, FORMAT_VERSION, KIND, save_reals_vae
 from .runtime import autocast, resolve_device, seed_everything
 from .teachers import DINOv2Teacher, Teacher, build_teacher
 from .training import (
-    FiniteGuard, SignalStop, StepLog, check_run_folder, init_distributed, load_checkpoint, save_checkpoint, truncate_log,
+    FiniteGuard, SignalStop, StepLog, already_trained, check_run_folder, init_distributed, load_checkpoint, save_checkpoint, truncate_log,
 )
 from .vae import CONFIG_NAME, WEIGHTS_NAMES, AutoencoderKL, kl_loss, load_diffusers_vae, vae_config
 
@@ -269,6 +269,8 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
     step = 0
     if resume:
         step = load_checkpoint(ckpt_path, dataclasses.asdict(cfg), stateful, RESUMABLE_CHANGES, rank)
+        if already_trained(out, step, cfg.steps):
+            return artifacts.read_manifest(out, KIND, FORMAT_VERSION) if rank == 0 else {}
         console.print(f"resumed {out} at step {step}")
     truncate_log(out / LOG, step)  # lines past the checkpoint, or of a run killed before its first one
 

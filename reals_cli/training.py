@@ -38,8 +38,7 @@ def gather_objects(obj, world: int) -> list:
     return out
 
 
-def check_run_folder(out: Path, checkpoint: str, resume: bool, kind: str, run_files: Sequence[str], command: str,
-                     finished_ok: bool = False) -> None:
+def check_run_folder(out: Path, checkpoint: str, resume: bool, kind: str, run_files: Sequence[str], command: str) -> None:
     """--out of a training run: new, empty or this command's run folder. Another artifact, or files
     the run does not write, are refused (a folder with a checkpoint is a run, whatever else is in
     it); so are overwriting a finished artifact or an unfinished run, and a --resume with nothing
@@ -51,13 +50,28 @@ def check_run_folder(out: Path, checkpoint: str, resume: bool, kind: str, run_fi
     if made is not None and not run:  # imported, or a kept step: weights without what training needs
         raise UserError(f"{out} holds a model{made_by(made)} without the {checkpoint} to train it on; pass another "
                         f"--out (--init {out} starts from its weights)")
-    if made is not None and not (resume and finished_ok):
-        hint = "pass --resume with a larger --steps to train on, or another --out" if finished_ok else "pass another --out, or delete it to retrain"
-        raise UserError(f"{out} already holds a finished run; {hint}")
+    if made is not None and not resume:
+        raise UserError(f"{out} already holds a finished run; pass --resume with a larger --steps to train on, or "
+                        f"another --out")
     if run and not resume:
         raise UserError(f"{out} holds an unfinished run; pass --resume to continue it, or another --out")
     if resume and not run:
         raise UserError(f"--resume: no {checkpoint} in {out}; start without --resume")
+
+
+def already_trained(out: Path, step: int, steps: int) -> bool:
+    """After resuming at `step`: True when a finished run already has `steps` (a requeued job: nothing
+    to do). A larger --steps trains on, and the finished artifact gives way; a smaller one is refused."""
+    from .artifacts import MANIFEST
+    from .console import console
+
+    if step == steps and (out / MANIFEST).is_file():
+        console.print(f"{out} is already trained for {step} steps; nothing to do", soft_wrap=True)
+        return True
+    if step >= steps:
+        raise UserError(f"{out} is already trained for {step} steps; pass a larger --steps to train on")
+    (out / MANIFEST).unlink(missing_ok=True)  # training on: never a manifest over other weights
+    return False
 
 
 def check_resume_config(saved: dict, current: dict, may_change: set[str]) -> None:

@@ -106,6 +106,18 @@ def test_sigterm_saves_the_step_it_stopped_at_and_resume_goes_on_exactly(assets_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_of_a_finished_run_is_a_no_op_or_trains_on(assets_home, shapes_data, tmp_path):
+    out = tmp_path / "vae"
+    train_vae(resolve_config(**{**TINY_FLAGS, "data": str(shapes_data), "out": str(out), "steps": 2}))
+    before = (out / "manifest.json").read_bytes()
+    again = CliRunner().invoke(main, ["train-vae", *_args(shapes_data, out, 2), "--resume"])
+    assert (again.exit_code, again.output.strip()) == (0, f"{out} is already trained for 2 steps; nothing to do")
+    assert (out / "manifest.json").read_bytes() == before
+    more = CliRunner().invoke(main, ["train-vae", *_args(shapes_data, out, 3), "--resume"])
+    assert more.exit_code == 0, more.output
+    assert json.loads((out / "manifest.json").read_text())["metrics"]["steps"] == 3
+
+
 def test_finished_run_manifest_and_metrics(assets_home, shapes_data, tmp_path):
     out = tmp_path / "vae"
     manifest = train_vae(resolve_config(**{**TINY_FLAGS, "data": str(shapes_data), "out": str(out), "steps": 3, "ckpt_every": 3}))

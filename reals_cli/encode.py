@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import time
 from pathlib import Path
 
@@ -209,7 +210,7 @@ def encode(
     count, skipped = store.count, store.skipped
     if skipped:
         warn(f"{skipped} images in {folder.folder} could not be read and have no latent; "
-             f"run `reals data check {images}` to list them")
+             f"run `reals data check {shlex.quote(str(images))}` to list them")
     return {**result, "already": False, "complete": all_done, "count": count, "skipped": skipped,
             "encoded": encoded, "seconds": time.perf_counter() - started,
             "images_per_s": encoded / loop_seconds if encoded else 0.0}  # the encoding loop alone

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import shlex
 from pathlib import Path
 
 import torch
@@ -150,7 +151,7 @@ def import_released(weights: str, out: str, model: str, vae: str, image_size: in
         # Without a scaling of its own, the latents were normalised by statistics measured over them.
         what = "is a `reals train-vae` VAE" if bundle.align is not None else "has no latent scaling (scaling_factor 1)"
         raise UserError(f"--vae {vae} {what}: models on it are trained on per-channel latent statistics; pass "
-                        f"--latents STORE, a latent store made by `reals encode --vae {vae}`")
+                        f"--latents STORE, a latent store made by `reals encode --vae {shlex.quote(str(vae))}`")
     else:
         classes = [str(i) for i in range(num_classes or 1000)]
         shift = float(vae_config.shift_factor or 0.0)

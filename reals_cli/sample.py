@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import shutil
 import time
 import zipfile
@@ -301,7 +302,7 @@ def read_model_manifest(ckpt: str) -> dict:
     """The manifest of the model folder `ckpt`, with a way forward for what people pass instead."""
     path = Path(ckpt)
     if (path / "zarr.json").is_file() or path.suffix in (".zarr", ".h5"):
-        raise UserError(f"{ckpt} is a latent store; --ckpt takes a model folder, made by `reals train-dit {ckpt} "
+        raise UserError(f"{ckpt} is a latent store; --ckpt takes a model folder, made by `reals train-dit {shlex.quote(str(ckpt))} "
                         f"--out DIR` or `reals import-dit`")
     run = path.parent if path.is_file() else path
     kept = sorted(p.name for p in run.glob("step-???????") if (p / artifacts.MANIFEST).is_file()) if run.is_dir() else []
@@ -314,7 +315,7 @@ def read_model_manifest(ckpt: str) -> dict:
         if (path.parent / artifacts.MANIFEST).is_file():
             raise UserError(f"--ckpt takes the model folder, not a file in it: pass {path.parent}")
         raise UserError(f"--ckpt takes a model folder and {ckpt} is a file; a released DiT/SiT checkpoint becomes one "
-                        f"with `reals import-dit {ckpt} --model NAME --vae VAE --out DIR`")
+                        f"with `reals import-dit {shlex.quote(str(ckpt))} --model NAME --vae VAE --out DIR`")
     return artifacts.read_manifest(ckpt, DIT_KIND, DIT_VERSION)
 
 

@@ -263,6 +263,23 @@ def made_by(manifest: dict) -> str:
     return f" made by `{manifest['command']}`" if manifest.get("command") else ""
 
 
+@contextlib.contextmanager
+def hold_folder(folder: str | os.PathLike, command: str) -> Iterator[None]:
+    """Take `folder` (created if need be) while the block runs: a second run into the same --out,
+    a job submitted twice, stops at once instead of interleaving its writes with this one's."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as handle:  # the lock goes with the file's closing
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{folder} is being written by another `{command}` process; wait for it to end, or "
+                            f"pass another --out") from None
+        yield
+
+
 def check_output_folder(out: str | os.PathLike, kind: str, written: Sequence[str], command: str) -> dict | None:
     """--out of a command that makes `kind` artifacts: new, empty, or its own. Its own is
     finished (a `kind` manifest, returned) or unfinished (only names matching the glob patterns

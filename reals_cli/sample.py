@@ -21,6 +21,7 @@ makes an index twice. Once every block is there, rank 0 assembles the outputs:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -226,6 +227,11 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def sample(cfg: SampleConfig) -> dict:
     """Generate cfg.num_samples images and latents into cfg.out; resumable, torchrun-aware."""
+    with contextlib.ExitStack() as held:  # what the run holds (its folder) is let go however it ends
+        return _sample(cfg, held)
+
+
+def _sample(cfg: SampleConfig, held: contextlib.ExitStack) -> dict:
     started = time.perf_counter()
     _check(cfg)
     manifest = read_model_manifest(cfg.ckpt)
@@ -258,6 +264,8 @@ def sample(cfg: SampleConfig) -> dict:
         console.print(f"{out} is already complete ({n} samples); {then}", soft_wrap=True)
         return {"manifest": done, "already": True, "generated": 0}
     vae = load_vae(vae_path, config, cfg.ckpt)  # before any output: a wrong VAE must not start a run
+    if rank == 0:  # one run a folder: a job submitted twice stops here
+        held.enter_context(artifacts.hold_folder(out, "reals sample"))
     _claim(out, protocol, world)
     parts = out / PARTS
     num_blocks = -(-n // bs)

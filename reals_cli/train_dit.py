@@ -15,6 +15,7 @@ latents: no images and no teacher at training time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -165,12 +166,19 @@ class Trainable(nn.Module):
 
 def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
     """Train (or resume) a DiT/SiT on a latent store; writes the `dit` artifact to cfg.out."""
+    with contextlib.ExitStack() as held:  # what the run holds (its folder) is let go however it ends
+        return _train_dit(cfg, resume, held)
+
+
+def _train_dit(cfg: TrainDiTConfig, resume: bool, held: contextlib.ExitStack) -> dict:
     _check(cfg)
     out = Path(cfg.out)
     rank, world, device = init_distributed(resolve_device(cfg.device))
     allow_tf32(device)
     ckpt_path = out / CHECKPOINT
     check_run_folder(out, CHECKPOINT, resume, KIND, RUN_FILES, "reals train-dit")
+    if resume and rank == 0:  # one run a folder: a job submitted twice stops here (a new run's, when it is made)
+        held.enter_context(artifacts.hold_folder(out, "reals train-dit"))
     seed_everything(cfg.seed + rank)
 
     data = LatentDataset(cfg.latents, raw=True)
@@ -229,7 +237,6 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
         step = load_checkpoint(ckpt_path, saved_config, stateful, may_change, rank)
         if already_trained(out, step, cfg.steps):
             return artifacts.read_manifest(out, KIND, FORMAT_VERSION) if rank == 0 else {}
-    truncate_log(out / LOG, step)  # lines past the checkpoint, or of a run killed before its first one
 
     if cfg.compile:
         model.compile_blocks(device)
@@ -247,7 +254,9 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
         inputs["init"] = artifacts.describe_input(cfg.init)
     previews = False
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            held.enter_context(artifacts.hold_folder(out, "reals train-dit"))
+        truncate_log(out / LOG, step)  # lines past the checkpoint, or of a run killed before its first one
         console.print(f"train-dit: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
                       f"objective {cfg.objective}, latents {c}x{h}x{w} from {cfg.latents} ({len(data)} images, "
                       f"{len(store.classes)} classes), attention {backend}, device {device}, {world} process(es)",

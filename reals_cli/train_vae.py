@@ -15,6 +15,7 @@ atomically every `ckpt_every` steps; the batch order and flips are a function of
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -243,11 +244,18 @@ def _save_grid(path: Path, x01: torch.Tensor, recon01: torch.Tensor) -> None:
 
 def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
     """Train (or resume) and write the ReaLS VAE artifact to `cfg.out`; returns its manifest."""
+    with contextlib.ExitStack() as held:  # what the run holds (its folder) is let go however it ends
+        return _train_vae(cfg, resume, held)
+
+
+def _train_vae(cfg: TrainVAEConfig, resume: bool, held: contextlib.ExitStack) -> dict:
     _check_config(cfg)
     out = Path(cfg.out)
     rank, world, device = init_distributed(resolve_device(cfg.device))
     ckpt_path = out / CHECKPOINT
     check_run_folder(out, CHECKPOINT, resume, KIND, RUN_FILES, "reals train-vae")
+    if resume and rank == 0:  # one run a folder: a job submitted twice stops here (a new run's, when it is made)
+        held.enter_context(artifacts.hold_folder(out, "reals train-vae"))
     seed_everything(cfg.seed + rank)
 
     train_set, val_set = _datasets(cfg)
@@ -272,7 +280,6 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
         if already_trained(out, step, cfg.steps):
             return artifacts.read_manifest(out, KIND, FORMAT_VERSION) if rank == 0 else {}
         console.print(f"resumed {out} at step {step}")
-    truncate_log(out / LOG, step)  # lines past the checkpoint, or of a run killed before its first one
 
     model_g, model_d = gen, disc
     if world > 1:
@@ -293,7 +300,9 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
     last_layer = vae.decoder.conv_out.weight
     is_main = rank == 0
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            held.enter_context(artifacts.hold_folder(out, "reals train-vae"))
+        truncate_log(out / LOG, step)  # lines past the checkpoint, or of a run killed before its first one
         console.print(
             f"train-vae: {len(train_set)} images at {cfg.image_size}px, VAE {cfg.vae} (latent "
             f"{vae.config.latent_channels}x{latent_grid}x{latent_grid}), teacher {cfg.teacher} "

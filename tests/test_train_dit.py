@@ -325,6 +325,21 @@ def test_resume_of_a_finished_run_is_a_no_op_or_trains_on(store, tmp_path):
     assert more.exit_code == 0 and read_manifest(out)["metrics"]["steps"] == 3
 
 
+def test_a_second_run_into_a_folder_in_use_stops_at_once(store, tmp_path):
+    """A job submitted twice: the second must not interleave its log and checkpoints with the first's."""
+    from reals_cli.artifacts import hold_folder
+
+    latents, _ = store
+    out = tmp_path / "o"
+    with hold_folder(out, "reals train-dit"):  # as the first run holds it
+        result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, out, 2, sample_every=0)])
+        assert (result.exit_code, result.output.strip()) == (
+            2, f"error: {out} is being written by another `reals train-dit` process; wait for it to end, or pass "
+               "another --out")
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    assert CliRunner().invoke(main, ["train-dit", *_cli_args(latents, out, 2, sample_every=0)]).exit_code == 0
+
+
 def test_init_from_a_folder_that_is_no_model_says_what_it_is(store, tmp_path):
     latents, vae = store
     kind = read_manifest(vae)["kind"]

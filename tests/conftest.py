@@ -63,6 +63,37 @@ def kill_after_checkpoint():
 
 
 @pytest.fixture
+def interrupt_after_log():
+    """Start the training command `cmd` as a real process; once `out`/log.jsonl has `lines` lines,
+    send it `sig` (to its whole process group when `group`, as a terminal's Ctrl-C reaches the
+    DataLoader workers too). Checks that it saved the step it stopped at, exited 130 and said how
+    to go on; returns that step."""
+    import signal
+    import subprocess
+    import time
+
+    from reals_cli.artifacts import load_state
+
+    def run(cmd: list[str], out: Path, lines: int, sig=signal.SIGINT, group: bool = False) -> int:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=group)
+        log, deadline = out / "log.jsonl", time.monotonic() + 180
+        while time.monotonic() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= lines):
+            time.sleep(0.05)
+        os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err
+        ckpt = out / "checkpoint.safetensors"
+        stopped = load_state(ckpt)["step"]
+        assert stopped >= lines and not (out / "manifest.json").exists()
+        assert err.strip().splitlines()[-1] == (f"interrupted: stopped at step {stopped}; {ckpt} holds it: "
+                                               "continue with the same command and --resume")
+        return stopped
+
+    return run
+
+
+@pytest.fixture
 def train_on_two_ranks():
     """Run `reals <args>` under torchrun as 2 CPU processes (gloo); check that the run's
     checkpoint holds `steps` and one RNG state per rank, and return it."""

@@ -74,30 +74,13 @@ def test_resume_after_sigkill_equals_uninterrupted(store, tmp_path, objective, k
     assert len(m["config"]["latent_mean"]) == 4  # the store's normalisation travels with the model
 
 
-def test_ctrl_c_saves_the_step_it_stopped_at_and_resume_goes_on_exactly(store, tmp_path):
+def test_ctrl_c_saves_the_step_it_stopped_at_and_resume_goes_on_exactly(store, tmp_path, interrupt_after_log):
     """Ctrl-C reaches the whole process group, the DataLoader worker too: the run finishes its
     step, checkpoints it though no checkpoint was due, and exits 130 saying how to go on."""
-    import os
-    import signal
-    import subprocess
-    import time
-
     latents, _ = store
-    out, ckpt = tmp_path / "stopped", tmp_path / "stopped" / "checkpoint.safetensors"
+    out = tmp_path / "stopped"
     args = _cli_args(latents, out, 100_000, ckpt_every=100_000, workers=1, sample_every=0)
-    proc = subprocess.Popen([sys.executable, "-m", "reals_cli", "train-dit", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    log, deadline = out / "log.jsonl", time.monotonic() + 180
-    while time.monotonic() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 3):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    stopped = load_state(ckpt)["step"]
-    assert stopped >= 3 and not (out / "manifest.json").exists()
-    assert err.strip().splitlines()[-1] == (f"interrupted: stopped at step {stopped}; {ckpt} holds it: "
-                                           "continue with the same command and --resume")
-    steps = stopped + 2
+    steps = interrupt_after_log([sys.executable, "-m", "reals_cli", "train-dit", *args], out, 3, group=True) + 2
     result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, out, steps, sample_every=0), "--resume"])
     assert result.exit_code == 0, result.output
     straight = tmp_path / "straight"

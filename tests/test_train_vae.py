@@ -74,30 +74,15 @@ def test_resume_after_sigkill_equals_uninterrupted_run(assets_home, shapes_data,
     assert steps_logged == list(range(1, steps + 1))
 
 
-def test_sigterm_saves_the_step_it_stopped_at_and_resume_goes_on_exactly(assets_home, shapes_data, tmp_path):
+def test_sigterm_saves_the_step_it_stopped_at_and_resume_goes_on_exactly(assets_home, shapes_data, tmp_path,
+                                                                           interrupt_after_log):
     """A cluster's SIGTERM (preemption, time limit): the step finishes, is checkpointed though no
     checkpoint was due, and the run exits 130; --resume then ends where an uninterrupted run does."""
     import signal
-    import subprocess
-    import time
 
-    from reals_cli.artifacts import load_state
-
-    out, ckpt = tmp_path / "stopped", tmp_path / "stopped" / "checkpoint.safetensors"
-    proc = subprocess.Popen([sys.executable, "-m", "reals_cli", "train-vae", *_args(shapes_data, out, 10_000,
-                                                                                  ckpt_every=10_000)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    log, deadline = out / "log.jsonl", time.monotonic() + 180
-    while time.monotonic() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 2):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    stopped = load_state(ckpt)["step"]
-    assert stopped >= 2 and not (out / "manifest.json").exists()
-    assert err.strip().splitlines()[-1] == (f"interrupted: stopped at step {stopped}; {ckpt} holds it: "
-                                           "continue with the same command and --resume")
-    steps = stopped + 1
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "reals_cli", "train-vae", *_args(shapes_data, out, 10_000, ckpt_every=10_000)]
+    steps = interrupt_after_log(cmd, out, 2, signal.SIGTERM) + 1
     result = CliRunner().invoke(main, ["train-vae", *_args(shapes_data, out, steps), "--resume"])
     assert result.exit_code == 0, result.output
     straight = tmp_path / "straight"

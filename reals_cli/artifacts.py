@@ -263,10 +263,19 @@ def made_by(manifest: dict) -> str:
     return f" made by `{manifest['command']}`" if manifest.get("command") else ""
 
 
+_HELD: set = set()  # the lock files open in this process
+# A forked child (a DataLoader worker) shares the parent's open lock file, and with it the lock,
+# which would outlive the run while the worker lives: the child closes its copy at once.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: [handle.close() for handle in list(_HELD)] and None)
+
+
 @contextlib.contextmanager
 def hold_folder(folder: str | os.PathLike, command: str) -> Iterator[None]:
     """Take `folder` (created if need be) while the block runs: a second run into the same --out,
-    a job submitted twice, stops at once instead of interleaving its writes with this one's."""
+    a job submitted twice, stops at once instead of interleaving its writes with this one's. On a
+    filesystem without locks (some NFS and FUSE mounts) the run goes on with a warning."""
+    import errno
     import fcntl
 
     folder = Path(folder)
@@ -277,7 +286,17 @@ def hold_folder(folder: str | os.PathLike, command: str) -> Iterator[None]:
         except BlockingIOError:
             raise UserError(f"{folder} is being written by another `{command}` process; wait for it to end, or "
                             f"pass another --out") from None
-        yield
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            from .console import warn
+
+            warn(f"{folder}: this filesystem has no file locks ({e.strerror}); nothing stops a second run into it")
+        _HELD.add(handle)
+        try:
+            yield
+        finally:
+            _HELD.discard(handle)
 
 
 def check_output_folder(out: str | os.PathLike, kind: str, written: Sequence[str], command: str) -> dict | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shlex
 import sys
 import time
+import traceback
 
 import click
 
@@ -34,11 +35,14 @@ class RealsGroup(click.Group):
         try:
             return super().invoke(ctx)
         except (UserError, click.UsageError, KeyboardInterrupt) as e:
-            if ctx.obj and ctx.obj.get("debug"):  # set by the group's callback, inside invoke
-                raise
+            debug = ctx.obj and ctx.obj.get("debug")  # set by the group's callback, inside invoke
             if isinstance(e, KeyboardInterrupt):  # Ctrl-C or SIGTERM; a training loop says what it saved
+                if debug:
+                    traceback.print_exc()
                 labelled("interrupted:", "yellow", str(e) or "stopped by the user")
                 sys.exit(130)
+            if debug:
+                raise
             message = str(e)
             if isinstance(e, click.UsageError):  # a flag or value that click refuses: one line too
                 message = e.format_message() + (f" (see `{e.ctx.command_path} --help`)" if e.ctx else "")

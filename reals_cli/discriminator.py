@@ -54,4 +54,7 @@ def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: to
     gradients and the 1e-4 are scaled alike, so the ratio is unchanged."""
     rec_grad = torch.autograd.grad(rec_loss * loss_scale, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss * loss_scale, last_layer, retain_graph=True)[0]
-    return (rec_grad.float().norm() / (g_grad.float().norm() + 1e-4 * loss_scale)).clamp(0.0, max_weight).detach()
+    weight = rec_grad.float().norm() / (g_grad.float().norm() + 1e-4 * loss_scale)
+    # A scale the GradScaler is probing may overflow both (inf / inf): it skips that step, and so
+    # must the GAN term, rather than make the loss NaN.
+    return torch.where(torch.isfinite(weight), weight, 0.0).clamp(0.0, max_weight).detach()

@@ -41,7 +41,8 @@ from .latent_store import LatentDataset, draw_latents
 from .released import load_released
 from .runtime import allow_tf32, autocast, resolve_device, seed_everything
 from .training import (
-    FiniteGuard, SignalStop, StepLog, already_trained, check_run_folder, init_distributed, load_checkpoint, save_checkpoint, truncate_log,
+    FiniteGuard, SignalStop, StepLog, already_trained, check_run_folder, init_distributed, load_checkpoint, read_log,
+    save_checkpoint, truncate_log,
 )
 from .transport import Transport
 
@@ -235,7 +236,7 @@ def _train_dit(cfg: TrainDiTConfig, resume: bool, held: contextlib.ExitStack) ->
         # Older dit runs recorded SiT's defaults for the options a dit run does not have.
         may_change = RESUMABLE_CHANGES | (set(SIT_ONLY) if cfg.objective == "dit" else set())
         step = load_checkpoint(ckpt_path, saved_config, stateful, may_change, rank)
-        if already_trained(out, step, cfg.steps):
+        if already_trained(out, step, cfg.steps, rank):
             return artifacts.read_manifest(out, KIND, FORMAT_VERSION) if rank == 0 else {}
 
     if cfg.compile:
@@ -269,14 +270,15 @@ def _train_dit(cfg: TrainDiTConfig, resume: bool, held: contextlib.ExitStack) ->
     # Nothing below reads a value back from the GPU except at log and checkpoint steps, so the
     # host queues step after step; the draws use a generator on the device for that reason.
     g = torch.Generator(device)
-    saved = step if resume else -1
+    saved, loss = (step if resume else -1), None
     with SignalStop(world) as stop, progress(disable=not is_main) as bar:
         batches = iter(loader)  # the workers start here, inside SignalStop (see there)
         task = bar.add_task("train-dit", total=cfg.steps, completed=step)
         while step < cfg.steps:
-            if stop.now(agree=step % cfg.log_every == 0):
+            batch = stop.next_batch(batches)  # fetched first: a rank that got none stops them all
+            if stop.now():
                 break
-            post, y = next(batches)
+            post, y = batch
             post, y = post.to(device, non_blocking=True), y.to(device, non_blocking=True)
             g.manual_seed((cfg.seed * 1_000_003 + step) * 64 + rank)
             z = draw_latents(post, g)  # raw latent samples, normalised below
@@ -329,7 +331,9 @@ def _train_dit(cfg: TrainDiTConfig, resume: bool, held: contextlib.ExitStack) ->
         dist.barrier()
     if not is_main:
         return {}
-    manifest = _write_model(out, config, inputs, weight_files, step, loss.item())
+    # No step ran when the run stopped after its last checkpoint, before this: its last logged loss.
+    final_loss = loss.item() if loss is not None else next((r["loss"] for r in reversed(read_log(out / LOG))), None)
+    manifest = _write_model(out, config, inputs, weight_files, step, final_loss)
     print_summary(f"{cfg.model} {out} ({manifest['id']})",
                   {"steps": step, "final loss": manifest["metrics"]["final_loss"], "attention": backend})
     return manifest
@@ -360,7 +364,7 @@ def _vae_path(store) -> str | None:
 
 
 def _write_model(folder: Path, config: dict, inputs: dict, weight_files: dict[str, nn.Module], step: int,
-                 loss: float) -> dict:
+                 loss: float | None) -> dict:
     """The model folder that `sample --ckpt` reads (the run's, or a kept step's): the weights of each module
     in its file, then the manifest."""
     (folder / artifacts.MANIFEST).unlink(missing_ok=True)  # rewritten after a resume: never a manifest over other weights

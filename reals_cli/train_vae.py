@@ -277,7 +277,7 @@ def _train_vae(cfg: TrainVAEConfig, resume: bool, held: contextlib.ExitStack) ->
     step = 0
     if resume:
         step = load_checkpoint(ckpt_path, dataclasses.asdict(cfg), stateful, RESUMABLE_CHANGES, rank)
-        if already_trained(out, step, cfg.steps):
+        if already_trained(out, step, cfg.steps, rank):
             return artifacts.read_manifest(out, KIND, FORMAT_VERSION) if rank == 0 else {}
         console.print(f"resumed {out} at step {step}")
 
@@ -319,9 +319,10 @@ def _train_vae(cfg: TrainVAEConfig, resume: bool, held: contextlib.ExitStack) ->
         data_iter = iter(loader)  # the workers start here, inside SignalStop (see there)
         task = bar.add_task("train-vae", total=cfg.steps, completed=step, status="")
         while step < cfg.steps:
-            if stop.now(agree=True):  # every step reads the loss back already: the ranks can agree at each
+            batch = stop.next_batch(data_iter)  # fetched first: a rank that got none stops them all
+            if stop.now():
                 break
-            x01 = _flip(next(data_iter)[0], cfg.seed, step, rank).to(device, non_blocking=True)
+            x01 = _flip(batch[0], cfg.seed, step, rank).to(device, non_blocking=True)
             x = x01 * 2 - 1
             with autocast(device, cfg.precision):
                 target_patch, target_glob = teacher(x01)

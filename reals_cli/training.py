@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -59,18 +59,21 @@ def check_run_folder(out: Path, checkpoint: str, resume: bool, kind: str, run_fi
         raise UserError(f"--resume: no {checkpoint} in {out}; start without --resume")
 
 
-def already_trained(out: Path, step: int, steps: int) -> bool:
+def already_trained(out: Path, step: int, steps: int, rank: int) -> bool:
     """After resuming at `step`: True when a finished run already has `steps` (a requeued job: nothing
-    to do). A larger --steps trains on, and the finished artifact gives way; a smaller one is refused."""
+    to do). A smaller --steps is refused; at `steps` without the artifact (stopped while writing
+    it) the loop is skipped and the artifact written; a larger one trains on, and the finished
+    artifact gives way."""
     from .artifacts import MANIFEST
     from .console import console
 
+    if step > steps:
+        raise UserError(f"{out} is already trained for {step} steps; pass a larger --steps to train on")
     if step == steps and (out / MANIFEST).is_file():
         console.print(f"{out} is already trained for {step} steps; nothing to do", soft_wrap=True)
         return True
-    if step >= steps:
-        raise UserError(f"{out} is already trained for {step} steps; pass a larger --steps to train on")
-    (out / MANIFEST).unlink(missing_ok=True)  # training on: never a manifest over other weights
+    if rank == 0:
+        (out / MANIFEST).unlink(missing_ok=True)  # training on: never a manifest over other weights
     return False
 
 
@@ -131,15 +134,20 @@ class FiniteGuard:
 
 class SignalStop:
     """Ctrl-C or SIGTERM (a cluster's preemption or time limit) asks a training loop to stop
-    after its current step and save a checkpoint, so that --resume loses nothing; a second
-    signal stops at once. Enter it before the DataLoader starts its workers: forked workers
-    inherit the handler and keep serving the last batches instead of dying on the signal.
+    before its next step and save a checkpoint, so that --resume loses nothing; a second Ctrl-C
+    stops at once (a second SIGTERM, as torchrun forwards the one the cluster sent, does not).
 
-    With several processes the ranks must stop at the same step (saving is collective), so
-    they agree at log steps, which already wait for the GPU; alone, every step looks."""
+    The DataLoader workers may die of the signal (torch's workers do on SIGTERM): once it has
+    come, their deaths no longer raise in the middle of a step, and `next_batch` gives None
+    for a batch they could not deliver. With several processes the ranks must stop at the same
+    step (saving is collective): `now` compares their flags every step, on the CPU over gloo,
+    so no rank waits for its GPU, and within torchrun's 30 s between signal and kill."""
 
     def __init__(self, world: int):
-        self.world, self.requested = world, False
+        self.world, self.requested = world, None  # the name of the signal, once one came
+        # Every rank builds it at the same point: creating a group is collective.
+        self._group = None if world == 1 or dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        self._announced = False
 
     def __enter__(self) -> "SignalStop":
         self._owner, self._previous = os.getpid(), {}
@@ -149,34 +157,45 @@ class SignalStop:
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
 
     def _handle(self, signum: int, frame) -> None:
-        if self.requested:
+        # Only a flag and a handler swap here: printing from a signal handler can re-enter stderr.
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
-        if os.getpid() == self._owner:  # not in a DataLoader worker
+        if self.requested or os.getpid() != self._owner:  # a forked DataLoader worker keeps serving
+            return
+        self.requested = signal.Signals(signum).name
+        if hasattr(signal, "SIGCHLD"):  # torch's handler would raise, mid-step, for a worker the signal killed
+            self._previous.setdefault(signal.SIGCHLD, signal.signal(signal.SIGCHLD, signal.SIG_DFL))
+
+    def next_batch(self, batches: Iterator):
+        """The next batch; None if the signal has come and the workers could not deliver it."""
+        try:
+            return next(batches)
+        except RuntimeError:  # "DataLoader worker ... exited unexpectedly"
+            if not self.requested:
+                raise
+            return None
+
+    def now(self) -> bool:
+        """Whether to stop before this step: on every rank, or on none."""
+        stop = bool(self.requested)
+        if self.world > 1:
+            flag = torch.tensor([float(stop)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+            stop = bool(flag.item())
+        if stop and not self._announced and (self.world == 1 or dist.get_rank() == 0):
             from .console import warn
 
-            warn(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint (again to stop at once)")
-
-    def now(self, agree: bool) -> bool:
-        """Whether to stop before the next step; `agree` marks the steps where all ranks compare."""
-        if self.world == 1:
-            return self.requested
-        if not agree:
-            return False
-        flag = torch.tensor([float(self.requested)], device=_collective_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            warn(f"{self.requested or 'a signal to another rank'}: saving a checkpoint and stopping "
+                 f"(Ctrl-C again to stop at once)")
+            self._announced = True
+        return stop
 
     @staticmethod
     def stopped(step: int, checkpoint: Path) -> Interrupted:
         return Interrupted(f"stopped at step {step}; {checkpoint} holds it: continue with the same command and --resume")
-
-
-def _collective_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 class StepLog:

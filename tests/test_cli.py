@@ -63,6 +63,8 @@ def test_an_interruption_exits_130(monkeypatch):
     monkeypatch.setattr(report, "write_report", interrupted)
     result = CliRunner().invoke(main, ["report", "."])
     assert (result.exit_code, result.output) == (130, "interrupted: stopped by the user\n")
+    result = CliRunner().invoke(main, ["--debug", "report", "."])  # the traceback, and still 130
+    assert result.exit_code == 130 and "Traceback" in result.output and "in interrupted" in result.output
 
 
 def test_progress_off_a_terminal_prints_plain_lines(monkeypatch):

@@ -17,6 +17,7 @@ from reals_cli.cli import main
 from reals_cli.encode import encode
 from reals_cli.reals_vae import save_reals_vae
 from reals_cli.train_dit import resolve_config, train_dit
+from reals_cli.training import read_log
 from reals_cli.vae import AutoencoderKL, vae_config
 
 # Tiny: 16 px images -> 4x8x8 latents -> DiT-T/2 sees 4x4 tokens, the alignment network's grid.
@@ -74,13 +75,18 @@ def test_resume_after_sigkill_equals_uninterrupted(store, tmp_path, objective, k
     assert len(m["config"]["latent_mean"]) == 4  # the store's normalisation travels with the model
 
 
-def test_ctrl_c_saves_the_step_it_stopped_at_and_resume_goes_on_exactly(store, tmp_path, interrupt_after_log):
-    """Ctrl-C reaches the whole process group, the DataLoader worker too: the run finishes its
-    step, checkpoints it though no checkpoint was due, and exits 130 saying how to go on."""
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_saves_the_step_it_stopped_at_and_resume_goes_on_exactly(store, tmp_path, interrupt_after_log, sig):
+    """Ctrl-C, or torchrun's SIGTERM, reaches the whole process group, the DataLoader worker too
+    (which SIGTERM kills): the run checkpoints the step it is at though no checkpoint was due, and
+    exits 130 saying how to go on."""
+    import signal
+
     latents, _ = store
     out = tmp_path / "stopped"
     args = _cli_args(latents, out, 100_000, ckpt_every=100_000, workers=1, sample_every=0)
-    steps = interrupt_after_log([sys.executable, "-m", "reals_cli", "train-dit", *args], out, 3, group=True) + 2
+    steps = interrupt_after_log([sys.executable, "-m", "reals_cli", "train-dit", *args], out, 3,
+                                getattr(signal, sig), group=True) + 2
     result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, out, steps, sample_every=0), "--resume"])
     assert result.exit_code == 0, result.output
     straight = tmp_path / "straight"
@@ -94,7 +100,7 @@ def test_loss_falls(store, tmp_path):
     latents, _ = store
     out = tmp_path / "o"
     train_dit(resolve_config(latents=str(latents), out=str(out), steps=40, ckpt_every=40, **FLAGS))
-    records = __import__("reals_cli.training", fromlist=["read_log"]).read_log(out / "log.jsonl")
+    records = read_log(out / "log.jsonl")
     losses = [r["loss"] for r in records]
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
     # The logged model-FLOP rate: 3 forwards an image, each as torch counts it (tests/test_dit.py).
@@ -306,6 +312,13 @@ def test_resume_of_a_finished_run_is_a_no_op_or_trains_on(store, tmp_path):
         2, f"error: {out} is already trained for 2 steps; pass a larger --steps to train on")
     more = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, out, 3, sample_every=0), "--resume"])
     assert more.exit_code == 0 and read_manifest(out)["metrics"]["steps"] == 3
+    # Stopped after its last checkpoint, before the manifest: the requeued job writes the model.
+    final = read_manifest(out)
+    (out / "manifest.json").unlink()
+    done = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, out, 3, sample_every=0), "--resume"])
+    assert done.exit_code == 0, done.output
+    assert read_manifest(out)["files"] == final["files"]
+    assert read_manifest(out)["metrics"]["final_loss"] == read_log(out / "log.jsonl")[-1]["loss"]
 
 
 def test_a_second_run_into_a_folder_in_use_stops_at_once(store, tmp_path):

@@ -315,6 +315,7 @@ def test_adaptive_weight_survives_fp16_with_the_loss_scale():
     assert weight(torch.float16) == 0  # what fp16 did without the scale
     assert weight(torch.float16, loss_scale=torch.tensor(65536.0)) == pytest.approx(reference.item(), rel=1e-2)
     assert weight(torch.float32, loss_scale=65536.0) == pytest.approx(reference.item(), rel=1e-5)
+    assert weight(torch.float16, loss_scale=torch.tensor(2.0**40)) == 0  # both overflow: no GAN term, not NaN
 
 
 def test_ema_warmup_follows_ldm():

@@ -66,15 +66,15 @@ def kill_after_checkpoint():
 def interrupt_after_log():
     """Start the training command `cmd` as a real process; once `out`/log.jsonl has `lines` lines,
     send it `sig` (to its whole process group when `group`, as a terminal's Ctrl-C reaches the
-    DataLoader workers too). Checks that it saved the step it stopped at, exited 130 and said how
-    to go on; returns that step."""
+    DataLoader workers too). Checks that it saved the step it stopped at, exited with `status`
+    and said how to go on; returns that step."""
     import signal
     import subprocess
     import time
 
     from reals_cli.artifacts import load_state
 
-    def run(cmd: list[str], out: Path, lines: int, sig=signal.SIGINT, group: bool = False) -> int:
+    def run(cmd: list[str], out: Path, lines: int, sig=signal.SIGINT, group: bool = False, status: int = 130) -> int:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                 start_new_session=group)
         log, deadline = out / "log.jsonl", time.monotonic() + 180
@@ -82,12 +82,12 @@ def interrupt_after_log():
             time.sleep(0.05)
         os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 130, err
+        assert proc.returncode == status, err
         ckpt = out / "checkpoint.safetensors"
         stopped = load_state(ckpt)["step"]
         assert stopped >= lines and not (out / "manifest.json").exists()
-        assert err.strip().splitlines()[-1] == (f"interrupted: stopped at step {stopped}; {ckpt} holds it: "
-                                               "continue with the same command and --resume")
+        said = f"interrupted: stopped at step {stopped}; {ckpt} holds it: continue with the same command and --resume"
+        assert said in err.splitlines(), err
         return stopped
 
     return run

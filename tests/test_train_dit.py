@@ -96,6 +96,19 @@ def test_a_signal_saves_the_step_it_stopped_at_and_resume_goes_on_exactly(store,
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_sigterm_to_torchrun_stops_every_rank_at_one_checkpointed_step(store, tmp_path, interrupt_after_log):
+    """torchrun passes a cluster's SIGTERM to each rank's process group and kills them 30 s later:
+    the ranks agree on a step, save it together and exit 130 (torchrun itself 1)."""
+    import signal
+
+    latents, _ = store
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "reals_cli", "train-dit",
+           *_cli_args(latents, out, 100_000, ckpt_every=100_000, workers=1, sample_every=0)]
+    interrupt_after_log(cmd, out, 3, signal.SIGTERM, status=1)
+    assert len(load_state(out / "checkpoint.safetensors")["rng"]) == 2  # both ranks' states, at that step
+
+
 def test_loss_falls(store, tmp_path):
     latents, _ = store
     out = tmp_path / "o"

@@ -264,10 +264,16 @@ def made_by(manifest: dict) -> str:
 
 
 _HELD: set = set()  # the lock files open in this process
-# A forked child (a DataLoader worker) shares the parent's open lock file, and with it the lock,
-# which would outlive the run while the worker lives: the child closes its copy at once.
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=lambda: [handle.close() for handle in list(_HELD)] and None)
+
+
+def _close_held_in_child() -> None:
+    # A forked child (a DataLoader worker) shares the parent's open lock file, and with it the
+    # lock, which would outlive the run while the worker lives: the child closes its copy at once.
+    for handle in list(_HELD):
+        handle.close()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 @contextlib.contextmanager

@@ -30,6 +30,38 @@ def test_atomic_files_get_the_mode_open_gives(tmp_path):
     assert mode == (tmp_path / "plain").stat().st_mode & 0o777
 
 
+def test_a_held_folder_is_let_go_though_a_forked_child_lives_on(tmp_path):
+    import time
+
+    with artifacts.hold_folder(tmp_path / "run", "reals x"):
+        with pytest.raises(UserError, match=r"is being written by another `reals x` process; wait for it to end"):
+            with artifacts.hold_folder(tmp_path / "run", "reals x"):
+                pass
+        child = os.fork()  # as a DataLoader worker is
+        if child == 0:
+            time.sleep(2)
+            os._exit(0)
+        time.sleep(0.2)  # the child has closed its copy of the lock file
+    try:
+        with artifacts.hold_folder(tmp_path / "run", "reals x"):  # the child is alive, the folder free
+            pass
+    finally:
+        os.waitpid(child, 0)
+
+
+def test_a_filesystem_without_locks_warns_and_goes_on(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with artifacts.hold_folder(tmp_path / "run", "reals x"):
+        pass
+    assert "this filesystem has no file locks (No locks available)" in capsys.readouterr().err
+
+
 def test_state_round_trip_keeps_structure_and_dtypes(tmp_path):
     state = {
         "step": 7, "lr": 1e-4, "name": "x", "none": None, "flag": True,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +40,8 @@ from .latent_store import LatentDataset, draw_latents
 from .released import load_released
 from .runtime import allow_tf32, autocast, resolve_device, seed_everything
 from .training import (
-    FiniteGuard, SignalStop, StepLog, already_trained, check_run_folder, init_distributed, load_checkpoint, read_log,
-    save_checkpoint, truncate_log,
+    AT_LEAST_ONE, FRACTION, NON_NEGATIVE, FiniteGuard, SignalStop, StepLog, already_trained, check_run_folder,
+    check_values, init_distributed, load_checkpoint, read_log, save_checkpoint, truncate_log,
 )
 from .transport import Transport
 
@@ -122,25 +121,21 @@ class Projector(nn.Sequential):
         super().__init__(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, out_dim))
 
 
-# Each numeric flag's allowed values: a test and its words for the error (NaN and infinity pass none).
 ALLOWED_VALUES = {
-    **dict.fromkeys(("steps", "batch_size", "log_every", "ckpt_every"), (lambda v: v >= 1, "at least 1")),
-    **dict.fromkeys(("lr", "weight_decay", "seed", "workers"), (lambda v: v >= 0, ">= 0")),
+    **dict.fromkeys(("steps", "batch_size", "log_every", "ckpt_every"), AT_LEAST_ONE),
+    **dict.fromkeys(("lr", "weight_decay", "seed", "workers"), NON_NEGATIVE),
     "grad_clip": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
     "repa_weight": (lambda v: v >= 0, ">= 0 (0: no REPA)"),
     "keep_every": (lambda v: v >= 0, ">= 0 (0: keep none)"),
     "sample_every": (lambda v: v >= 0, ">= 0 (0: no previews)"),
-    "ema_decay": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "ema_decay": FRACTION,
     "class_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
 }
 
 
 def _check(cfg: TrainDiTConfig) -> None:
     depth = model_config(cfg.model)["depth"]
-    for name, (allowed, rule) in ALLOWED_VALUES.items():
-        value = getattr(cfg, name)
-        if not (math.isfinite(value) and allowed(value)):
-            raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+    check_values(cfg, ALLOWED_VALUES)
     if cfg.repa_weight > 0 and not 1 <= cfg.repa_depth <= depth:
         raise UserError(f"--repa-depth must be between 1 and the model's depth {depth}, got {cfg.repa_depth}")
     given = [f"--{name.replace('_', '-')}" for name in SIT_ONLY if getattr(cfg, name) is not None]

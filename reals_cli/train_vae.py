@@ -42,7 +42,8 @@ from .reals_vae import ALIGN_FILE, FORMAT_VERSION, KIND, save_reals_vae
 from .runtime import autocast, resolve_device, seed_everything
 from .teachers import DINOv2Teacher, Teacher, build_teacher
 from .training import (
-    FiniteGuard, SignalStop, StepLog, already_trained, check_run_folder, init_distributed, load_checkpoint, save_checkpoint, truncate_log,
+    AT_LEAST_ONE, FRACTION, NON_NEGATIVE, FiniteGuard, SignalStop, StepLog, already_trained, check_run_folder,
+    check_values, init_distributed, load_checkpoint, save_checkpoint, truncate_log,
 )
 from .vae import CONFIG_NAME, WEIGHTS_NAMES, AutoencoderKL, kl_loss, load_diffusers_vae, vae_config
 
@@ -136,16 +137,14 @@ class Generator(nn.Module):
         return recon, mean, logvar, patch, glob
 
 
-# Each numeric flag's allowed values: a test and its words for the error (NaN and infinity pass none).
 ALLOWED_VALUES = {
-    **dict.fromkeys(("steps", "batch_size", "align_hidden", "log_every", "ckpt_every", "image_every"),
-                    (lambda v: v >= 1, "at least 1")),
+    **dict.fromkeys(("steps", "batch_size", "align_hidden", "log_every", "ckpt_every", "image_every"), AT_LEAST_ONE),
     **dict.fromkeys(("lr", "disc_lr", "weight_decay", "kl", "lpips_weight", "disc_weight", "disc_start", "align_patch_weight",
-                     "align_global_weight", "align_cos", "align_l1", "seed", "workers"), (lambda v: v >= 0, ">= 0")),
+                     "align_global_weight", "align_cos", "align_l1", "seed", "workers"), NON_NEGATIVE),
     "image_size": (lambda v: v >= VGG_MIN_SIZE, f"at least {VGG_MIN_SIZE} (LPIPS's VGG16 halves it 4 times)"),
     "align_weight": (lambda v: v >= 0, ">= 0 (0: the baseline VAE)"),
     "grad_clip": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
-    "ema_decay": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "ema_decay": FRACTION,
     "val_count": (lambda v: v >= 0, ">= 0 (0: no validation)"),
 }
 
@@ -153,10 +152,7 @@ ALLOWED_VALUES = {
 def _check_config(cfg: TrainVAEConfig) -> None:
     if cfg.rec_loss not in ("l1", "mse"):
         raise UserError(f"--rec-loss must be l1 or mse, got {cfg.rec_loss!r}")
-    for name, (allowed, rule) in ALLOWED_VALUES.items():
-        value = getattr(cfg, name)
-        if not (math.isfinite(value) and allowed(value)):
-            raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+    check_values(cfg, ALLOWED_VALUES)
     # The smallest input a teacher has a feature grid for: one DINOv2 patch; VGG16 as above.
     smallest = VGG_MIN_SIZE if cfg.teacher == "vgg16" else DINOv2Teacher.stride
     if cfg.teacher_resolution is not None and cfg.teacher_resolution < smallest:

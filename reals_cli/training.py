@@ -4,6 +4,7 @@ stopping on a signal."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import threading
@@ -36,6 +37,20 @@ def gather_objects(obj, world: int) -> list:
     out = [None] * world
     dist.all_gather_object(out, obj)
     return out
+
+
+# Rules for numeric flags: a test and its words for the error (NaN and infinity pass none).
+AT_LEAST_ONE = (lambda v: v >= 1, "at least 1")
+NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+def check_values(cfg, rules: dict) -> None:
+    """Refuse the first flag of `cfg` whose value breaks its rule in `rules` (name -> (test, words))."""
+    for name, (allowed, words) in rules.items():
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and allowed(value)):
+            raise UserError(f"--{name.replace('_', '-')} must be {words}, got {value}")
 
 
 def check_run_folder(out: Path, checkpoint: str, resume: bool, kind: str, run_files: Sequence[str], command: str) -> None:

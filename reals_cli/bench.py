@@ -40,7 +40,7 @@ def bench_train_vae(device: torch.device) -> list[tuple[str, float, str]]:
     """One sd-f8c4 train step at 256 px with a dinov2-b-shaped teacher (random weights), as in training."""
     import timm
 
-    from .train_vae import resolve_config, train_vae
+    from .pipeline.train_vae import resolve_config, train_vae
 
     batch, steps = (8, 6) if device.type == "cuda" else (1, 3)
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,9 +91,9 @@ def bench_encode(device: torch.device) -> list[tuple[str, float, str]]:
     split the goal is about: the encoder on one core (one torch thread, bare and in encode
     alike) and one decoding worker on another.
     """
-    from .alignment import AlignConfig, AlignmentNet
-    from .reals_vae import save_reals_vae
-    from .vae import AutoencoderKL, vae_config
+    from .models.alignment import AlignConfig, AlignmentNet
+    from .models.reals_vae import save_reals_vae
+    from .models.vae import AutoencoderKL, vae_config
 
     name, size, batch, count = ("sd-f8c4", 256, 64, 2048) if device.type == "cuda" else ("demo", 64, 64, 2048)
     rows = []
@@ -117,7 +117,7 @@ def bench_encode(device: torch.device) -> list[tuple[str, float, str]]:
 
 def _encode_against_bare(vae, tmp: Path, data: Path, count: int, batch: int, size: int, device: torch.device,
                          workers: int | None, threads: int) -> list[tuple[str, float, str]]:
-    from .encode import encode
+    from .pipeline.encode import encode
     from .runtime import autocast
 
     out = tmp / f"lat-{workers}.zarr"
@@ -145,7 +145,7 @@ def _encode_against_bare(vae, tmp: Path, data: Path, count: int, batch: int, siz
 
 
 def _random_store(path: Path, rows: int, shape=(4, 32, 32), views: int = 2, classes: int = 10):
-    from .latent_store import create_store
+    from .data.latent_store import create_store
 
     store = create_store(path, rows=rows, latent_shape=shape, views=views, dtype="float16", block_size=256,
                          attrs={"vae_id": "bench", "config": {"block_size": 256}, "classes": [str(i) for i in range(classes)]})
@@ -162,7 +162,7 @@ def bench_latent_reads(device: torch.device) -> list[tuple[str, float, str]]:
     """Random minibatches from the latent store against what a DiT-B/2 step consumes (goal: >= 20x)."""
     from torch.utils.data import DataLoader
 
-    from .latent_store import LatentDataset
+    from .data.latent_store import LatentDataset
 
     rows = 8192
     with tempfile.TemporaryDirectory() as tmp:
@@ -193,8 +193,8 @@ def _train_dit_run(device: torch.device, name: str, compile: bool, batch: int | 
     random latent store: loading, the step, clipping, the EMA and the NaN guard, all as a
     user runs them. Images/s is the median of the log's windows after the warm-up (which
     holds the compilation); the final loss is read from the log."""
-    from .train_dit import LOG, resolve_config, train_dit
-    from .training import read_log
+    from .pipeline.train_dit import LOG, resolve_config, train_dit
+    from .pipeline.training import read_log
 
     cuda = device.type == "cuda"
     batch = batch or _dit_batch(device, name)
@@ -205,8 +205,8 @@ def _train_dit_run(device: torch.device, name: str, compile: bool, batch: int | 
     # The run would end by writing a checkpoint and a model folder (for XL/2: 16 GB, a minute of
     # a GPU session): not what is measured, so they are skipped.
     skipped = {"id": "bench", "metrics": {"final_loss": None}}
-    with tempfile.TemporaryDirectory() as tmp, mock.patch("reals_cli.train_dit.save_checkpoint"), \
-            mock.patch("reals_cli.train_dit._write_model", return_value=skipped):
+    with tempfile.TemporaryDirectory() as tmp, mock.patch("reals_cli.pipeline.train_dit.save_checkpoint"), \
+            mock.patch("reals_cli.pipeline.train_dit.write_model", return_value=skipped):
         tmp = Path(tmp)
         _random_store(tmp / "s.zarr", rows=max(4 * batch, 256), classes=1000)
         train_dit(resolve_config(
@@ -223,8 +223,8 @@ def _train_dit_run(device: torch.device, name: str, compile: bool, batch: int | 
 def _reference_step_rate(device: torch.device, name: str) -> float:
     """Training images/s of a plain eager fp32 step of the same model: explicit attention,
     plain AdamW, no autocast, no EMA (the CPU reference of #5)."""
-    from .dit import build_dit
-    from .transport import Transport
+    from .models.dit import build_dit
+    from .objectives.transport import Transport
 
     batch = _dit_batch(device, name)
     model = build_dit(name, 32, 4, 1000, attn="math").to(device)
@@ -259,7 +259,7 @@ def bench_train_dit(device: torch.device) -> list[tuple[str, float, str]]:
     """`train_dit` throughput and model-FLOP utilisation: training FLOPs = 3 x the forward
     FLOPs, counted analytically (`dit_flops`: 2 x the multiply-adds of every matmul, equal to
     torch's FlopCounterMode; a training step counts 3.00 forwards there)."""
-    from .attention import resolve_attention
+    from .models.attention import resolve_attention
 
     rows = []
     attn = resolve_attention("auto", device)
@@ -290,7 +290,7 @@ def bench_train_dit(device: torch.device) -> list[tuple[str, float, str]]:
 
 def bench_inception(device: torch.device) -> list[tuple[str, float, str]]:
     """FID feature extraction: the offline Inception (pool + sFID map) on uint8 images."""
-    from .inception import OfflineInception
+    from .metrics.inception import OfflineInception
 
     batch = 200 if device.type == "cuda" else 50
     net = OfflineInception("bench", ["2048", "2023"]).to(device)
@@ -308,11 +308,11 @@ def bench_sample(device: torch.device) -> list[tuple[str, float, str]]:
     images costs minutes, the sampler hours). On CUDA also the model-FLOP utilisation, the
     projected hours for 50,000 samples, and the same for the guidance interval [0, 0.75]
     of the REPA/ReaLS protocol."""
-    from .dit import build_dit, dit_flops
-    from .sample import SampleNoise, in_fixed_batches
-    from .samplers import guided, noise_level, run_sampler, resolve_sampler
+    from .models.dit import build_dit, dit_flops
+    from .objectives.samplers import guided, noise_level, resolve_sampler, run_sampler
+    from .objectives.transport import Transport
+    from .pipeline.sample import SampleNoise, in_fixed_batches
     from .runtime import autocast
-    from .transport import Transport
 
     cuda = device.type == "cuda"
     objective = Transport()
@@ -392,9 +392,9 @@ def bench_profile(device: torch.device) -> list[tuple[str, float, str]]:
     place of xformers, and at batch 256."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    from . import train_dit as train_dit_module
-    from .attention import resolve_attention
-    from .dit import build_dit
+    from .models.attention import resolve_attention
+    from .models.dit import build_dit
+    from .pipeline import train_dit as train_dit_module
     from .runtime import autocast
 
     if device.type != "cuda":

@@ -12,13 +12,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.manifold import trustworthiness
 from sklearn.preprocessing import StandardScaler
 
-from reals_cli import analysis
-from reals_cli.analysis import (_conditional_affinities, channel_stats, linear_probe, pca_2d, pooled_features,
-                                stratified_split, tsne_2d)
 from reals_cli.artifacts import read_manifest, verify_files
 from reals_cli.cli import main
+from reals_cli.data.latent_store import create_store, open_store
 from reals_cli.errors import UserError
-from reals_cli.latent_store import create_store, open_store
+from reals_cli.pipeline import analysis
+from reals_cli.pipeline.analysis import (
+    _conditional_affinities, channel_stats, linear_probe, pca_2d, pooled_features, stratified_split, tsne_2d,
+)
 
 
 def _store(path, n=40, classes=("cat", "dog"), seed=0, finish=True) -> str:

@@ -17,7 +17,7 @@ def test_train_dit_rows_on_a_gpu(monkeypatch):
 
     monkeypatch.setattr(bench, "_train_dit_run", fake_run)
     monkeypatch.setattr(bench, "_peak_flops", lambda device: 989e12)
-    monkeypatch.setattr("reals_cli.attention.resolve_attention", lambda name, device: "sdpa")
+    monkeypatch.setattr("reals_cli.models.attention.resolve_attention", lambda name, device: "sdpa")
     rows = {what: value for what, value, _ in bench.bench_train_dit(SimpleNamespace(type="cuda"))}
     xl = "DiT-XL/2 `train_dit`, batch 64, sdpa attention, --compile"
     assert rows[f"{xl}: MFU (bf16 dense peak 989 TFLOP/s; goal for XL/2 >= 55%)"] == pytest.approx(50.0)

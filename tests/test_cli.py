@@ -55,7 +55,7 @@ def test_flags_click_refuses_are_one_line_and_exit_2():
 
 
 def test_an_interruption_exits_130(monkeypatch):
-    from reals_cli import report
+    from reals_cli.pipeline import report
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -1,4 +1,4 @@
-"""reals_cli.data: ADM crop, the class-folder dataset (bad files, modes, flips, masks), Fashion-MNIST export."""
+"""reals_cli.data.images: ADM crop, the class-folder dataset (bad files, modes, flips, masks), Fashion-MNIST export."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from reals_cli import data as D
 from reals_cli.cli import main
-from reals_cli.data import ImageFolder, adm_center_crop, export_fashion_mnist
+from reals_cli.data import exports, images
+from reals_cli.data.exports import export_fashion_mnist
+from reals_cli.data.images import ImageFolder, adm_center_crop
 from reals_cli.errors import UserError
 
 EXPECTED = "expected one sub-folder per class (ImageNet train layout) holding .jpg/.jpeg/.png/.webp/.bmp images"
@@ -160,7 +161,7 @@ def test_verify_finds_bad_files(tree, monkeypatch):
     assert set(ds.verify(workers=1, progress=False)) == tree["bad"]
     assert "truncated" in ds.bad[str(tree["root"] / "cat" / "corrupt.jpg")]
     assert "1x1" in ds.bad[str(tree["root"] / "cat" / "tiny.png")]
-    monkeypatch.setattr(D, "_POOL_MIN", 0)  # the multiprocessing path
+    monkeypatch.setattr(images, "_POOL_MIN", 0)  # the multiprocessing path
     ds2 = ImageFolder(tree["root"], size=16)
     assert set(ds2.verify(workers=2, progress=True)) == tree["bad"]
 
@@ -271,7 +272,7 @@ def fm_source(tmp_path: Path) -> dict:
 
 
 def test_class_folder_names():
-    assert D.FASHION_MNIST_CLASSES == [
+    assert exports.FASHION_MNIST_CLASSES == [
         "0-t-shirt-top", "1-trouser", "2-pullover", "3-dress", "4-coat",
         "5-sandal", "6-shirt", "7-sneaker", "8-bag", "9-ankle-boot",
     ]
@@ -279,17 +280,17 @@ def test_class_folder_names():
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_export_tree_masks_and_noop(fm_source, tmp_path, monkeypatch, workers):
-    monkeypatch.setattr(D, "_EXPORT_CHUNK", 4)  # several tasks, so workers=2 really uses the pool
+    monkeypatch.setattr(exports, "_EXPORT_CHUNK", 4)  # several tasks, so workers=2 really uses the pool
     out = tmp_path / "fm"
     result = export_fashion_mnist(out, size=32, source=fm_source["src"], progress=False, workers=workers)
     assert (result["train"], result["test"], result["written"], result["already"]) == (30, 10, 40, False)
     for split in ("train", "test"):
         images, labels = fm_source[split]
-        assert sorted(p.name for p in (out / split).iterdir()) == D.FASHION_MNIST_CLASSES
+        assert sorted(p.name for p in (out / split).iterdir()) == exports.FASHION_MNIST_CLASSES
         files = sorted((out / split).rglob("*.png"))
         assert len(files) == 2 * len(images)
         for i, (px, label) in enumerate(zip(images, labels)):
-            base = out / split / D.FASHION_MNIST_CLASSES[label] / f"{i:05d}"
+            base = out / split / exports.FASHION_MNIST_CLASSES[label] / f"{i:05d}"
             img = Image.open(f"{base}.png")
             assert img.mode == "RGB" and img.size == (32, 32)
             arr = np.array(img)
@@ -301,7 +302,7 @@ def test_export_tree_masks_and_noop(fm_source, tmp_path, monkeypatch, workers):
             np.testing.assert_array_equal(mask, expected)
             assert set(np.unique(mask)) == {0, 1}
     classes = json.loads((out / "classes.json").read_text())
-    assert [c["folder"] for c in classes] == D.FASHION_MNIST_CLASSES and classes[0]["name"] == "T-shirt/top"
+    assert [c["folder"] for c in classes] == exports.FASHION_MNIST_CLASSES and classes[0]["name"] == "T-shirt/top"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kind"] == "dataset" and manifest["format_version"] == 1
     assert manifest["config"]["size"] == 32 and manifest["metrics"]["train"] == 30
@@ -313,7 +314,7 @@ def test_export_tree_masks_and_noop(fm_source, tmp_path, monkeypatch, workers):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == mtimes
     # the dataset reads it, with labels in class order and masks aligned
     ds = ImageFolder(out, size=32, flip=False, masks=True, split="test")
-    assert ds.classes == D.FASHION_MNIST_CLASSES and len(ds) == 10
+    assert ds.classes == exports.FASHION_MNIST_CLASSES and len(ds) == 10
     x, m, label = ds[0]
     assert label == int(fm_source["test"][1][0]) and x.shape == (3, 32, 32) and m.shape == (32, 32)
     assert len(ImageFolder(out, size=32)) == 30  # train by default
@@ -324,7 +325,7 @@ def test_export_resumes_after_interruption(fm_source, tmp_path):
     export_fashion_mnist(out, size=28, source=fm_source["src"], progress=False)
     # exported at 28 px, the pixels are the idx bytes and the mask is exactly pixel > 0
     px = fm_source["train"][0][7]
-    base = out / "train" / D.FASHION_MNIST_CLASSES[7] / "00007"
+    base = out / "train" / exports.FASHION_MNIST_CLASSES[7] / "00007"
     np.testing.assert_array_equal(np.array(Image.open(f"{base}.png"))[..., 0], px)
     np.testing.assert_array_equal(np.array(Image.open(f"{base}.mask.png")), (px > 0).astype(np.uint8))
     # simulate a run killed before the end: no manifest, some files missing
@@ -333,7 +334,7 @@ def test_export_resumes_after_interruption(fm_source, tmp_path):
     Path(f"{base}.mask.png").unlink()
     stale = Path(base).parent / ".00007.png.12345.tmp"  # left by a killed worker
     stale.write_bytes(b"half a png")
-    kept = out / "train" / D.FASHION_MNIST_CLASSES[0] / "00000.png"
+    kept = out / "train" / exports.FASHION_MNIST_CLASSES[0] / "00000.png"
     before = kept.stat().st_mtime_ns
     result = export_fashion_mnist(out, size=28, source=fm_source["src"], progress=False)
     assert result["written"] == 1 and result["kept"] == 39 and not result["already"]
@@ -357,7 +358,7 @@ def test_export_limit(fm_source, tmp_path):
     r = export_fashion_mnist(out, size=16, source=fm_source["src"], limit=5, progress=False)
     assert (r["train"], r["test"]) == (5, 5)
     assert len(list((out / "train").rglob("*.mask.png"))) == 5
-    assert sorted(p.name for p in (out / "test").iterdir()) == D.FASHION_MNIST_CLASSES
+    assert sorted(p.name for p in (out / "test").iterdir()) == exports.FASHION_MNIST_CLASSES
 
 
 def test_export_rejects_bad_files(fm_source, tmp_path):
@@ -442,8 +443,8 @@ def test_cli_check_empty_folder(tmp_path):
 @pytest.mark.assets
 def test_photo_tiles_keep_the_depth_test_columns_out(assets_home, tmp_path):
     from reals_cli.assets import asset_path
-    from reals_cli.data import export_photo_tiles
-    from reals_cli.probe_data import MotorcycleDepth
+    from reals_cli.data.exports import export_photo_tiles
+    from reals_cli.data.probe_sets import MotorcycleDepth
 
     result = export_photo_tiles(tmp_path / "photos", size=24, per_photo=5)
     assert result["per_photo"]["motorcycle_left"] == 5 and len(result["per_photo"]) == 15

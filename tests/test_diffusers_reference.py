@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reals_cli.diffusion import Diffusion, ddim_sample_loop, ddpm_sample_loop
-from reals_cli.dit import DiT
+from reals_cli.models.dit import DiT
+from reals_cli.objectives.diffusion import Diffusion, ddim_sample_loop, ddpm_sample_loop
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -9,14 +9,12 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from reals_cli.diffusion import (
-    Diffusion,
-    ddim_sample_loop,
-    ddpm_sample_loop,
-    discretized_gaussian_log_likelihood,
-    linear_betas,
-    normal_kl,
+from reals_cli.objectives.diffusion import (
+
+    Diffusion, ddim_sample_loop, ddpm_sample_loop, discretized_gaussian_log_likelihood, linear_betas, normal_kl,
+
     space_timesteps,
+
 )
 
 F64 = torch.float64

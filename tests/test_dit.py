@@ -8,11 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from reals_cli.attention import attention, resolve_attention
-from reals_cli.dit import DIT_MODELS, DiT, build_dit, dit_flops
 from reals_cli.errors import UserError
-
-
+from reals_cli.models.attention import attention, resolve_attention
+from reals_cli.models.dit import DIT_MODELS, DiT, build_dit, dit_flops
 
 
 def official_dit_xl2_layout() -> dict[str, tuple[int, ...]]:
@@ -206,7 +204,7 @@ def test_xformers_cuda12_runtime_is_found_as_a_file_on_sys_path(tmp_path, monkey
     would not resolve: a regular `nvidia` package elsewhere on the path hides it."""
     import ctypes
 
-    import reals_cli.attention
+    import reals_cli.models.attention
 
     lib = tmp_path / "site" / "nvidia" / "cuda_runtime" / "lib" / "libcudart.so.12"
     lib.parent.mkdir(parents=True)
@@ -216,7 +214,7 @@ def test_xformers_cuda12_runtime_is_found_as_a_file_on_sys_path(tmp_path, monkey
     loaded = []
     monkeypatch.setattr(ctypes, "CDLL", lambda path, mode: loaded.append((path, mode)))
     monkeypatch.setattr("sys.path", [str(tmp_path / "first"), str(tmp_path / "site")])
-    reals_cli.attention._preload_cuda12_runtime()
+    reals_cli.models.attention._preload_cuda12_runtime()
     assert loaded == [(str(lib), ctypes.RTLD_GLOBAL)]
 
 
@@ -260,7 +258,7 @@ def test_backends_agree_in_a_bf16_dit_on_cuda(qk_norm):
 
 @on_cuda
 def test_dit_xl2_bf16_training_step_at_batch_64_on_cuda():
-    from reals_cli.transport import Transport
+    from reals_cli.objectives.transport import Transport
 
     torch.manual_seed(0)
     model = build_dit("DiT-XL/2", 32, 4, 1000).cuda()
@@ -282,15 +280,15 @@ def test_dit_xl2_bf16_training_step_at_batch_64_on_cuda():
 def test_compiled_blocks_match_eager_and_share_one_graph(monkeypatch):
     import torch._dynamo
 
-    import reals_cli.attention
+    import reals_cli.models.attention
 
-    resolve = reals_cli.attention.resolve_attention
+    resolve = reals_cli.models.attention.resolve_attention
 
     def resolve_looking_at_files(name, device):  # as the xformers check does on CUDA: a graph break if traced
         Path(__file__).is_file()
         return resolve(name, device)
 
-    monkeypatch.setattr(reals_cli.attention, "resolve_attention", resolve_looking_at_files)
+    monkeypatch.setattr(reals_cli.models.attention, "resolve_attention", resolve_looking_at_files)
 
     torch.manual_seed(0)
     model = build_dit("DiT-T/2", 8, 4, 3)

@@ -16,15 +16,15 @@ import zarr
 from click.testing import CliRunner
 from PIL import Image
 
-from reals_cli import latent_store
-from reals_cli.alignment import AlignConfig, AlignmentNet
 from reals_cli.cli import main
-from reals_cli.data import ImageFolder
-from reals_cli.encode import encode
+from reals_cli.data import latent_store
+from reals_cli.data.images import ImageFolder
+from reals_cli.data.latent_store import LatentDataset, create_store, open_store
 from reals_cli.errors import UserError
-from reals_cli.latent_store import LatentDataset, create_store, open_store
-from reals_cli.reals_vae import load_reals_vae, save_reals_vae
-from reals_cli.vae import AutoencoderKL, save_diffusers_vae, vae_config
+from reals_cli.models.alignment import AlignConfig, AlignmentNet
+from reals_cli.models.reals_vae import load_reals_vae, save_reals_vae
+from reals_cli.models.vae import AutoencoderKL, save_diffusers_vae, vae_config
+from reals_cli.pipeline.encode import encode
 
 FAST = dict(batch_size=3, block_size=4, workers=0, device="cpu")
 

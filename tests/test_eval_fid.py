@@ -20,8 +20,8 @@ from PIL import Image
 from reals_cli import artifacts
 from reals_cli.artifacts import write_manifest
 from reals_cli.cli import main
-from reals_cli.fid import frechet_distance, inception_score, kernel_inception_distance, precision_recall
-from reals_cli.inception import OFFLINE, POOL_FEATURE, SFID_FEATURE, TORCH_FIDELITY, choose_extractor
+from reals_cli.metrics.fid import frechet_distance, inception_score, kernel_inception_distance, precision_recall
+from reals_cli.metrics.inception import OFFLINE, POOL_FEATURE, SFID_FEATURE, TORCH_FIDELITY, choose_extractor
 
 N = 16  # images per side
 
@@ -132,7 +132,7 @@ def test_inception_score_by_hand():
 @pytest.fixture(scope="module")
 def fm(assets_home, tmp_path_factory) -> dict[str, Path]:
     """N train images as a `reals sample`-style folder (samples.npz + manifest), N test images as class folders."""
-    from reals_cli.data import export_fashion_mnist
+    from reals_cli.data.exports import export_fashion_mnist
 
     root = tmp_path_factory.mktemp("fid")
     export_fashion_mnist(root / "fm", size=32, limit=N, progress=False)
@@ -239,7 +239,7 @@ def _offline_to_torch_fidelity(ts: dict[str, torch.Tensor]) -> dict[str, torch.T
 @pytest.fixture(scope="module")
 def converted_weights(assets_home, tmp_path_factory) -> Path:
     """The offline weights as a torch-fidelity weight file; the classifier (absent offline) is zero."""
-    from reals_cli.inception import load_torchscript
+    from reals_cli.metrics.inception import load_torchscript
 
     ts = load_torchscript(choose_extractor("offline").weights).state_dict()
     state = _offline_to_torch_fidelity(ts)
@@ -271,7 +271,7 @@ def test_offline_torchscript_is_torch_fidelity_inception(fm, converted_weights):
 @pytest.mark.slow
 @pytest.mark.assets
 def test_cached_stats_adm_reference_batch_and_torch_fidelity_path(fm, run, converted_weights):
-    from reals_cli.fid import compute_metrics
+    from reals_cli.metrics.fid import compute_metrics
 
     small = fm["root"] / "small.npz"
     with np.load(fm["samples"] / "samples.npz") as z:
@@ -303,7 +303,7 @@ def test_cached_stats_adm_reference_batch_and_torch_fidelity_path(fm, run, conve
 
 
 def test_auto_falls_back_to_offline_only_when_torch_fidelity_weights_cannot_be_had(assets_home, monkeypatch):
-    import reals_cli.inception as inception
+    import reals_cli.metrics.inception as inception
     from reals_cli.errors import UserError
 
     def no_network():
@@ -320,7 +320,7 @@ def test_auto_falls_back_to_offline_only_when_torch_fidelity_weights_cannot_be_h
 
 def test_image_folder_inputs(tmp_path):
     from reals_cli.errors import UserError
-    from reals_cli.fid import ClassFolderImages, FolderImages, open_input
+    from reals_cli.metrics.fid import ClassFolderImages, FolderImages, open_input
 
     rng = np.random.default_rng(6)
     images = rng.integers(0, 256, (3, 12, 16, 3), dtype=np.uint8)
@@ -358,7 +358,7 @@ def _image_tree(root: Path, side: int, n: int) -> Path:
 
 
 def test_images_enlarged_by_the_center_crop_are_counted(tmp_path):
-    from reals_cli.fid import open_input
+    from reals_cli.metrics.fid import open_input
 
     small, large = _image_tree(tmp_path / "small", 16, 3), _image_tree(tmp_path / "large", 40, 3)
     for path, crop, enlarged in [(small, 32, 3), (large, 32, 0), (small / "c0", 32, 2), (large / "c0", 32, 0)]:
@@ -433,7 +433,7 @@ def test_reference_statistics_alone_equal_those_saved_beside_an_evaluation(fm, r
 @pytest.fixture
 def no_inputs_opened(monkeypatch):
     """Outputs are checked first: opening an input (hashing a 10 GB npz, say) is already work."""
-    import reals_cli.fid as fid
+    import reals_cli.metrics.fid as fid
 
     monkeypatch.setattr(fid, "open_input", lambda *a, **k: pytest.fail("an input was opened"))
 
@@ -472,7 +472,7 @@ def _sample_folder(folder: Path, monkeypatch) -> dict:
 
 
 def test_samples_npz_is_checked_against_the_hash_in_its_manifest(tmp_path, monkeypatch):
-    from reals_cli.fid import open_input
+    from reals_cli.metrics.fid import open_input
 
     folder = tmp_path / "samples"
     manifest = _sample_folder(folder, monkeypatch)

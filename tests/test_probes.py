@@ -15,11 +15,10 @@ from PIL import Image
 
 from reals_cli.artifacts import load_weights, read_manifest, verify_files
 from reals_cli.cli import main
+from reals_cli.data.probe_sets import MotorcycleDepth, open_probe_data
 from reals_cli.errors import UserError
-from reals_cli.probe_data import MotorcycleDepth, open_probe_data
-from reals_cli.probe_metrics import DepthMeter, SegMeter, depth_image_scores
-from reals_cli.probes import DepthHead, SegHead, load_dinov2_depth_head
-
+from reals_cli.metrics.probe_metrics import DepthMeter, SegMeter, depth_image_scores
+from reals_cli.pipeline.probes import DepthHead, SegHead, load_dinov2_depth_head
 
 
 def _one_line_error(result, fragment: str) -> None:
@@ -220,9 +219,9 @@ def vaes(assets_home, tmp_path_factory) -> dict[str, Path]:
     The report's plumbing is what is tested here (training them costs minutes on busy cores);
     whether ReaLS beats the baseline is measured on the demo VAEs.
     """
-    from reals_cli.alignment import AlignConfig, AlignmentNet
-    from reals_cli.reals_vae import save_reals_vae
-    from reals_cli.vae import AutoencoderKL, vae_config
+    from reals_cli.models.alignment import AlignConfig, AlignmentNet
+    from reals_cli.models.reals_vae import save_reals_vae
+    from reals_cli.models.vae import AutoencoderKL, vae_config
 
     root = tmp_path_factory.mktemp("vaes")
     out = {}
@@ -257,7 +256,7 @@ def test_seg_fit_cache_and_three_way_eval(vaes, mask_data, cache, tmp_path):
     assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
 
     # Generated latents stand-in: any N x C x h x w unnormalised latents, here from the VAE itself.
-    from reals_cli.reals_vae import load_reals_vae
+    from reals_cli.models.reals_vae import load_reals_vae
 
     images = torch.stack([open_probe_data("seg", mask_data, "test", 16)[i][0] for i in range(3)])
     with torch.no_grad():
@@ -369,9 +368,9 @@ def test_depth_without_any_measurement(vaes, tmp_path):
 
 
 def test_latents_from_a_latent_store(vaes, mask_data, tmp_path):
-    from reals_cli.encode import encode
-    from reals_cli.probes import load_latents
-    from reals_cli.reals_vae import load_reals_vae
+    from reals_cli.models.reals_vae import load_reals_vae
+    from reals_cli.pipeline.encode import encode
+    from reals_cli.pipeline.probes import load_latents
 
     store = tmp_path / "latents.zarr"
     encode(mask_data / "test", store, vaes["reals"], batch_size=8, device="cpu", precision="fp32", workers=0,

@@ -13,10 +13,10 @@ from PIL import Image
 
 from reals_cli.artifacts import load_weights, read_manifest
 from reals_cli.cli import main
-from reals_cli.dit import build_dit
 from reals_cli.errors import UserError
-from reals_cli.reals_vae import load_reals_vae
-from reals_cli.vae import AutoencoderKL, save_diffusers_vae, vae_config
+from reals_cli.models.dit import build_dit
+from reals_cli.models.reals_vae import load_reals_vae
+from reals_cli.models.vae import AutoencoderKL, save_diffusers_vae, vae_config
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_a_checkpoint_of_another_shape_names_the_flag_that_fits_it(sd_like_vae, 
 
 
 def test_a_checkpoint_of_no_known_size_and_one_for_train_dit_init_say_what_fits(tmp_path):
-    from reals_cli.released import load_released
+    from reals_cli.pipeline.model_artifact import load_released
 
     state = build_dit("DiT-T/2", 8, 4, 3).state_dict()
     torch.save({**state, **{k.replace("blocks.0.", "blocks.6."): v for k, v in state.items() if k.startswith("blocks.0.")}},
@@ -183,8 +183,8 @@ def test_a_checkpoint_of_no_known_size_and_one_for_train_dit_init_say_what_fits(
 
 
 def test_a_vae_without_a_scaling_of_its_own_needs_the_latent_store(tmp_path):
-    from reals_cli.alignment import AlignConfig, AlignmentNet
-    from reals_cli.reals_vae import save_reals_vae
+    from reals_cli.models.alignment import AlignConfig, AlignmentNet
+    from reals_cli.models.reals_vae import save_reals_vae
 
     torch.save(build_dit("DiT-T/2", 8, 4, 3).state_dict(), tmp_path / "release.pt")
     save_reals_vae(tmp_path / "reals-vae", AutoencoderKL(vae_config("tiny")), AlignmentNet(AlignConfig(4, 8, 6, 4, hidden=8)),
@@ -211,8 +211,8 @@ def test_a_vae_shift_factor_is_the_latent_mean(tmp_path):
 
 
 def test_statistics_and_class_names_from_a_latent_store_as_releases_of_reals_need(sd_like_vae, tmp_path, monkeypatch):
-    from reals_cli.encode import encode
-    from reals_cli.latent_store import open_store
+    from reals_cli.data.latent_store import open_store
+    from reals_cli.pipeline.encode import encode
 
     rng = np.random.default_rng(0)
     for name in ("a", "b"):

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from reals_cli.artifacts import atomic_write_json, write_manifest
 from reals_cli.cli import main
-from reals_cli.report import write_report
+from reals_cli.pipeline.report import write_report
 
 
 def _vae(folder: Path, kl: float, align: float, psnr: float, std: list[float]) -> None:

@@ -22,19 +22,19 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from reals_cli.alignment import AlignConfig, AlignmentNet
 from reals_cli.artifacts import read_manifest, save_weights, write_manifest
 from reals_cli.cli import main
-from reals_cli.diffusion import Diffusion, space_timesteps
-from reals_cli.dit import build_dit
+from reals_cli.data.latent_store import open_store
 from reals_cli.errors import UserError
-from reals_cli.latent_store import open_store
-from reals_cli.reals_vae import load_reals_vae, save_reals_vae
-from reals_cli.sample import SampleConfig, SampleNoise, generate, in_fixed_batches, load_model, sample
-from reals_cli.samplers import SamplerSpec, dopri5, guided, noise_level, resolve_sampler, run_sampler
-from reals_cli.train_dit import EMA_FILE, MODEL_FILE, TrainDiTConfig, build_objective
-from reals_cli.transport import Transport
-from reals_cli.vae import AutoencoderKL, vae_config
+from reals_cli.models.alignment import AlignConfig, AlignmentNet
+from reals_cli.models.dit import build_dit
+from reals_cli.models.reals_vae import load_reals_vae, save_reals_vae
+from reals_cli.models.vae import AutoencoderKL, vae_config
+from reals_cli.objectives.diffusion import Diffusion, space_timesteps
+from reals_cli.objectives.samplers import SamplerSpec, dopri5, guided, noise_level, resolve_sampler, run_sampler
+from reals_cli.objectives.transport import Transport
+from reals_cli.pipeline.model_artifact import EMA_FILE, MODEL_FILE, TrainDiTConfig, build_objective, load_model
+from reals_cli.pipeline.sample import SampleConfig, SampleNoise, generate, in_fixed_batches, sample
 
 F64 = torch.float64
 M, S = 0.7, 0.4  # data distribution N(M, S^2)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from reals_cli.errors import UserError
-from reals_cli.teachers import DINOv2Teacher, build_teacher
+from reals_cli.models.teachers import DINOv2Teacher, build_teacher
 
 
 def _official_dinov2_state(dim=32, depth=2, grid=37, patch=14, mlp_ratio=4):
@@ -68,7 +68,7 @@ def test_dinov2_missing_weights_file(tmp_path):
 
 
 def test_dinov2_offline_fails_fast_naming_both_remedies(monkeypatch):
-    import reals_cli.teachers as teachers
+    import reals_cli.models.teachers as teachers
 
     monkeypatch.setattr(teachers, "_hub_reachable", lambda *a, **k: False)
     monkeypatch.setattr(teachers, "_hub_cache_file", lambda arch: None)
@@ -112,7 +112,7 @@ def test_vgg_teacher_equals_torchvision(assets_home):
 
 
 def test_lpips_zero_on_identity_and_grows_with_noise(assets_home):
-    from reals_cli.perceptual import LPIPS
+    from reals_cli.models.perceptual import LPIPS
 
     lpips = LPIPS()
     g = torch.Generator().manual_seed(0)

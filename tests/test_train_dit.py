@@ -11,14 +11,14 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from reals_cli.alignment import AlignConfig, AlignmentNet
 from reals_cli.artifacts import load_state, load_weights, read_manifest, save_state
 from reals_cli.cli import main
-from reals_cli.encode import encode
-from reals_cli.reals_vae import save_reals_vae
-from reals_cli.train_dit import resolve_config, train_dit
-from reals_cli.training import read_log
-from reals_cli.vae import AutoencoderKL, vae_config
+from reals_cli.models.alignment import AlignConfig, AlignmentNet
+from reals_cli.models.reals_vae import save_reals_vae
+from reals_cli.models.vae import AutoencoderKL, vae_config
+from reals_cli.pipeline.encode import encode
+from reals_cli.pipeline.train_dit import resolve_config, train_dit
+from reals_cli.pipeline.training import read_log
 
 # Tiny: 16 px images -> 4x8x8 latents -> DiT-T/2 sees 4x4 tokens, the alignment network's grid.
 FLAGS = dict(model="DiT-T/2", batch_size=6, workers=0, device="cpu", precision="fp32", lr=1e-3, log_every=1)
@@ -117,7 +117,7 @@ def test_loss_falls(store, tmp_path):
     losses = [r["loss"] for r in records]
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
     # The logged model-FLOP rate: 3 forwards an image, each as torch counts it (tests/test_dit.py).
-    from reals_cli.dit import dit_flops
+    from reals_cli.models.dit import dit_flops
 
     assert all(r["tflop_per_s"] == pytest.approx(r["img_per_s"] * 3 * dit_flops("DiT-T/2", 8, 4) / 1e12) for r in records)
 
@@ -145,7 +145,7 @@ def test_repa_refuses_another_vae(store, tmp_path):
 
 def test_official_checkpoint_of_another_size_is_refused(store, tmp_path):
     latents, _ = store
-    from reals_cli.dit import build_dit
+    from reals_cli.models.dit import build_dit
 
     torch.save(build_dit("DiT-T/2", 16, 4, 3).state_dict(), tmp_path / "big.pt")  # 16x16 latents, not 8x8
     result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, tmp_path / "o", 2, init=tmp_path / "big.pt")])
@@ -155,7 +155,7 @@ def test_official_checkpoint_of_another_size_is_refused(store, tmp_path):
 
 def test_init_loads_an_official_layout_checkpoint(store, tmp_path):
     latents, _ = store
-    from reals_cli.dit import build_dit
+    from reals_cli.models.dit import build_dit
 
     torch.manual_seed(3)
     ref = build_dit("DiT-T/2", 8, 4, 3).state_dict()
@@ -181,7 +181,7 @@ def test_a_diverging_run_stops_before_checkpointing_broken_weights(store, tmp_pa
 
 
 def test_unfinished_store_is_refused(tmp_path):
-    from reals_cli.latent_store import create_store
+    from reals_cli.data.latent_store import create_store
 
     create_store(tmp_path / "s.zarr", rows=4, latent_shape=(4, 8, 8), views=1, dtype="float16", block_size=4,
                  attrs={"vae_id": "x", "config": {"block_size": 4}, "classes": ["a"]})
@@ -426,7 +426,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over_in_its_folder(stor
     for leftover in ("samples_0000005.png", ".checkpoint.safetensors.x1y2.tmp", ".tmpUauDID"):  # the last: a library's
         (out / leftover).write_bytes(b"")
     train_dit(resolve_config(latents=str(latents), out=str(out), steps=2, ckpt_every=2, **FLAGS))
-    from reals_cli.training import read_log
+    from reals_cli.pipeline.training import read_log
 
     assert [r["step"] for r in read_log(out / "log.jsonl")] == [1, 2]  # the killed run's lines are gone
 
@@ -461,7 +461,7 @@ def test_resume_of_a_dit_run_that_recorded_the_sit_defaults(store, tmp_path):
 
 def test_kept_steps_are_model_folders_that_sample_reads(store, tmp_path):
     latents, _ = store
-    from reals_cli.sample import load_model
+    from reals_cli.pipeline.model_artifact import load_model
 
     out = tmp_path / "o"
     # log-every 10 > steps: no log line, yet the manifest and the summary have the last step's loss.
@@ -509,7 +509,7 @@ def test_previews_off_when_the_stores_vae_is_gone_say_so_once(store, tmp_path):
 
 
 def _store_id(latents) -> str:
-    from reals_cli.latent_store import open_store
+    from reals_cli.data.latent_store import open_store
 
     return open_store(latents).attrs["id"]
 
@@ -626,8 +626,8 @@ def test_log_lines_stay_whole_off_a_terminal(store, tmp_path, monkeypatch):
     from rich.console import Console
 
     from reals_cli import console
-    from reals_cli import train_dit as train_dit_module
-    from reals_cli.training import read_log
+    from reals_cli.pipeline import train_dit as train_dit_module
+    from reals_cli.pipeline.training import read_log
 
     log = io.StringIO()
     narrow = Console(file=log, force_terminal=False, width=80)

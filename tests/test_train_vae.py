@@ -10,13 +10,13 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from reals_cli.alignment import AlignConfig, AlignmentNet
 from reals_cli.artifacts import load_weights, read_manifest
 from reals_cli.cli import main
 from reals_cli.errors import UserError
-from reals_cli.train_vae import Generator, resolve_config, train_vae
-from reals_cli.training import read_log
-from reals_cli.vae import AutoencoderKL, save_diffusers_vae, vae_config
+from reals_cli.models.alignment import AlignConfig, AlignmentNet
+from reals_cli.models.vae import AutoencoderKL, save_diffusers_vae, vae_config
+from reals_cli.pipeline.train_vae import Generator, resolve_config, train_vae
+from reals_cli.pipeline.training import read_log
 
 TINY_FLAGS = dict(vae="tiny", image_size=16, teacher="vgg16", align_hidden=16, batch_size=4, workers=0,
                   lr=1e-3, disc_lr=1e-3, disc_start=2, val_count=4, log_every=1, image_every=3, precision="fp32", device="cpu")
@@ -114,7 +114,7 @@ def test_finished_run_manifest_and_metrics(assets_home, shapes_data, tmp_path):
     assert manifest["inputs"]["data"]["path"] == str(shapes_data)
     # The artifact is a diffusers folder too, and its files match the manifest's hashes.
     from reals_cli.artifacts import verify_files
-    from reals_cli.reals_vae import load_reals_vae
+    from reals_cli.models.reals_vae import load_reals_vae
 
     verify_files(out, manifest)
     bundle = load_reals_vae(out, need_align=True)
@@ -125,7 +125,7 @@ def test_finished_run_manifest_and_metrics(assets_home, shapes_data, tmp_path):
 
 
 def test_align_weight_zero_detaches_encoder_but_trains_align_net():
-    from reals_cli.alignment import alignment_loss
+    from reals_cli.models.alignment import alignment_loss
 
     vae = AutoencoderKL(vae_config("tiny"))
     align = AlignmentNet(AlignConfig(4, 8, 6, 4, hidden=8))
@@ -273,7 +273,7 @@ def test_resume_refuses_other_flags(assets_home, shapes_data, tmp_path):
 
 
 def test_batch_order_is_sharded_and_resumable():
-    from reals_cli.batches import ResumableBatchSampler
+    from reals_cli.data.batches import ResumableBatchSampler
 
     size, batch, world = 50, 4, 3
     samplers = [ResumableBatchSampler(size, batch, seed=7, rank=r, world=world) for r in range(world)]
@@ -298,7 +298,7 @@ def test_torchrun_two_processes(assets_home, shapes_data, tmp_path, train_on_two
 
 def test_adaptive_weight_survives_fp16_with_the_loss_scale():
     # A per-pixel mean over many pixels has per-pixel gradients below fp16's range (here 3e-9).
-    from reals_cli.discriminator import adaptive_weight
+    from reals_cli.models.discriminator import adaptive_weight
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(16, 3)
@@ -319,7 +319,7 @@ def test_adaptive_weight_survives_fp16_with_the_loss_scale():
 
 
 def test_ema_warmup_follows_ldm():
-    from reals_cli.ema import ema_copy, ema_update
+    from reals_cli.pipeline.ema import ema_copy, ema_update
 
     model = torch.nn.Linear(1, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
@@ -332,7 +332,7 @@ def test_ema_warmup_follows_ldm():
 
 
 def test_ema_update_matches_float64_recurrence():
-    from reals_cli.ema import ema_copy, ema_update
+    from reals_cli.pipeline.ema import ema_copy, ema_update
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
@@ -350,7 +350,7 @@ def test_ema_update_matches_float64_recurrence():
 
 
 def test_extra_data_joins_training_only(shapes_data, tmp_path):
-    from reals_cli.train_vae import _datasets
+    from reals_cli.pipeline.train_vae import _datasets
 
     extra = tmp_path / "extra"
     (extra / "train" / "noise").mkdir(parents=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from reals_cli.errors import UserError
-from reals_cli.transport import Transport, ode_sample, sde_sample
+from reals_cli.objectives.transport import Transport, ode_sample, sde_sample
 
 F64 = torch.float64
 M, S = 0.7, 0.4  # the data distribution N(M, S^2), per dimension

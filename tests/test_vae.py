@@ -7,14 +7,7 @@ import pytest
 import torch
 
 from reals_cli.errors import UserError
-from reals_cli.vae import (
-    AutoencoderKL,
-    VAEConfig,
-    kl_loss,
-    load_diffusers_vae,
-    save_diffusers_vae,
-    vae_config,
-)
+from reals_cli.models.vae import AutoencoderKL, VAEConfig, kl_loss, load_diffusers_vae, save_diffusers_vae, vae_config
 
 diffusers = pytest.importorskip("diffusers")
 DiffusersVAE = diffusers.AutoencoderKL

@@ -1,4 +1,4 @@
-"""`reals analyze`: a thin wrapper over `reals_cli.analysis.analyze`."""
+"""`reals analyze`: a thin wrapper over `reals_cli.pipeline.analysis.analyze`."""
 
 from __future__ import annotations
 
@@ -58,8 +58,8 @@ def analyze_command(stores, out, method, pool, limit, test_fraction, perplexity,
     more linearly decodable class semantics. Pass a ReaLS store and a baseline store to
     compare them in one table.
     """
-    from ..analysis import analyze
     from ..console import console
+    from ..pipeline.analysis import analyze
 
     result = analyze(list(stores), out, method=method, pool=pool, limit=limit, test_fraction=test_fraction,
                      seed=seed, perplexity=perplexity)

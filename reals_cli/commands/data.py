@@ -29,7 +29,7 @@ def fashion_mnist(out: Path, size: int, limit: int | None, source: Path | None, 
     settings is left as it is.
     """
     from ..console import console, print_summary
-    from ..data import export_fashion_mnist
+    from ..data.exports import export_fashion_mnist
 
     result = export_fashion_mnist(out, size=size, source=source, limit=limit, progress=True, workers=workers)
     if result["already"]:
@@ -58,7 +58,7 @@ def photos(out: Path, size: int, per_photo: int) -> None:
     tiles every 32 px); the motorcycle's depth test columns are left out.
     """
     from ..console import print_summary
-    from ..data import export_photo_tiles
+    from ..data.exports import export_photo_tiles
 
     result = export_photo_tiles(out, size=size, per_photo=per_photo)
     print_summary(f"photo tiles -> {out}", [("tiles", result["train"]), ("photos", len(result["per_photo"])),
@@ -77,7 +77,7 @@ def check(directory: Path, split: str | None, masks: bool, workers: int | None, 
     Exits with status 1 when any file is bad (so a Makefile stops there), 0 when all are good.
     """
     from ..console import console, labelled, print_summary
-    from ..data import ImageFolder
+    from ..data.images import ImageFolder
 
     if split is None and (directory / "train").is_dir() and (directory / "test").is_dir():
         splits: list[str | None] = ["train", "test"]

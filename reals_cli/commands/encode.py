@@ -1,4 +1,4 @@
-"""`reals encode`: a thin wrapper over `reals_cli.encode.encode`."""
+"""`reals encode`: a thin wrapper over `reals_cli.pipeline.encode.encode`."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ def encode_command(images, out, vae_path, info, **flags):
     ranks share the work.
     """
     from ..console import print_summary
-    from ..encode import encode, print_store_info
     from ..errors import UserError
+    from ..pipeline.encode import encode, print_store_info
 
     if info is not None:
         print_store_info(info)

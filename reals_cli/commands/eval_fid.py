@@ -1,4 +1,4 @@
-"""`reals eval-fid`: a thin wrapper over `reals_cli.fid.compute_metrics`."""
+"""`reals eval-fid`: a thin wrapper over `reals_cli.metrics.fid.compute_metrics`."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def eval_fid_command(samples: Path, ref: Path, out: Path | None, save_ref_stats:
     `--save-ref-stats` computes the reference statistics alone, once for many runs.
     """
     from ..artifacts import check_output_file
-    from ..fid import compute_metrics, compute_reference_stats
+    from ..metrics.fid import compute_metrics, compute_reference_stats
 
     if samples is None:
         if save_ref_stats is None:

@@ -1,4 +1,4 @@
-"""`reals import-dit`: a thin wrapper over `reals_cli.released.import_released`."""
+"""`reals import-dit`: a thin wrapper over `reals_cli.pipeline.model_artifact.import_released`."""
 
 from __future__ import annotations
 
@@ -34,6 +34,6 @@ def import_dit_command(weights, **flags):
       reals import-dit DiT-XL-2-256x256.pt --model DiT-XL/2 --vae sd-vae-ft-ema --out runs/dit-xl2
       reals sample --ckpt runs/dit-xl2 --cfg 1.5 --cfg-channels 3 -n 50000 --out samples/dit-xl2
     """
-    from ..released import import_released
+    from ..pipeline.model_artifact import import_released
 
     import_released(weights, **flags)

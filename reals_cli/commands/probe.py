@@ -1,4 +1,4 @@
-"""`reals probe-seg` and `reals probe-depth`: thin wrappers over `reals_cli.probes`."""
+"""`reals probe-seg` and `reals probe-depth`: thin wrappers over `reals_cli.pipeline.probes`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..probe_data import DEPTH_FORMATS, SEG_FORMATS
+from ..data.probe_sets import DEPTH_FORMATS, SEG_FORMATS
 from .options import device_option, precision_option, seed_option
 
 TASKS = {
@@ -70,7 +70,7 @@ def _data_options(task: str, eval_: bool) -> list:
 
 
 def _spec(task, data_path, fmt, limit, classes=None, splits=None, depth_scale=1000.0):
-    from ..probes import DataSpec
+    from ..pipeline.probes import DataSpec
 
     return DataSpec(task, data_path, fmt, limit, _classes(classes), splits, depth_scale)
 
@@ -84,7 +84,7 @@ def _make_group(task: str) -> click.Group:
 
     def fit(data_path, vae, out, fmt, limit, classes=None, splits=None, depth_scale=1000.0, dinov2_head=None, **flags):
         from ..errors import UserError
-        from ..probes import fit_head
+        from ..pipeline.probes import fit_head
 
         if data_path is None and dinov2_head is None:
             raise UserError("--data is required (or --dinov2-head to import DINOv2's released depth head)"
@@ -116,7 +116,7 @@ def _make_group(task: str) -> click.Group:
         _apply(fit, fit_options))
 
     def eval_(data_path, vae, head, fmt, limit, splits=None, depth_scale=1000.0, **flags):
-        from ..probes import evaluate_head
+        from ..pipeline.probes import evaluate_head
 
         evaluate_head(_spec(task, data_path, fmt, limit, None, splits, depth_scale), vae, head, **flags)
 

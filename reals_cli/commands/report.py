@@ -1,4 +1,4 @@
-"""`reals report`: a thin wrapper over `reals_cli.report.write_report`."""
+"""`reals report`: a thin wrapper over `reals_cli.pipeline.report.write_report`."""
 
 from __future__ import annotations
 
@@ -17,6 +17,6 @@ def report_command(root, out, title):
     analysis/; and seg/ and depth/ probe evaluations beside them. Nothing is recomputed:
     a step that has not run is a blank cell. The page is rewritten only when it changes.
     """
-    from ..report import print_table, write_report
+    from ..pipeline.report import print_table, write_report
 
     print_table(write_report(root, out, title))

@@ -1,13 +1,13 @@
-"""`reals sample`: a thin wrapper over `reals_cli.sample.sample`."""
+"""`reals sample`: a thin wrapper over `reals_cli.pipeline.sample.sample`."""
 
 from __future__ import annotations
 
 import click
 
-from ..attention import BACKENDS
 from ..errors import UserError
-from ..sample import SampleConfig, sample
-from ..samplers import ODE_METHODS
+from ..models.attention import BACKENDS
+from ..objectives.samplers import ODE_METHODS
+from ..pipeline.sample import SampleConfig, sample
 from .options import device_option, seed_option
 
 

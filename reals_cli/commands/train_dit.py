@@ -1,12 +1,12 @@
-"""`reals train-dit`: a thin wrapper over `reals_cli.train_dit.train_dit`."""
+"""`reals train-dit`: a thin wrapper over `reals_cli.pipeline.train_dit.train_dit`."""
 
 from __future__ import annotations
 
 import click
 
-from ..attention import BACKENDS
-from ..dit import DIT_MODELS
-from ..train_dit import resolve_config, train_dit
+from ..models.attention import BACKENDS
+from ..models.dit import DIT_MODELS
+from ..pipeline.train_dit import resolve_config, train_dit
 from .options import device_option, precision_option, preset_option, seed_option
 
 

@@ -1,10 +1,10 @@
-"""`reals train-vae`: a thin wrapper over `reals_cli.train_vae.train_vae`."""
+"""`reals train-vae`: a thin wrapper over `reals_cli.pipeline.train_vae.train_vae`."""
 
 from __future__ import annotations
 
 import click
 
-from ..train_vae import PRESETS, resolve_config, train_vae
+from ..pipeline.train_vae import PRESETS, resolve_config, train_vae
 from .options import device_option, precision_option, preset_option, seed_option
 
 

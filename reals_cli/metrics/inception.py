@@ -31,8 +31,8 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from .artifacts import sha256_file, torch_load
-from .errors import UserError
+from ..artifacts import sha256_file, torch_load
+from ..errors import UserError
 
 OFFLINE = "reals-inception-offline"
 TORCH_FIDELITY = "reals-inception-torch-fidelity"
@@ -86,7 +86,7 @@ class OfflineInception(FeatureExtractorBase):
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list)
         if feature_extractor_weights_path is None:
-            from .assets import asset_path
+            from ..assets import asset_path
 
             feature_extractor_weights_path = asset_path("inception-fid")
         self.net = load_torchscript(feature_extractor_weights_path)
@@ -246,7 +246,7 @@ def choose_extractor(kind: str = "auto", inception_weights: str | Path | None = 
         else:
             _check_torch_fidelity_weights(path)
             return ExtractorChoice(TORCH_FIDELITY, path, sha256_file(path))
-    from .assets import asset_path
+    from ..assets import asset_path
 
     path = asset_path("inception-fid")
     return ExtractorChoice(OFFLINE, path, sha256_file(path), note)

@@ -25,7 +25,6 @@ import contextlib
 import json
 import math
 import os
-import shlex
 import shutil
 import time
 import zipfile
@@ -39,17 +38,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import __version__, artifacts
-from .attention import resolve_attention
-from .console import console, print_summary, progress
-from .dit import DiT, build_dit
-from .errors import UserError
-from .latent_store import create_store
-from .reals_vae import RealsVAE, load_reals_vae
-from .runtime import PRECISIONS, allow_tf32, autocast, local_device, resolve_device
-from .samplers import SamplerSpec, guided, noise_level, resolve_sampler, run_sampler
-from .train_dit import CHECKPOINT as DIT_CHECKPOINT, EMA_FILE, FORMAT_VERSION as DIT_VERSION, KIND as DIT_KIND, MODEL_FILE, \
-    build_objective
+from .. import __version__, artifacts
+from ..console import console, print_summary, progress
+from ..data.latent_store import create_store
+from ..errors import UserError
+from ..models.attention import resolve_attention
+from ..models.dit import DiT
+from ..objectives.samplers import SamplerSpec, guided, noise_level, resolve_sampler, run_sampler
+from ..runtime import PRECISIONS, allow_tf32, autocast, local_device, resolve_device
+from .model_artifact import build_objective, load_model, load_vae, read_model_manifest, resolve_vae_path
 
 KIND, FORMAT_VERSION = "samples", 1
 PARTS, PROTOCOL = "parts", "protocol.json"
@@ -155,35 +152,6 @@ def resolve_classes(classes: list[int | str] | None, config: dict) -> list[int]:
     return ids
 
 
-def _vae_path(override: str | None, config: dict, ckpt: str) -> str:
-    path = override or config.get("vae_path")
-    if not path or not Path(path).exists():
-        where = f"at {path}, which does not exist" if path else "without a path"
-        raise UserError(f"{ckpt} names VAE {config['vae_id']} {where}; pass --vae PATH to that VAE")
-    return path
-
-
-def load_vae(path: str, config: dict, ckpt: str) -> RealsVAE:
-    """The VAE at `path`, which must be the one (by id) whose latents the checkpoint was trained on."""
-    bundle = load_reals_vae(path)
-    if bundle.id != config["vae_id"]:
-        raise UserError(f"the VAE at {path} is VAE {bundle.id}, but {ckpt} was trained on latents of VAE "
-                        f"{config['vae_id']}; pass --vae PATH to the VAE that made its latents")
-    return bundle
-
-
-def load_model(ckpt: str | Path, manifest: dict, ema: bool = True, attn: str = "auto") -> DiT:
-    """The checkpoint's network with its EMA (default) or raw weights, hash-checked, in eval mode.
-    `attn` is this machine's choice: the training run's kernel may not exist here."""
-    config, name = manifest["config"], EMA_FILE if ema else MODEL_FILE
-    artifacts.verify_files(ckpt, manifest, [name])
-    c, h, _ = config["latent_shape"]
-    model = build_dit(config["model"], h, c, config["num_classes"], learn_sigma=config["learn_sigma"],
-                      qk_norm=config["qk_norm"], attn=attn, class_dropout=config["class_dropout"])
-    model.load_state_dict(artifacts.load_weights(Path(ckpt) / name))
-    return model.eval()
-
-
 def _part(parts: Path, block: int) -> Path:
     return parts / f"block_{block:06d}.npz"
 
@@ -247,7 +215,7 @@ def _sample(cfg: SampleConfig, held: contextlib.ExitStack) -> dict:
     if cfg.cfg != 1 and config["class_dropout"] <= 0:
         raise UserError(f"{cfg.ckpt} was trained without label dropout, so it has no unconditional class; "
                         f"it can only sample with --cfg 1")
-    vae_path = _vae_path(cfg.vae, config, cfg.ckpt)
+    vae_path = resolve_vae_path(cfg.vae, config, cfg.ckpt)
     protocol = _protocol(cfg, manifest, spec, classes, device)
     out, n, bs = Path(cfg.out), cfg.num_samples, cfg.block_size
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -304,27 +272,6 @@ def _describe(spec: SamplerSpec) -> str:
     """"sde, steps 250, ..." for a person."""
     name, *rest = spec.settings().items()
     return ", ".join([name[1], *(f"{k} {v}" for k, v in rest)])
-
-
-def read_model_manifest(ckpt: str) -> dict:
-    """The manifest of the model folder `ckpt`, with a way forward for what people pass instead."""
-    path = Path(ckpt)
-    if (path / "zarr.json").is_file() or path.suffix in (".zarr", ".h5"):
-        raise UserError(f"{ckpt} is a latent store; --ckpt takes a model folder, made by `reals train-dit {shlex.quote(str(ckpt))} "
-                        f"--out DIR` or `reals import-dit`")
-    run = path.parent if path.is_file() else path
-    kept = sorted(p.name for p in run.glob("step-???????") if (p / artifacts.MANIFEST).is_file()) if run.is_dir() else []
-    unfinished = (run / DIT_CHECKPOINT).is_file() and not (run / artifacts.MANIFEST).is_file()
-    if unfinished or path.name == DIT_CHECKPOINT:
-        steps = f"a kept step's folder ({', '.join(kept[-3:])}) or " if kept else ""
-        raise UserError(f"{run} is a train-dit run{' that has not finished' if unfinished else ''}, and --ckpt takes a "
-                        f"model folder: {steps}the run's folder once it has finished")
-    if path.is_file():
-        if (path.parent / artifacts.MANIFEST).is_file():
-            raise UserError(f"--ckpt takes the model folder, not a file in it: pass {path.parent}")
-        raise UserError(f"--ckpt takes a model folder and {ckpt} is a file; a released DiT/SiT checkpoint becomes one "
-                        f"with `reals import-dit {shlex.quote(str(ckpt))} --model NAME --vae VAE --out DIR`")
-    return artifacts.read_manifest(ckpt, DIT_KIND, DIT_VERSION)
 
 
 def _protocol(cfg: SampleConfig, manifest: dict, spec: SamplerSpec, classes: list[int], device: torch.device) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .artifacts import load_weights
+from ..artifacts import load_weights
 
 
 class LPIPS(nn.Module):
@@ -24,7 +24,7 @@ class LPIPS(nn.Module):
         super().__init__()
         import lpips
 
-        from .assets import asset_path
+        from ..assets import asset_path
 
         # lpips prints on construction and asks torchvision with a deprecated argument.
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():

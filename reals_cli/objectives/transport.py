@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PATHS = ("linear", "gvp")

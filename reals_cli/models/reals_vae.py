@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..artifacts import MANIFEST, load_weights, read_manifest, save_weights, sha256_file, write_manifest
+from ..errors import UserError
 from .alignment import AlignConfig, AlignmentNet
-from .artifacts import MANIFEST, load_weights, read_manifest, save_weights, sha256_file, write_manifest
-from .errors import UserError
 from .vae import CONFIG_NAME, WEIGHTS_NAMES, AutoencoderKL, find_vae_folder, load_diffusers_vae, save_diffusers_vae
 
 KIND, FORMAT_VERSION = "vae", 1

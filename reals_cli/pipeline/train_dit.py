@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,90 +27,30 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from . import artifacts
-from .attention import resolve_attention
-from .batches import ResumableBatchSampler
-from .console import console, print_summary, progress, warn
-from .diffusion import Diffusion
-from .dit import DIT_MODELS, DiT, build_dit, dit_flops, model_config
+from .. import artifacts
+from ..console import console, print_summary, progress, warn
+from ..data.batches import ResumableBatchSampler
+from ..data.latent_store import LatentDataset, draw_latents
+from ..errors import UserError
+from ..models.attention import resolve_attention
+from ..models.dit import DIT_MODELS, DiT, build_dit, dit_flops, model_config
+from ..runtime import allow_tf32, autocast, resolve_device, seed_everything
 from .ema import ema_copy, ema_update
-from .errors import UserError
-from .latent_store import LatentDataset, draw_latents
-from .released import load_released
-from .runtime import allow_tf32, autocast, resolve_device, seed_everything
+from .model_artifact import (
+    CHECKPOINT, EMA_FILE, FORMAT_VERSION, KIND, MODEL_FILE, PROJECTOR_FILE, SIT_ONLY, TrainDiTConfig, build_objective,
+    default_objective, load_released, write_model,
+)
 from .training import (
     AT_LEAST_ONE, FRACTION, NON_NEGATIVE, FiniteGuard, SignalStop, StepLog, already_trained, check_run_folder,
     check_values, init_distributed, load_checkpoint, read_log, save_checkpoint, truncate_log,
 )
-from .transport import Transport
 
-KIND, FORMAT_VERSION = "dit", 1
-CHECKPOINT, LOG = "checkpoint.safetensors", "log.jsonl"
-MODEL_FILE, EMA_FILE, PROJECTOR_FILE = "model.safetensors", "ema.safetensors", "projector.safetensors"
+LOG = "log.jsonl"
 # --out is where the run is now, and LATENTS may be the same store (by latents_id) at another path.
 RESUMABLE_CHANGES = {"steps", "device", "workers", "log_every", "ckpt_every", "sample_every", "keep_every", "out", "latents"}
 # What train-dit writes into --out (check_output_folder lets the hidden temporary files of a kill pass).
 RUN_FILES = (CHECKPOINT, LOG, MODEL_FILE, EMA_FILE, PROJECTOR_FILE, artifacts.MANIFEST, "samples_???????.png",
              "step-???????")
-# The sit objective's own options and their defaults; a dit run has none (None in its config).
-SIT_ONLY = {"path": "linear", "prediction": "velocity", "time_distribution": "uniform"}
-
-
-def default_objective(model: str) -> str:
-    """The objective a model name stands for, as import-dit reads it: DiT-* dit, SiT-* sit."""
-    return "dit" if model.startswith("DiT-") else "sit"
-
-
-@dataclass
-class TrainDiTConfig:
-    latents: str
-    out: str
-    model: str = "SiT-B/2"
-    objective: str | None = None  # dit | sit; None: default_objective(model)
-    path: str | None = None  # sit: linear | gvp; stays None for dit, as the two below
-    prediction: str | None = None  # sit: velocity | noise | score
-    time_distribution: str | None = None  # sit: uniform | lognormal
-    learn_sigma: bool = True
-    steps: int = 400_000
-    batch_size: int = 256
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    ema_decay: float = 0.9999
-    class_dropout: float = 0.1
-    grad_clip: float = 1.0
-    precision: str = "bf16"
-    attn: str = "auto"
-    qk_norm: bool = False
-    gradient_checkpointing: bool = False
-    compile: bool = False
-    repa_weight: float = 0.0
-    repa_depth: int = 4
-    repa_vae: str | None = None
-    init: str | None = None
-    device: str = "auto"
-    seed: int = 0
-    workers: int = 4
-    log_every: int = 100
-    ckpt_every: int = 5000
-    sample_every: int = 10_000
-    keep_every: int = 0  # 0: keep no intermediate model folders
-
-    def __post_init__(self):
-        if self.objective is None:
-            self.objective = default_objective(self.model)
-        if self.objective == "sit":
-            for name, default in SIT_ONLY.items():
-                if getattr(self, name) is None:
-                    setattr(self, name, default)
-
-
-def build_objective(config: dict) -> Diffusion | Transport:
-    """The training/sampling maths a checkpoint was trained with (from its config)."""
-    if config["objective"] == "dit":
-        return Diffusion.linear()
-    if config["objective"] == "sit":
-        return Transport(path=config["path"], prediction=config["prediction"], time_distribution=config["time_distribution"])
-    raise UserError(f"--objective must be dit or sit, got {config['objective']!r}")
 
 
 class Projector(nn.Sequential):
@@ -197,7 +136,7 @@ def _train_dit(cfg: TrainDiTConfig, resume: bool, held: contextlib.ExitStack) ->
 
     align, projector = None, None
     if cfg.repa_weight > 0:
-        from .reals_vae import load_reals_vae
+        from ..models.reals_vae import load_reals_vae
 
         if not cfg.repa_vae:
             raise UserError("--repa-weight needs --repa-vae: the ReaLS VAE (with its alignment network) that made the latents")
@@ -312,7 +251,7 @@ def _train_dit(cfg: TrainDiTConfig, resume: bool, held: contextlib.ExitStack) ->
             if previews and step % cfg.sample_every == 0:
                 _preview(out, ema, config, step)
             if is_main and keeping:
-                _write_model(out / f"step-{step:07d}", config, inputs, weight_files, step, loss.item())
+                write_model(out / f"step-{step:07d}", config, inputs, weight_files, step, loss.item())
             if checkpointing:
                 save_checkpoint(ckpt_path, step, saved_config, stateful, world)
                 saved = step
@@ -328,7 +267,7 @@ def _train_dit(cfg: TrainDiTConfig, resume: bool, held: contextlib.ExitStack) ->
         return {}
     # No step ran when the run stopped after its last checkpoint, before this: its last logged loss.
     final_loss = loss.item() if loss is not None else next((r["loss"] for r in reversed(read_log(out / LOG))), None)
-    manifest = _write_model(out, config, inputs, weight_files, step, final_loss)
+    manifest = write_model(out, config, inputs, weight_files, step, final_loss)
     print_summary(f"{cfg.model} {out} ({manifest['id']})",
                   {"steps": step, "final loss": manifest["metrics"]["final_loss"], "attention": backend})
     return manifest
@@ -358,23 +297,11 @@ def _vae_path(store) -> str | None:
     return str(Path(path).resolve()) if path and Path(path).exists() else path
 
 
-def _write_model(folder: Path, config: dict, inputs: dict, weight_files: dict[str, nn.Module], step: int,
-                 loss: float | None) -> dict:
-    """The model folder that `sample --ckpt` reads (the run's, or a kept step's): the weights of each module
-    in its file, then the manifest."""
-    (folder / artifacts.MANIFEST).unlink(missing_ok=True)  # rewritten after a resume: never a manifest over other weights
-    for name, module in weight_files.items():
-        artifacts.save_weights(folder / name, module.state_dict())
-    metrics = {"steps": step, "final_loss": loss}
-    config = {**config, "steps": step}  # a kept step's folder describes its own model, not the run's plan
-    return artifacts.write_manifest(folder, KIND, FORMAT_VERSION, config, inputs, metrics, files=list(weight_files))
-
-
 def _store_vae_loads(config: dict, latents: str) -> bool:
     """Whether the VAE that made the latents, which the preview grids decode with, loads from where the store
     says and is that VAE (by id); if not, one warning says so (the training itself does not need it), so that
     no preview stops the run later."""
-    from .sample import load_vae
+    from .model_artifact import load_vae
 
     path, why = config["vae_path"], None
     if not path:
@@ -398,8 +325,9 @@ def _preview(path: Path, ema: DiT, config: dict, step: int) -> None:
     """A grid of 8 EMA samples (class i % classes, no guidance, 25-step ODE/DDIM) decoded by the store's VAE."""
     from PIL import Image
 
-    from .sample import generate, load_vae
-    from .samplers import resolve_sampler
+    from ..objectives.samplers import resolve_sampler
+    from .model_artifact import load_vae
+    from .sample import generate
 
     device = next(ema.parameters()).device
     spec = (resolve_sampler("sit", "ode", 25, ode_method="euler") if config["objective"] == "sit"

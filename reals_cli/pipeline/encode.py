@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from .artifacts import artifact_id
-from .console import console, print_summary, progress, warn
-from .data import ImageFolder
-from .errors import UserError
-from .latent_store import LatentStore, create_store, is_h5, probe
-from .reals_vae import RealsVAE, load_reals_vae
-from .runtime import autocast, local_device, resolve_device
+from .. import __version__
+from ..artifacts import artifact_id
+from ..console import console, print_summary, progress, warn
+from ..data.images import ImageFolder
+from ..data.latent_store import LatentStore, create_store, is_h5, probe
+from ..errors import UserError
+from ..models.reals_vae import RealsVAE, load_reals_vae
+from ..runtime import autocast, local_device, resolve_device
 
 DTYPES = ("float16", "float32")
 _WAIT_FOR_RANK0_S = 600

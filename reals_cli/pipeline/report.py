@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
-from .artifacts import MANIFEST, atomic_path, atomic_write_bytes, check_output_file
-from .console import console
-from .errors import UserError
-from .runtime import describe_machine
+from ..artifacts import MANIFEST, atomic_path, atomic_write_bytes, check_output_file
+from ..console import console
+from ..errors import UserError
+from ..runtime import describe_machine
 
 COLUMNS = [  # (header, key, format)
     ("KL weight", "kl", "{:g}"), ("align weight", "align_weight", "{:g}"), ("PSNR", "psnr", "{:.2f}"),

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -82,8 +82,8 @@ class VGGTeacher(Teacher):
         super().__init__(resolution)
         from torchvision.models.vgg import cfgs, make_layers
 
-        from .artifacts import load_weights
-        from .assets import asset_path
+        from ..artifacts import load_weights
+        from ..assets import asset_path
 
         # torchvision's VGG16 conv stack without its 120M-parameter classifier.
         self.features = make_layers(cfgs["D"])[: VGG_RELU5_3 + 1]
@@ -151,7 +151,7 @@ class DINOv2Teacher(Teacher):
         """An official `dinov2_vit*14_pretrain.pth` or a timm state dict (.pth/.bin/.safetensors)."""
         from timm.models.vision_transformer import checkpoint_filter_fn
 
-        from .artifacts import load_weights, torch_load
+        from ..artifacts import load_weights, torch_load
 
         if not path.is_file():
             raise UserError(f"--teacher-weights file not found: {path}")

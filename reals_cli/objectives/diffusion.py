@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]  # x -> fresh N(0, I) noise shaped like x

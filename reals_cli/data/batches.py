@@ -20,7 +20,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.start_step, self.rank, self.world = start_step, rank, world
         self.per_epoch = size // (batch_size * world)
         if self.per_epoch == 0:
-            from .errors import UserError
+            from ..errors import UserError
 
             raise UserError(
                 f"{size} training images are fewer than one global batch ({batch_size} x {world} processes); "

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .artifacts import atomic_write_json, load_weights, save_weights, torch_load
-from .errors import UserError
+from ..artifacts import atomic_write_json, load_weights, save_weights, torch_load
+from ..errors import UserError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")

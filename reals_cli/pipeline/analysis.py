@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import MANIFEST, atomic_path, atomic_write_json, check_output_folder, describe_input, write_manifest
-from .console import progress
-from .errors import UserError
-from .latent_store import LatentDataset, LatentStore
+from ..artifacts import MANIFEST, atomic_path, atomic_write_json, check_output_folder, describe_input, write_manifest
+from ..console import progress
+from ..data.latent_store import LatentDataset, LatentStore
+from ..errors import UserError
 
 KIND, FORMAT_VERSION = "analysis", 1
 METHODS = ("tsne", "pca")

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import IMAGE_EXTENSIONS, ImageFolder, adm_center_crop, mask_path, to_rgb
-from .errors import UserError
-from .probe_metrics import IGNORE_INDEX
+from ..errors import UserError
+from ..metrics.probe_metrics import IGNORE_INDEX
+from .images import IMAGE_EXTENSIONS, ImageFolder, adm_center_crop, mask_path, to_rgb
 
 VOC_CLASSES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -385,7 +385,7 @@ def open_probe_data(task: str, path: str | os.PathLike, split: str, size: int, f
     if fmt == "png":
         return DepthPNGFolder(path, split, size, limit, depth_scale)
     if fmt == "motorcycle":
-        from .assets import asset_path
+        from ..assets import asset_path
 
         return MotorcycleDepth(asset_path("motorcycle") if path == "motorcycle" else path, split, size, limit)
     raise UserError(f"unknown depth format {fmt!r}; choose one of {', '.join(DEPTH_FORMATS)}")

@@ -1,6 +1,6 @@
 """FID, sFID, KID, precision/recall and IS of generated images, by ADM's definitions.
 
-All metrics come from one Inception pass per image set (reals_cli.inception):
+All metrics come from one Inception pass per image set (reals_cli.metrics.inception):
 - FID and KID on the 2048-d pool features; sFID on ADM's 2023-d mixed_6/conv vector.
 - Precision/recall as ADM's improved precision/recall (Kynkaanniemi et al.) on pool
   features: each point's radius is the distance to its k-th nearest neighbour within its
@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import __version__
-from .artifacts import MANIFEST, atomic_path, check_output_file, read_manifest, verify_files
-from .errors import UserError
+from .. import __version__
+from ..artifacts import MANIFEST, atomic_path, check_output_file, read_manifest, verify_files
+from ..errors import UserError
 from .inception import LOGITS_FEATURE, POOL_FEATURE, SFID_FEATURE, ExtractorChoice, choose_extractor
 
 METRICS = ("fid", "sfid", "kid", "pr", "is")
@@ -55,7 +55,7 @@ _STAT_KEYS = {POOL_FEATURE: ("mu", "sigma"), SFID_FEATURE: ("mu_s", "sigma_s")} 
 _DIMS = {POOL_FEATURE: 2048, SFID_FEATURE: 7 * 17 * 17}
 _WORKERS_FROM = 1000  # fewer images than this decode faster in-process than with forked workers
 SAMPLES_NPZ = "samples.npz"
-# An unfinished `reals sample` run: its blocks and protocol, no manifest yet (reals_cli.sample).
+# An unfinished `reals sample` run: its blocks and protocol, no manifest yet (reals_cli.pipeline.sample).
 _SAMPLE_RUN_PROTOCOL = Path("parts", "protocol.json")
 _IMAGE_KINDS = ("samples", "dataset")  # the artifacts whose folders hold images
 _TAKES = {  # what each input may be, for the messages that refuse one
@@ -271,7 +271,7 @@ class _Files(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
-        from .data import adm_center_crop, to_rgb
+        from ..data.images import adm_center_crop, to_rgb
 
         try:
             with Image.open(self.paths[i]) as im:
@@ -315,7 +315,7 @@ class FolderImages(ImageSource):
     kind = "image-folder"
 
     def __init__(self, path: Path, files: list[str], crop: int | None) -> None:
-        from .data import MIN_SIDE
+        from ..data.images import MIN_SIDE
 
         self.path, self.files, self.crop, self.count = path, files, crop, len(files)
         self.protocol = _manifest_protocol(path)
@@ -343,12 +343,12 @@ class FolderImages(ImageSource):
 
 
 class ClassFolderImages(ImageSource):
-    """A class-folder tree (ImageNet train layout), ADM-center-cropped to `crop` (reals_cli.data.ImageFolder)."""
+    """A class-folder tree (ImageNet train layout), ADM-center-cropped to `crop` (reals_cli.data.images.ImageFolder)."""
 
     kind = "class-folder"
 
     def __init__(self, path: Path, crop: int | None) -> None:
-        from .data import ImageFolder
+        from ..data.images import ImageFolder
 
         if crop is None:
             raise UserError(f"{path} is a class-folder tree; give --ref-size to center-crop it to the samples' size")
@@ -418,7 +418,7 @@ def open_input(path: str | os.PathLike, crop: int | None = None, classes: bool =
     `classes=False` opens SAMPLES: it refuses class-folder trees (generated samples are a flat
     folder or an npz), and its messages name SAMPLES rather than --ref.
     """
-    from .data import IMAGE_EXTENSIONS, MASK_SUFFIX
+    from ..data.images import IMAGE_EXTENSIONS, MASK_SUFFIX
 
     role = "--ref" if classes else "SAMPLES"
     path = Path(path)
@@ -570,8 +570,8 @@ def compute_metrics(
     Metrics that cannot be computed (IS without a classifier, P/R with too few images, KID
     against statistics without pool features) are None, with the reason in `unavailable`.
     """
-    from .console import progress as make_progress
-    from .runtime import resolve_device
+    from ..console import progress as make_progress
+    from ..runtime import resolve_device
 
     started = time.perf_counter()
     unknown = [m for m in metrics if m not in METRICS]
@@ -707,8 +707,8 @@ def compute_reference_stats(ref: str | os.PathLike, out: str | os.PathLike, ref_
                             batch_size: int = 50, device: str = "auto", extractor: str = "auto",
                             inception_weights: str | os.PathLike | None = None, progress: bool = True) -> dict:
     """Reference statistics alone (no samples): every later `eval-fid --ref OUT` then costs only its samples."""
-    from .console import progress as make_progress
-    from .runtime import resolve_device
+    from ..console import progress as make_progress
+    from ..runtime import resolve_device
 
     started = time.perf_counter()
     _check_stats_out(out)

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import UserError
 from .attention import Attention, resolve_attention
-from .errors import UserError
 
 _SIZES = {  # depth, width, heads
     "T": (6, 192, 3),  # not in the DiT paper: a size that trains on CPU, for demos and tests

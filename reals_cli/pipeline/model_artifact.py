@@ -1,9 +1,16 @@
-"""Released DiT and SiT checkpoints (`DiT-XL-2-256x256.pt`, `SiT-XL-2-256x256.pt`) as `dit` artifacts.
+"""The `dit` model artifact: the one module that writes, reads and loads a DiT/SiT model folder.
 
-The network's state-dict keys are the official ones, so the weights load as they are;
-what a release file lacks is what `sample` needs besides them: the objective, the latent
-statistics and the VAE. The official models were trained on SD-VAE latents scaled by the
-VAE's `scaling_factor` (0.18215) and not shifted, so the artifact records mean
+A model folder holds `model.safetensors` and `ema.safetensors` (and, with REPA, the
+projector) beside a manifest whose config is the run's `TrainDiTConfig` plus what
+`sample` needs: the latent shape, classes and statistics, the objective and the VAE.
+`train-dit` writes it (`write_model`), `import-dit` writes one from a released
+checkpoint (`import_released`), and `sample` reads it (`read_model_manifest`,
+`load_model`, `load_vae`).
+
+Released checkpoints (`DiT-XL-2-256x256.pt`, `SiT-XL-2-256x256.pt`) keep the official
+state-dict keys, so their weights load as they are; what a release file lacks is what
+`sample` needs besides them. The official models were trained on SD-VAE latents scaled
+by the VAE's `scaling_factor` (0.18215) and not shifted, so the artifact records mean
 `shift_factor` (or 0) and std 1 / `scaling_factor` per channel, and the VAE's id.
 """
 
@@ -13,16 +20,148 @@ import argparse
 import dataclasses
 import math
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from . import artifacts
-from .console import print_summary
-from .dit import DIT_MODELS, DiT, build_dit
-from .errors import UserError
-from .latent_store import LatentStore, open_store
-from .reals_vae import load_reals_vae
+from .. import artifacts
+from ..console import print_summary
+from ..data.latent_store import LatentStore, open_store
+from ..errors import UserError
+from ..models.dit import DIT_MODELS, DiT, build_dit
+from ..models.reals_vae import RealsVAE, load_reals_vae
+from ..objectives.diffusion import Diffusion
+from ..objectives.transport import Transport
+
+KIND, FORMAT_VERSION = "dit", 1
+
+CHECKPOINT = "checkpoint.safetensors"  # a train-dit run's; its presence without a manifest: unfinished
+
+MODEL_FILE, EMA_FILE, PROJECTOR_FILE = "model.safetensors", "ema.safetensors", "projector.safetensors"
+
+# The sit objective's own options and their defaults; a dit run has none (None in its config).
+SIT_ONLY = {"path": "linear", "prediction": "velocity", "time_distribution": "uniform"}
+
+
+def default_objective(model: str) -> str:
+    """The objective a model name stands for, as import-dit reads it: DiT-* dit, SiT-* sit."""
+    return "dit" if model.startswith("DiT-") else "sit"
+
+
+@dataclass
+class TrainDiTConfig:
+    latents: str
+    out: str
+    model: str = "SiT-B/2"
+    objective: str | None = None  # dit | sit; None: default_objective(model)
+    path: str | None = None  # sit: linear | gvp; stays None for dit, as the two below
+    prediction: str | None = None  # sit: velocity | noise | score
+    time_distribution: str | None = None  # sit: uniform | lognormal
+    learn_sigma: bool = True
+    steps: int = 400_000
+    batch_size: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999
+    class_dropout: float = 0.1
+    grad_clip: float = 1.0
+    precision: str = "bf16"
+    attn: str = "auto"
+    qk_norm: bool = False
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    repa_weight: float = 0.0
+    repa_depth: int = 4
+    repa_vae: str | None = None
+    init: str | None = None
+    device: str = "auto"
+    seed: int = 0
+    workers: int = 4
+    log_every: int = 100
+    ckpt_every: int = 5000
+    sample_every: int = 10_000
+    keep_every: int = 0  # 0: keep no intermediate model folders
+
+    def __post_init__(self):
+        if self.objective is None:
+            self.objective = default_objective(self.model)
+        if self.objective == "sit":
+            for name, default in SIT_ONLY.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, default)
+
+
+def build_objective(config: dict) -> Diffusion | Transport:
+    """The training/sampling maths a checkpoint was trained with (from its config)."""
+    if config["objective"] == "dit":
+        return Diffusion.linear()
+    if config["objective"] == "sit":
+        return Transport(path=config["path"], prediction=config["prediction"], time_distribution=config["time_distribution"])
+    raise UserError(f"--objective must be dit or sit, got {config['objective']!r}")
+
+
+def read_model_manifest(ckpt: str) -> dict:
+    """The manifest of the model folder `ckpt`, with a way forward for what people pass instead."""
+    path = Path(ckpt)
+    if (path / "zarr.json").is_file() or path.suffix in (".zarr", ".h5"):
+        raise UserError(f"{ckpt} is a latent store; --ckpt takes a model folder, made by `reals train-dit {shlex.quote(str(ckpt))} "
+                        f"--out DIR` or `reals import-dit`")
+    run = path.parent if path.is_file() else path
+    kept = sorted(p.name for p in run.glob("step-???????") if (p / artifacts.MANIFEST).is_file()) if run.is_dir() else []
+    unfinished = (run / CHECKPOINT).is_file() and not (run / artifacts.MANIFEST).is_file()
+    if unfinished or path.name == CHECKPOINT:
+        steps = f"a kept step's folder ({', '.join(kept[-3:])}) or " if kept else ""
+        raise UserError(f"{run} is a train-dit run{' that has not finished' if unfinished else ''}, and --ckpt takes a "
+                        f"model folder: {steps}the run's folder once it has finished")
+    if path.is_file():
+        if (path.parent / artifacts.MANIFEST).is_file():
+            raise UserError(f"--ckpt takes the model folder, not a file in it: pass {path.parent}")
+        raise UserError(f"--ckpt takes a model folder and {ckpt} is a file; a released DiT/SiT checkpoint becomes one "
+                        f"with `reals import-dit {shlex.quote(str(ckpt))} --model NAME --vae VAE --out DIR`")
+    return artifacts.read_manifest(ckpt, KIND, FORMAT_VERSION)
+
+
+def load_model(ckpt: str | Path, manifest: dict, ema: bool = True, attn: str = "auto") -> DiT:
+    """The checkpoint's network with its EMA (default) or raw weights, hash-checked, in eval mode.
+    `attn` is this machine's choice: the training run's kernel may not exist here."""
+    config, name = manifest["config"], EMA_FILE if ema else MODEL_FILE
+    artifacts.verify_files(ckpt, manifest, [name])
+    c, h, _ = config["latent_shape"]
+    model = build_dit(config["model"], h, c, config["num_classes"], learn_sigma=config["learn_sigma"],
+                      qk_norm=config["qk_norm"], attn=attn, class_dropout=config["class_dropout"])
+    model.load_state_dict(artifacts.load_weights(Path(ckpt) / name))
+    return model.eval()
+
+
+def resolve_vae_path(override: str | None, config: dict, ckpt: str) -> str:
+    path = override or config.get("vae_path")
+    if not path or not Path(path).exists():
+        where = f"at {path}, which does not exist" if path else "without a path"
+        raise UserError(f"{ckpt} names VAE {config['vae_id']} {where}; pass --vae PATH to that VAE")
+    return path
+
+
+def load_vae(path: str, config: dict, ckpt: str) -> RealsVAE:
+    """The VAE at `path`, which must be the one (by id) whose latents the checkpoint was trained on."""
+    bundle = load_reals_vae(path)
+    if bundle.id != config["vae_id"]:
+        raise UserError(f"the VAE at {path} is VAE {bundle.id}, but {ckpt} was trained on latents of VAE "
+                        f"{config['vae_id']}; pass --vae PATH to the VAE that made its latents")
+    return bundle
+
+
+def write_model(folder: Path, config: dict, inputs: dict, weight_files: dict[str, nn.Module], step: int,
+                 loss: float | None) -> dict:
+    """The model folder that `sample --ckpt` reads (the run's, or a kept step's): the weights of each module
+    in its file, then the manifest."""
+    (folder / artifacts.MANIFEST).unlink(missing_ok=True)  # rewritten after a resume: never a manifest over other weights
+    for name, module in weight_files.items():
+        artifacts.save_weights(folder / name, module.state_dict())
+    metrics = {"steps": step, "final_loss": loss}
+    config = {**config, "steps": step}  # a kept step's folder describes its own model, not the run's plan
+    return artifacts.write_manifest(folder, KIND, FORMAT_VERSION, config, inputs, metrics, files=list(weight_files))
 
 
 def load_released(model: DiT, path: str, model_name: str = "DiT", downsample: int | None = None,
@@ -120,7 +259,6 @@ def import_released(weights: str, out: str, model: str, vae: str, image_size: in
     `num_classes` and `image_size` default to the store's, else 1000 and 256; `path` and
     `prediction` (SiT only) to what the checkpoint's train.py args say, else linear and
     velocity. `reals sample --ckpt out` then samples it."""
-    from .train_dit import EMA_FILE, FORMAT_VERSION, KIND, MODEL_FILE, TrainDiTConfig, build_objective, default_objective
 
     if Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
         raise UserError(f"--out {out} is {'not empty' if Path(out).is_dir() else 'a file'}; pass a new folder")

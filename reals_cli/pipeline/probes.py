@@ -40,14 +40,19 @@ from PIL import Image, ImageDraw, ImageFont
 from rich.table import Table
 from torch import nn
 
-from .artifacts import (MANIFEST, atomic_path, atomic_write_json, check_output_folder, describe_input, load_weights,
-                        provenance, read_manifest, save_weights, torch_load, verify_files, write_manifest)
-from .console import console, print_summary, progress, warn
-from .errors import UserError
-from .probe_data import ProbeData, open_probe_data
-from .probe_metrics import IGNORE_INDEX, DepthMeter, SegMeter, valid_depth
-from .reals_vae import RealsVAE, load_reals_vae
-from .runtime import autocast, resolve_device, seed_everything
+from ..artifacts import (
+
+    MANIFEST, atomic_path, atomic_write_json, check_output_folder, describe_input, load_weights, provenance,
+
+    read_manifest, save_weights, torch_load, verify_files, write_manifest,
+
+)
+from ..console import console, print_summary, progress, warn
+from ..data.probe_sets import ProbeData, open_probe_data
+from ..errors import UserError
+from ..metrics.probe_metrics import IGNORE_INDEX, DepthMeter, SegMeter, valid_depth
+from ..models.reals_vae import RealsVAE, load_reals_vae
+from ..runtime import autocast, resolve_device, seed_everything
 
 KINDS = {"seg": "probe-seg", "depth": "probe-depth"}
 EVAL_KINDS = {"seg": "probe-seg-eval", "depth": "probe-depth-eval"}
@@ -218,7 +223,7 @@ class TeacherSpec:
 
 
 def default_cache_dir() -> Path:
-    from .assets import reals_home
+    from ..assets import reals_home
 
     return reals_home() / "probe-features"
 
@@ -237,7 +242,7 @@ def teacher_features(data: ProbeData, spec: TeacherSpec, cache_dir: str | os.Pat
             if len(cached.get("target", ())) == len(data):
                 console.print(f"teacher features: cached, {path}", soft_wrap=True)
                 return cached
-    from .teachers import build_teacher
+    from ..models.teachers import build_teacher
 
     teacher = build_teacher(spec.name, spec.weights, spec.resolution).to(device)
     parts: dict[str, list[torch.Tensor]] = {"patch": [], "global": [], "target": []}
@@ -458,7 +463,7 @@ def load_latents(path: str | os.PathLike, bundle: RealsVAE, count: int) -> torch
             raise UserError(f"{path} holds {sorted(arrays)}; name the latents array 'latents'")
         z = torch.as_tensor(arrays["latents"] if "latents" in arrays else next(iter(arrays.values())))
     else:
-        from .latent_store import open_store
+        from ..data.latent_store import open_store
 
         store = open_store(path)
         if not store.complete:

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .artifacts import provenance
-from .errors import UserError
+from ..artifacts import provenance
+from ..errors import UserError
 
 KIND, FORMAT_VERSION = "latents", 1
 POSTERIOR, LABELS, BLOCKS = "posterior", "labels", "blocks"

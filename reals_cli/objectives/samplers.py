@@ -18,8 +18,8 @@ from typing import Callable
 
 import torch
 
+from ..errors import UserError
 from .diffusion import Diffusion, NoiseFn, ddim_sample_loop, ddpm_sample_loop
-from .errors import UserError
 from .transport import Transport, ode_sample, sde_sample
 
 Net = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # model(x, t, y)

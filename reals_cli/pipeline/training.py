@@ -15,9 +15,9 @@ from typing import Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from .artifacts import atomic_write_bytes
-from .errors import Interrupted, UserError
-from .runtime import local_device
+from ..artifacts import atomic_write_bytes
+from ..errors import Interrupted, UserError
+from ..runtime import local_device
 
 
 def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
@@ -58,7 +58,7 @@ def check_run_folder(out: Path, checkpoint: str, resume: bool, kind: str, run_fi
     the run does not write, are refused (a folder with a checkpoint is a run, whatever else is in
     it); so are overwriting a finished artifact or an unfinished run, and a --resume with nothing
     to resume."""
-    from .artifacts import check_output_folder, made_by
+    from ..artifacts import check_output_folder, made_by
 
     run = (out / checkpoint).is_file()
     made = check_output_folder(out, kind, ["*"] if run or resume else run_files, command)
@@ -79,8 +79,8 @@ def already_trained(out: Path, step: int, steps: int, rank: int) -> bool:
     to do). A smaller --steps is refused; at `steps` without the artifact (stopped while writing
     it) the loop is skipped and the artifact written; a larger one trains on, and the finished
     artifact gives way."""
-    from .artifacts import MANIFEST
-    from .console import console
+    from ..artifacts import MANIFEST
+    from ..console import console
 
     if step > steps:
         raise UserError(f"{out} is already trained for {step} steps; pass a larger --steps to train on")
@@ -103,8 +103,8 @@ def check_resume_config(saved: dict, current: dict, may_change: set[str]) -> Non
 def save_checkpoint(path: Path, step: int, config: dict, objects: dict, world: int) -> None:
     """Everything a run needs to continue bit-for-bit: each object's state dict, the step,
     the config and every rank's RNG states (collective: every rank calls it; rank 0 writes)."""
-    from .artifacts import save_state
-    from .runtime import rng_state
+    from ..artifacts import save_state
+    from ..runtime import rng_state
 
     rngs = gather_objects(rng_state(), world)
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -113,8 +113,8 @@ def save_checkpoint(path: Path, step: int, config: dict, objects: dict, world: i
 
 def load_checkpoint(path: Path, config: dict, objects: dict, may_change: set[str], rank: int) -> int:
     """Restore what `save_checkpoint` saved into `objects` and this rank's RNG; returns the step."""
-    from .artifacts import load_state
-    from .runtime import set_rng_state
+    from ..artifacts import load_state
+    from ..runtime import set_rng_state
 
     state = load_state(path)
     check_resume_config(state["config"], config, may_change)
@@ -201,7 +201,7 @@ class SignalStop:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
             stop = bool(flag.item())
         if stop and not self._announced and (self.world == 1 or dist.get_rank() == 0):
-            from .console import warn
+            from ..console import warn
 
             warn(f"{self.requested or 'a signal to another rank'}: saving a checkpoint and stopping "
                  f"(Ctrl-C again to stop at once)")
@@ -222,7 +222,7 @@ class StepLog:
         self.step, self.time = step, time.perf_counter()
 
     def write(self, step: int, terms: dict) -> None:
-        from .console import console
+        from ..console import console
 
         now = time.perf_counter()
         record = {"step": step, **terms, "img_per_s": self.images_per_step * (step - self.step) / (now - self.time)}

@@ -28,24 +28,24 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
-from . import artifacts
-from .alignment import AlignConfig, AlignmentNet, alignment_loss, feature_cosine
-from .batches import ResumableBatchSampler
-from .console import console, print_summary, progress
-from .data import ImageFolder
-from .discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
+from .. import artifacts
+from ..console import console, print_summary, progress
+from ..data.batches import ResumableBatchSampler
+from ..data.images import ImageFolder
+from ..errors import UserError
+from ..metrics.image_metrics import psnr, ssim
+from ..models.alignment import AlignConfig, AlignmentNet, alignment_loss, feature_cosine
+from ..models.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
+from ..models.perceptual import LPIPS
+from ..models.reals_vae import ALIGN_FILE, FORMAT_VERSION, KIND, save_reals_vae
+from ..models.teachers import DINOv2Teacher, Teacher, build_teacher
+from ..models.vae import CONFIG_NAME, WEIGHTS_NAMES, AutoencoderKL, kl_loss, load_diffusers_vae, vae_config
+from ..runtime import autocast, resolve_device, seed_everything
 from .ema import ema_copy, ema_update
-from .errors import UserError
-from .image_metrics import psnr, ssim
-from .perceptual import LPIPS
-from .reals_vae import ALIGN_FILE, FORMAT_VERSION, KIND, save_reals_vae
-from .runtime import autocast, resolve_device, seed_everything
-from .teachers import DINOv2Teacher, Teacher, build_teacher
 from .training import (
     AT_LEAST_ONE, FRACTION, NON_NEGATIVE, FiniteGuard, SignalStop, StepLog, already_trained, check_run_folder,
     check_values, init_distributed, load_checkpoint, save_checkpoint, truncate_log,
 )
-from .vae import CONFIG_NAME, WEIGHTS_NAMES, AutoencoderKL, kl_loss, load_diffusers_vae, vae_config
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "log.jsonl"

@@ -1,4 +1,6 @@
-# reals: every target is safe to re-run; finished artifacts are reused.
+# reals: every target is safe to re-run; finished artifacts are reused, and a step that was
+# interrupted (Ctrl-C, SIGTERM, a kill) continues where it stopped: the trainers take
+# --auto-resume, and encode, sample and the data exports resume by themselves.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 REALS  := $(VENV)/bin/reals
@@ -33,9 +35,9 @@ SCALE ?= 1
 CFG   ?= 2.0
 R      = $(REALS) --device $(DEVICE)
 mul    = $(shell echo $$(( $(1) * $(SCALE) )))
-VAE_FLAGS    = --preset demo --extra-data $(DEMO)/photos --steps $(call mul,150) --device $(DEVICE)
+VAE_FLAGS    = --preset demo --extra-data $(DEMO)/photos --steps $(call mul,150) --device $(DEVICE) --auto-resume
 SIT_FLAGS    = --model SiT-T/2 --batch-size 128 --lr 4e-4 --ema-decay 0.99 --steps $(call mul,300) --log-every 20 \
-               --ckpt-every 100 --sample-every 100 --workers 1 --device $(DEVICE)
+               --ckpt-every 100 --sample-every 100 --workers 1 --device $(DEVICE) --auto-resume
 SAMPLE_FLAGS = --sampler ode --ode-method heun --steps 21 -n $(call mul,500) --batch-size 250 --device $(DEVICE)
 FID_REF      = $(DEMO)/fid-ref/stats.npz
 

@@ -2,12 +2,14 @@
 
 Each subcommand lives in `reals_cli/commands/` as a thin wrapper over a library
 function. A `UserError` anywhere, or a flag click refuses, prints one red line and exits
-2; an interruption exits 130; `--debug` shows the traceback instead.
+2; an interruption exits 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM), as a
+shell reports a process the signal killed; `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import shlex
+import signal
 import sys
 import time
 import traceback
@@ -40,7 +42,7 @@ class RealsGroup(click.Group):
                 if debug:
                     traceback.print_exc()
                 labelled("interrupted:", "yellow", str(e) or "stopped by the user")
-                sys.exit(130)
+                sys.exit(128 + getattr(e, "signum", signal.SIGINT))
             if debug:
                 raise
             message = str(e)

@@ -74,7 +74,8 @@ def interrupt_after_log():
 
     from reals_cli.artifacts import load_state
 
-    def run(cmd: list[str], out: Path, lines: int, sig=signal.SIGINT, group: bool = False, status: int = 130) -> int:
+    def run(cmd: list[str], out: Path, lines: int, sig=signal.SIGINT, group: bool = False, status: int | None = None) -> int:
+        status = 128 + sig if status is None else status  # as a shell reports the signal: 130, 143
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                 start_new_session=group)
         log, deadline = out / "log.jsonl", time.monotonic() + 180

@@ -54,7 +54,10 @@ def test_flags_click_refuses_are_one_line_and_exit_2():
     assert result.exit_code == 2 and result.output.startswith("Usage: reals sample")
 
 
-def test_an_interruption_exits_130(monkeypatch):
+def test_an_interruption_exits_128_plus_its_signal(monkeypatch):
+    import signal
+
+    from reals_cli.errors import Interrupted
     from reals_cli.pipeline import report
 
     def interrupted(*args, **kwargs):
@@ -65,6 +68,13 @@ def test_an_interruption_exits_130(monkeypatch):
     assert (result.exit_code, result.output) == (130, "interrupted: stopped by the user\n")
     result = CliRunner().invoke(main, ["--debug", "report", "."])  # the traceback, and still 130
     assert result.exit_code == 130 and "Traceback" in result.output and "in interrupted" in result.output
+
+    def terminated(*args, **kwargs):  # a training loop stopped by SIGTERM: 143, what schedulers expect
+        raise Interrupted("stopped at step 3", signal.SIGTERM)
+
+    monkeypatch.setattr(report, "write_report", terminated)
+    result = CliRunner().invoke(main, ["report", "."])
+    assert (result.exit_code, result.output) == (143, "interrupted: stopped at step 3\n")
 
 
 def test_progress_off_a_terminal_prints_plain_lines(monkeypatch):

@@ -314,3 +314,16 @@ def test_compiled_blocks_match_eager_and_share_one_graph(monkeypatch):
     assert len(model.blocks) == 6 and torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert not torch._dynamo.utils.counters["graph_break"]
     assert list(model.state_dict()) == list(build_dit("DiT-T/2", 8, 4, 3).state_dict())  # checkpoints unchanged
+
+
+def test_the_official_constructor_keywords_build_the_same_network():
+    """DiT's and SiT's models.py take `class_dropout_prob`; their configs pass as they are."""
+    official = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2, mlp_ratio=4.0,
+                    class_dropout_prob=0.25, num_classes=5, learn_sigma=True)
+    torch.manual_seed(0)
+    theirs = DiT(**official)
+    torch.manual_seed(0)
+    ours = DiT(**{k: v for k, v in official.items() if k != "class_dropout_prob"}, class_dropout=0.25)
+    assert theirs.y_embedder.dropout == 0.25 and theirs.y_embedder.embedding_table.num_embeddings == 6
+    a, b = theirs.state_dict(), ours.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -454,3 +454,13 @@ def test_out_must_be_new_empty_or_the_commands_own(vaes, mask_data, cache, tmp_p
     for command, out, expected in cases:
         assert _error_line(CliRunner().invoke(main, [*command, "--out", str(out)])) == expected
     assert sorted(p.name for p in vae.iterdir()) == before  # nothing was written into the VAE
+
+
+def test_depth_panels_use_matplotlibs_viridis_exactly():
+    import matplotlib
+
+    from reals_cli.pipeline.probes import viridis
+
+    t = np.linspace(0, 1, 1001)
+    assert np.array_equal(viridis(t), matplotlib.colormaps["viridis"](t, bytes=True)[:, :3])
+    assert np.array_equal(viridis(np.array([-1.0, 2.0])), viridis(np.array([0.0, 1.0])))  # clipped

@@ -265,3 +265,20 @@ def test_statistics_and_class_names_from_a_latent_store_as_releases_of_reals_nee
                                        "--latents", "lat.zarr"])
     assert result.exit_code == 2 and result.output.strip().endswith(
         "it has 3 classes (and the null class): pass --latents of that many classes")
+
+
+def test_released_weights_load_in_eval_mode_so_labels_are_not_dropped(tmp_path):
+    """A notebook that loads released weights and samples must not see label dropout: a model in
+    training mode replaces a tenth of the labels by the null class, at random."""
+    from reals_cli.pipeline.model_artifact import load_released
+
+    torch.manual_seed(0)
+    source = build_dit("DiT-T/2", 8, 4, 3, class_dropout=0.5)
+    torch.save(source.state_dict(), tmp_path / "w.pt")
+    model = build_dit("DiT-T/2", 8, 4, 3, class_dropout=0.5)
+    assert model.training
+    load_released(model, str(tmp_path / "w.pt"), "DiT-T/2")
+    assert not model.training
+    x, t, y = torch.randn(64, 4, 8, 8), torch.rand(64) * 999, torch.randint(0, 3, (64,))
+    with torch.no_grad():
+        assert torch.equal(model(x, t, y), model(x, t, y))  # no random label dropped

@@ -79,7 +79,7 @@ def test_resume_after_sigkill_equals_uninterrupted(store, tmp_path, objective, k
 def test_a_signal_saves_the_step_it_stopped_at_and_resume_goes_on_exactly(store, tmp_path, interrupt_after_log, sig):
     """Ctrl-C, or torchrun's SIGTERM, reaches the whole process group, the DataLoader worker too
     (which SIGTERM kills): the run checkpoints the step it is at though no checkpoint was due, and
-    exits 130 saying how to go on."""
+    exits 128 + the signal (130, 143) saying how to go on."""
     import signal
 
     latents, _ = store
@@ -87,7 +87,9 @@ def test_a_signal_saves_the_step_it_stopped_at_and_resume_goes_on_exactly(store,
     args = _cli_args(latents, out, 100_000, ckpt_every=100_000, workers=1, sample_every=0)
     steps = interrupt_after_log([sys.executable, "-m", "reals_cli", "train-dit", *args], out, 3,
                                 getattr(signal, sig), group=True) + 2
-    result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, out, steps, sample_every=0), "--resume"])
+    # A pipeline's rerun (--auto-resume) goes on as --resume does.
+    again = "--resume" if sig == "SIGINT" else "--auto-resume"
+    result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, out, steps, sample_every=0), again])
     assert result.exit_code == 0, result.output
     straight = tmp_path / "straight"
     train_dit(resolve_config(latents=str(latents), out=str(straight), steps=steps, sample_every=0, **FLAGS))
@@ -98,7 +100,7 @@ def test_a_signal_saves_the_step_it_stopped_at_and_resume_goes_on_exactly(store,
 
 def test_sigterm_to_torchrun_stops_every_rank_at_one_checkpointed_step(store, tmp_path, interrupt_after_log):
     """torchrun passes a cluster's SIGTERM to each rank's process group and kills them 30 s later:
-    the ranks agree on a step, save it together and exit 130 (torchrun itself 1)."""
+    the ranks agree on a step, save it together and exit 143 (torchrun itself 1)."""
     import signal
 
     latents, _ = store
@@ -416,6 +418,21 @@ def test_out_holding_something_else_is_refused(store, tmp_path, make, resume):
     assert result.exit_code == 2
     assert result.output.strip() == f"error: {message}"
     assert (sorted(out.iterdir()) if out.is_dir() else None) == before
+
+
+def test_auto_resume_starts_a_new_run_and_does_nothing_on_a_finished_one(store, tmp_path):
+    latents, _ = store
+    auto, plain = tmp_path / "auto", tmp_path / "plain"
+    result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, auto, 2, sample_every=0), "--auto-resume"])
+    assert result.exit_code == 0, result.output
+    assert CliRunner().invoke(main, ["train-dit", *_cli_args(latents, plain, 2, sample_every=0)]).exit_code == 0
+    a, b = load_weights(auto / "ema.safetensors"), load_weights(plain / "ema.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, auto, 2, sample_every=0), "--auto-resume"])
+    assert result.exit_code == 0 and "already trained for 2 steps; nothing to do" in result.output
+    result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, auto, 2), "--resume", "--auto-resume"])
+    assert (result.exit_code, result.output.strip()) == (
+        2, "error: --resume and --auto-resume: pass one (--auto-resume also starts a run that is not there)")
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_over_in_its_folder(store, tmp_path):

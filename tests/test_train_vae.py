@@ -77,7 +77,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(assets_home, shapes_data,
 def test_sigterm_saves_the_step_it_stopped_at_and_resume_goes_on_exactly(assets_home, shapes_data, tmp_path,
                                                                            interrupt_after_log):
     """A cluster's SIGTERM (preemption, time limit): the step finishes, is checkpointed though no
-    checkpoint was due, and the run exits 130; --resume then ends where an uninterrupted run does."""
+    checkpoint was due, and the run exits 143; --resume then ends where an uninterrupted run does."""
     import signal
 
     out = tmp_path / "stopped"

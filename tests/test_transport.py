@@ -149,3 +149,15 @@ def test_euler_maruyama_reaches_the_data_distribution(form):
                    diffusion_form=form, generator=gen)
     assert x.mean().item() == pytest.approx(M, abs=0.01)
     assert x.std().item() == pytest.approx(S, rel=0.03)
+
+
+def test_sits_own_spellings_are_accepted():
+    """SiT's create_transport takes path_type "Linear" / "GVP" and its sample.py the ODE method
+    "heun2": configs written for SiT pass as they are."""
+    from reals_cli.objectives.samplers import resolve_sampler
+
+    assert Transport("Linear").path == "linear" and Transport(path="GVP").path == "gvp"
+    assert resolve_sampler("sit", "ode", 10, ode_method="heun2") == resolve_sampler("sit", "ode", 10, ode_method="heun")
+    assert resolve_sampler("sit", "ode", 10, ode_method="Euler").ode_method == "euler"
+    with pytest.raises(UserError, match="unknown path 'vp'"):
+        Transport("VP")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from ..errors import UserError
+
 device_option = click.option(
     "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
     help="Where to run: auto takes CUDA when torch sees a GPU.",
@@ -19,3 +21,24 @@ def preset_option(*names, **kw):
     """An option without a click default: unset flags fall back to a preset, then to the
     library config's own defaults (which the help text states)."""
     return click.option(*names, default=None, **kw)
+
+
+def resume_options(resume_help: str):
+    """--resume (continue the run in --out; an error if there is none) and --auto-resume
+    (continue it if there is one, else start): a pipeline rerun after an interruption passes
+    the second, so that its recipe needs no edit. The command receives one `resume`:
+    True, False or "auto"."""
+
+    def merge(ctx: click.Context, param: click.Parameter, auto: bool):
+        if auto and ctx.params.get("resume"):
+            raise UserError("--resume and --auto-resume: pass one (--auto-resume also starts a run that is not there)")
+        if auto:
+            ctx.params["resume"] = "auto"
+
+    def wrap(f):
+        f = click.option("--auto-resume", is_flag=True, expose_value=False, callback=merge,
+                         help="Continue the run in --out if it holds one (a finished run at its --steps does nothing), "
+                              "else start it: for pipelines rerun after an interruption.")(f)
+        return click.option("--resume", is_flag=True, is_eager=True, help=resume_help)(f)
+
+    return wrap

@@ -6,7 +6,7 @@ import click
 
 from ..errors import UserError
 from ..models.attention import BACKENDS
-from ..objectives.samplers import ODE_METHODS
+from ..objectives.samplers import ODE_ALIASES, ODE_METHODS
 from ..pipeline.sample import SampleConfig, sample
 from .options import device_option, seed_option
 
@@ -38,8 +38,9 @@ def _interval(text: str) -> tuple[float, float]:
               help="ddpm/ddim for dit checkpoints, ode/sde for sit.  [default: ddpm for dit, sde for sit]")
 @click.option("--steps", type=int,
               help="Sampling steps (ode/sde: grid points, as SiT).  [default: ddpm 250, ddim 50, ode 250, sde 250]")
-@click.option("--ode-method", type=click.Choice(list(ODE_METHODS)),
-              help="ODE integrator (implies --sampler ode); dopri5 is adaptive and takes no --steps.  [default: dopri5]")
+@click.option("--ode-method", type=click.Choice([*ODE_METHODS, *ODE_ALIASES], case_sensitive=False),
+              help="ODE integrator (implies --sampler ode); dopri5 is adaptive and takes no --steps; heun2 (SiT's name) is "
+                   "heun.  [default: dopri5]")
 @click.option("--rtol", type=float, help="dopri5 relative tolerance.  [default: 1e-3]")
 @click.option("--atol", type=float, help="dopri5 absolute tolerance.  [default: 1e-6]")
 @click.option("--no-ema", "ema", flag_value=False, default=True, help="Use the raw weights instead of the EMA weights.")

@@ -7,7 +7,7 @@ import click
 from ..models.attention import BACKENDS
 from ..models.dit import DIT_MODELS
 from ..pipeline.train_dit import resolve_config, train_dit
-from .options import device_option, precision_option, preset_option, seed_option
+from .options import device_option, precision_option, preset_option, resume_options, seed_option
 
 
 @click.command("train-dit", short_help="Train a DiT or SiT on a latent store.")
@@ -46,7 +46,7 @@ from .options import device_option, precision_option, preset_option, seed_option
 @preset_option("--sample-every", type=int, help="Steps between preview grids of EMA samples; 0 for none.  [default: 10000]")
 @preset_option("--keep-every", type=int, help="Steps between kept model folders OUT/step-NNNNNNN, each one that "
                "`reals sample --ckpt` reads; 0 for none.  [default: 0]")
-@click.option("--resume", is_flag=True, help="Continue the run in --out where it stopped (or train a finished one longer).")
+@resume_options("Continue the run in --out where it stopped (or train a finished one longer).")
 @device_option
 @seed_option
 @precision_option

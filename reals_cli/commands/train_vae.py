@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..pipeline.train_vae import PRESETS, resolve_config, train_vae
-from .options import device_option, precision_option, preset_option, seed_option
+from .options import device_option, precision_option, preset_option, resume_options, seed_option
 
 
 @click.command("train-vae", short_help="Train the representation-aligned VAE (ReaLS).")
@@ -43,7 +43,7 @@ from .options import device_option, precision_option, preset_option, seed_option
 @preset_option("--ckpt-every", type=int, help="Steps between checkpoints.  [default: 500]")
 @preset_option("--image-every", type=int, help="Steps between reconstruction grids.  [default: 500]")
 @click.option("--gradient-checkpointing", is_flag=True, default=None, help="Trade compute for memory.")
-@click.option("--resume", is_flag=True, help="Continue the unfinished run in --out exactly where it stopped.")
+@resume_options("Continue the unfinished run in --out exactly where it stopped.")
 @device_option
 @seed_option
 @precision_option

@@ -162,8 +162,11 @@ class DiT(nn.Module):
         learn_sigma: bool = True,
         qk_norm: bool | str = False,
         attn: str = "auto",
+        class_dropout_prob: float | None = None,
     ):
         super().__init__()
+        if class_dropout_prob is not None:  # the official DiT/SiT keyword, so their configs pass as they are
+            class_dropout = class_dropout_prob
         if input_size % patch_size:
             raise UserError(f"latent size {input_size} is not a multiple of the patch size {patch_size}")
         self.in_channels = in_channels

@@ -27,6 +27,8 @@ SAMPLERS = {"dit": ("ddpm", "ddim"), "sit": ("ode", "sde")}
 # DiT's and SiT's sample.py take 250 steps (SiT's fixed-step ODEs too); DDIM 50, as its paper's usual count.
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "ode": 250, "sde": 250}
 ODE_METHODS = ("euler", "heun", "dopri5")
+# SiT's names for them, as its sample.py takes them: its fixed-step Heun is torchdiffeq's "heun2".
+ODE_ALIASES = {"heun2": "heun"}
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,8 @@ def resolve_sampler(objective: str, name: str | None = None, steps: int | None =
         raise UserError(f"--sampler {name} does not fit a {objective} checkpoint; use {' or '.join(SAMPLERS[objective])}")
     if name != "ode" and ode_flags:
         raise UserError(f"{', '.join(ode_flags)} set the ode sampler, and this run samples with {name}")
-    ode_method = ode_method or "dopri5"
+    ode_method = (ode_method or "dopri5").lower()
+    ode_method = ODE_ALIASES.get(ode_method, ode_method)
     if ode_method not in ODE_METHODS:
         raise UserError(f"unknown --ode-method {ode_method!r}; choose one of {', '.join(ODE_METHODS)}")
     if name == "ode" and ode_method == "dopri5" and steps is not None:

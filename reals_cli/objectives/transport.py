@@ -67,6 +67,8 @@ class Transport:
     sample_eps: float | None = None
 
     def __post_init__(self):
+        # SiT spells its paths "Linear" and "GVP" (create_transport's path_type): accept them as written.
+        self.path = self.path.lower() if isinstance(self.path, str) else self.path
         _check(self.path, PATHS, "path")
         _check(self.prediction, PREDICTIONS, "prediction")
         _check(self.loss_weight, LOSS_WEIGHTS, "loss weight")

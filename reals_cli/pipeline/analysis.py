@@ -13,7 +13,6 @@ a manifest.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from ..errors import UserError
 
 KIND, FORMAT_VERSION = "analysis", 1
 METHODS = ("tsne", "pca")
-PLOT_POINTS = 2000  # t-SNE is O(N^2) in time and memory: 2000 points run in well under a minute on a CPU
+PLOT_POINTS = 2000  # a scatter of more is unreadable, and t-SNE's time grows with them
 READ_ROWS = 1024  # images per read: bounded memory whatever the store's size
 MAX_LEGEND = 20  # more classes than this make a legend unreadable; colours alone remain
 
@@ -152,78 +151,13 @@ def pca_2d(x: np.ndarray) -> np.ndarray:
     return centred @ vt[:2].T
 
 
-def _conditional_affinities(d2: torch.Tensor, perplexity: float, steps: int = 64) -> torch.Tensor:
-    """p(j|i) = exp(-beta_i d2_ij) / sum_k exp(-beta_i d2_ik), with each beta_i found by bisection so
-    that row i's entropy is log(perplexity)."""
-    n = len(d2)
-    eye = torch.eye(n, dtype=torch.bool)
-    # Shifting a row and scaling all of d2 change no p(j|i) (only the betas): this keeps exp from
-    # underflowing and puts every beta near 1, where the bisection starts.
-    d2 = d2 - d2.masked_fill(eye, math.inf).min(dim=1, keepdim=True).values
-    d2 = d2 / d2.masked_fill(eye, 0).mean().clamp_min(1e-300)
-    beta, lo, hi = (torch.full((n, 1), v, dtype=d2.dtype) for v in (1.0, 0.0, math.inf))
-    for _ in range(steps):
-        p = torch.exp(-d2 * beta).masked_fill(eye, 0)
-        total = p.sum(dim=1, keepdim=True)
-        entropy = total.log() + beta * (d2 * p).sum(dim=1, keepdim=True) / total
-        too_wide = entropy > math.log(perplexity)  # a sharper Gaussian (larger beta) lowers the entropy
-        lo, hi = torch.where(too_wide, beta, lo), torch.where(too_wide, hi, beta)
-        beta = torch.where(hi.isinf(), beta * 2, (lo + hi) / 2)
-    return p / total
+def tsne_2d(x: np.ndarray, perplexity: float = 30.0, seed: int = 0) -> np.ndarray:
+    """scikit-learn's t-SNE (Barnes-Hut, PCA initialisation, its learning rate "auto"), seeded.
+    The perplexity is capped at (n - 1) / 3: a row's entropy cannot exceed log(n - 1)."""
+    from sklearn.manifold import TSNE
 
-
-def _tsne_gradient(p: torch.Tensor, y: torch.Tensor, exaggeration: float, block: int = 256) -> torch.Tensor:
-    """d KL(P || Q) / dy_i = 4 sum_j (exaggeration p_ij - q_ij) w_ij (y_i - y_j), with Student-t
-    w_ij = 1 / (1 + |y_i - y_j|^2) and q_ij = w_ij / sum(w).
-
-    The gradient is linear in the N x N matrices, so it is summed a block of rows at a time
-    in two reused buffers: few passes over memory, and no page faults of fresh allocations.
-    """
-    n = len(y)
-    # m @ y1: m @ y and m's row sums in one pass (y1 stored transposed: BLAS is much faster so)
-    y1 = torch.cat([y, torch.ones(n, 1, dtype=y.dtype)], dim=1).T.contiguous().T
-    sq = y.square().sum(dim=1)
-    attract, repel, total = torch.empty(n, 3, dtype=y.dtype), torch.empty(n, 3, dtype=y.dtype), 0.0
-    w_buf, a_buf = torch.empty(min(block, n), n, dtype=y.dtype), torch.empty(min(block, n), n, dtype=y.dtype)
-    for s in range(0, n, block):
-        e = min(s + block, n)
-        w, a = w_buf[:e - s], a_buf[:e - s]
-        torch.addmm(sq + 1, y[s:e], y.T, alpha=-2, out=w).add_(sq[s:e, None]).reciprocal_()  # 1 / (1 + d_ij^2)
-        w[torch.arange(e - s), torch.arange(s, e)] = 0  # no point attracts or repels itself
-        total += float(w.sum())
-        attract[s:e] = torch.mul(p[s:e], w, out=a) @ y1
-        repel[s:e] = w.square_() @ y1  # q_ij w_ij = w_ij^2 / sum(w)
-
-    def pull(m: torch.Tensor) -> torch.Tensor:  # sum_j m_ij (y_i - y_j), from m @ y1
-        return m[:, 2:] * y - m[:, :2]
-
-    return 4 * (exaggeration * pull(attract) - pull(repel) / total)
-
-
-def tsne_2d(x: np.ndarray, perplexity: float = 30.0, seed: int = 0, iterations: int = 1000,
-            learning_rate: float = 200.0) -> np.ndarray:
-    """Exact t-SNE (van der Maaten & Hinton 2008) in float64: O(N^2) time per iteration, N^2 memory.
-
-    Gaussian affinities at the given perplexity, symmetrised; Student-t similarities in 2-D;
-    gradient descent with early exaggeration 12 and momentum 0.5 for the first 250
-    iterations, then momentum 0.8, and per-coordinate adaptive gains.
-    """
-    xt = torch.as_tensor(x, dtype=torch.float64)
-    n = len(xt)
-    perplexity = min(perplexity, (n - 1) / 3)  # a row's entropy cannot exceed log(n - 1)
-    p = _conditional_affinities(torch.cdist(xt, xt).square(), perplexity)
-    p = ((p + p.T) / (2 * n)).clamp_min(1e-12)
-    y = 1e-4 * torch.randn(n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    update, gains = torch.zeros_like(y), torch.ones_like(y)
-    for it in range(iterations):
-        early = it < 250
-        grad = _tsne_gradient(p, y, 12.0 if early else 1.0)
-        # Gains grow where the gradient turns against the last step, shrink where it agrees.
-        gains = torch.where((grad > 0) != (update > 0), gains + 0.2, gains * 0.8).clamp_min(0.01)
-        update = (0.5 if early else 0.8) * update - learning_rate * gains * grad
-        y = y + update
-        y = y - y.mean(dim=0)
-    return y.numpy()
+    perplexity = min(perplexity, (len(x) - 1) / 3)
+    return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(np.asarray(x, np.float64))
 
 
 def plot_embedding(xy: np.ndarray, labels: np.ndarray, class_names: list[str], path: str | Path, title: str) -> None:

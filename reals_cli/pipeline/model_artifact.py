@@ -171,7 +171,8 @@ def load_released(model: DiT, path: str, model_name: str = "DiT", downsample: in
     its `args` returned), less the key prefix of a DDP or compiled model. A file that does not
     fit is a one-line error with what to pass: `import-dit`'s flags given the VAE's
     `downsample` (`store`: it reads the classes from --latents), else (`train-dit --init`)
-    which latents; `model_name` (DiT-* or SiT-*) names the --model it suggests."""
+    which latents; `model_name` (DiT-* or SiT-*) names the --model it suggests. `model` is
+    left in eval mode."""
     # DiT's and SiT's train.py save their args as an argparse.Namespace, a plain attribute container.
     state = (artifacts.load_weights(path) if path.endswith(".safetensors")
              else artifacts.torch_load(path, allow=[argparse.Namespace]))
@@ -194,6 +195,7 @@ def load_released(model: DiT, path: str, model_name: str = "DiT", downsample: in
         raise UserError(f"{path} holds weights that a DiT/SiT does not have (first: {extra[0]}); it is not a DiT or SiT "
                         f"release (REPA's checkpoints add projectors, and their SiT runs time the other way)")
     model.load_state_dict(state, strict=True)
+    model.eval()  # as released weights are used: label dropout off (a trainer switches it back on)
     return args
 
 

@@ -623,9 +623,6 @@ def _print_results(task: str, results: dict, data: ProbeData, beats: bool | None
 
 # -- panels ---------------------------------------------------------------------------------------
 
-# matplotlib's viridis at 9 evenly spaced points; linear in between (no matplotlib needed)
-_VIRIDIS = np.array([(68, 1, 84), (71, 44, 122), (59, 81, 139), (44, 113, 142), (33, 144, 141),
-                     (39, 173, 129), (92, 200, 99), (170, 220, 50), (253, 231, 37)], np.float64)
 _IGNORE_RGB = (224, 224, 192)  # VOC's colour for 255
 _NO_DEPTH_RGB = (0, 0, 0)
 _CELL = 96  # smallest drawn side of an image cell, px
@@ -645,10 +642,10 @@ def voc_palette(n: int) -> np.ndarray:
 
 
 def viridis(t: np.ndarray) -> np.ndarray:
-    pos = np.clip(t, 0, 1) * (len(_VIRIDIS) - 1)
-    lo = np.minimum(pos.astype(int), len(_VIRIDIS) - 2)
-    frac = (pos - lo)[..., None]
-    return (_VIRIDIS[lo] * (1 - frac) + _VIRIDIS[lo + 1] * frac).round().astype(np.uint8)
+    """Values in [0, 1] (clipped) as matplotlib's viridis RGB, uint8."""
+    import matplotlib
+
+    return matplotlib.colormaps["viridis"](np.clip(t, 0, 1), bytes=True)[..., :3]
 
 
 def _rgb(image: torch.Tensor) -> np.ndarray:

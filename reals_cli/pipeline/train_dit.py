@@ -99,19 +99,20 @@ class Trainable(nn.Module):
         return out, self.projector(tokens)
 
 
-def train_dit(cfg: TrainDiTConfig, resume: bool = False) -> dict:
-    """Train (or resume) a DiT/SiT on a latent store; writes the `dit` artifact to cfg.out."""
+def train_dit(cfg: TrainDiTConfig, resume: bool | str = False) -> dict:
+    """Train (or resume) a DiT/SiT on a latent store; writes the `dit` artifact to cfg.out.
+    `resume` "auto": resume the run in cfg.out if there is one, else start it."""
     with contextlib.ExitStack() as held:  # what the run holds (its folder) is let go however it ends
         return _train_dit(cfg, resume, held)
 
 
-def _train_dit(cfg: TrainDiTConfig, resume: bool, held: contextlib.ExitStack) -> dict:
+def _train_dit(cfg: TrainDiTConfig, resume: bool | str, held: contextlib.ExitStack) -> dict:
     _check(cfg)
     out = Path(cfg.out)
     rank, world, device = init_distributed(resolve_device(cfg.device))
     allow_tf32(device)
     ckpt_path = out / CHECKPOINT
-    check_run_folder(out, CHECKPOINT, resume, KIND, RUN_FILES, "reals train-dit")
+    resume = check_run_folder(out, CHECKPOINT, resume, KIND, RUN_FILES, "reals train-dit")
     if resume and rank == 0:  # one run a folder: a job submitted twice stops here (a new run's, when it is made)
         held.enter_context(artifacts.hold_folder(out, "reals train-dit"))
     seed_everything(cfg.seed + rank)

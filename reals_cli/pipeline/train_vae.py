@@ -238,18 +238,19 @@ def _save_grid(path: Path, x01: torch.Tensor, recon01: torch.Tensor) -> None:
         save_image(grid, tmp, nrow=min(8, len(x01)), format="png")
 
 
-def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> dict:
-    """Train (or resume) and write the ReaLS VAE artifact to `cfg.out`; returns its manifest."""
+def train_vae(cfg: TrainVAEConfig, resume: bool | str = False) -> dict:
+    """Train (or resume) and write the ReaLS VAE artifact to `cfg.out`; returns its manifest.
+    `resume` "auto": resume the run in cfg.out if there is one, else start it."""
     with contextlib.ExitStack() as held:  # what the run holds (its folder) is let go however it ends
         return _train_vae(cfg, resume, held)
 
 
-def _train_vae(cfg: TrainVAEConfig, resume: bool, held: contextlib.ExitStack) -> dict:
+def _train_vae(cfg: TrainVAEConfig, resume: bool | str, held: contextlib.ExitStack) -> dict:
     _check_config(cfg)
     out = Path(cfg.out)
     rank, world, device = init_distributed(resolve_device(cfg.device))
     ckpt_path = out / CHECKPOINT
-    check_run_folder(out, CHECKPOINT, resume, KIND, RUN_FILES, "reals train-vae")
+    resume = check_run_folder(out, CHECKPOINT, resume, KIND, RUN_FILES, "reals train-vae")
     if resume and rank == 0:  # one run a folder: a job submitted twice stops here (a new run's, when it is made)
         held.enter_context(artifacts.hold_folder(out, "reals train-vae"))
     seed_everything(cfg.seed + rank)

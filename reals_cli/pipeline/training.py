@@ -53,14 +53,18 @@ def check_values(cfg, rules: dict) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be {words}, got {value}")
 
 
-def check_run_folder(out: Path, checkpoint: str, resume: bool, kind: str, run_files: Sequence[str], command: str) -> None:
+def check_run_folder(out: Path, checkpoint: str, resume: bool | str, kind: str, run_files: Sequence[str],
+                     command: str) -> bool:
     """--out of a training run: new, empty or this command's run folder. Another artifact, or files
     the run does not write, are refused (a folder with a checkpoint is a run, whatever else is in
     it); so are overwriting a finished artifact or an unfinished run, and a --resume with nothing
-    to resume."""
+    to resume. `resume` "auto" (--auto-resume) resumes the run there is, else starts one. Returns
+    whether to resume."""
     from ..artifacts import check_output_folder, made_by
 
     run = (out / checkpoint).is_file()
+    if resume == "auto":
+        resume = run
     made = check_output_folder(out, kind, ["*"] if run or resume else run_files, command)
     if made is not None and not run:  # imported, or a kept step: weights without what training needs
         raise UserError(f"{out} holds a model{made_by(made)} without the {checkpoint} to train it on; pass another "
@@ -72,6 +76,7 @@ def check_run_folder(out: Path, checkpoint: str, resume: bool, kind: str, run_fi
         raise UserError(f"{out} holds an unfinished run; pass --resume to continue it, or another --out")
     if resume and not run:
         raise UserError(f"--resume: no {checkpoint} in {out}; start without --resume")
+    return resume
 
 
 def already_trained(out: Path, step: int, steps: int, rank: int) -> bool:
@@ -208,9 +213,11 @@ class SignalStop:
             self._announced = True
         return stop
 
-    @staticmethod
-    def stopped(step: int, checkpoint: Path) -> Interrupted:
-        return Interrupted(f"stopped at step {step}; {checkpoint} holds it: continue with the same command and --resume")
+    def stopped(self, step: int, checkpoint: Path) -> Interrupted:
+        # A rank stopped by another rank's signal has none of its own: it reports SIGTERM, a scheduler's.
+        signum = signal.Signals[self.requested] if self.requested else signal.SIGTERM
+        return Interrupted(f"stopped at step {step}; {checkpoint} holds it: continue with the same command and --resume",
+                           signum)
 
 
 class StepLog:

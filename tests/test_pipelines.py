@@ -60,3 +60,12 @@ def test_scale_multiplies_the_budgets(tmp_path):
     plan = _plan("demo", tmp_path, "SCALE=10", "DEVICE=cuda")
     assert "--steps 1500" in plan[2] and "--steps 3000" in plan[4] and "-n 5000" in plan[5]
     assert all("--device cuda" in c for c in plan if _sub(c) in ("train-vae", "train-dit", "sample", "eval-fid"))
+
+
+@pytest.mark.parametrize("target", ["demo", "repro-small", "kl-sweep"])
+def test_an_interrupted_pipeline_continues_when_run_again(tmp_path, target):
+    """The trainers refuse a folder with an unfinished run unless told to resume; the recipes say
+    --auto-resume, so a rerun after Ctrl-C continues the step instead of stopping."""
+    plan = _plan(target, tmp_path)
+    trainers = [c for c in plan if c.split()[0] in ("train-vae", "train-dit")]
+    assert trainers and all("--auto-resume" in c.split() for c in trainers)

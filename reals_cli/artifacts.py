@@ -5,6 +5,8 @@ says what made it (kind, format version, full config, hashes of its inputs and o
 its own files, package version, creation time, metrics). Every file is written
 atomically (temp file, fsync, rename) and the manifest is written last, so a
 folder without a manifest is unfinished and no command mistakes it for a whole one.
+A temp file is `.NAME.XXXXXXXX.tmp/NAME`: whatever the writer (a library) makes
+beside it stays in that folder, which the next run that holds the folder removes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +32,10 @@ from . import __version__
 from .errors import UserError
 
 MANIFEST = "manifest.json"
+LOCK = ".lock"  # see hold_folder
+# Temp files a killed writer leaves: atomic_path's, other writers' `.NAME.XXX.tmp`, and safetensors'
+# own `.tmpXXXXXX` beside its target (from before atomic_path gave it a folder of its own).
+_TEMPORARY = re.compile(r"\..+\.tmp|\.tmp[A-Za-z0-9]{6}")
 # mkstemp makes owner-only files; outputs get what open() would give them. Read once: the
 # umask can only be read by setting it, which is not safe while other threads create files.
 _FILE_MODE = 0o666 & ~(_umask := os.umask(0o022))
@@ -55,16 +62,14 @@ def _fsync_dir(directory: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.
-
-    On any exception the temporary file is removed and `path` is left untouched.
-    """
+    """Yield a temporary path, in a temporary folder beside `path`; on success fsync it and
+    rename it over `path`. On any exception the temporary folder is removed and `path` is left
+    untouched; a kill leaves the folder, which `hold_folder` removes on the next run."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, _FILE_MODE)
-    os.close(fd)
-    tmp = Path(tmp)
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = folder / path.name
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE))
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -72,7 +77,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -102,7 +107,8 @@ def save_weights(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     """Save a flat dict of tensors to safetensors, atomically."""
     tensors = _apart(tensors)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_file(tensors, str(tmp), metadata=metadata)  # by its own temp file (in ours), which is 0600
+        os.chmod(tmp, _FILE_MODE)
 
 
 def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -276,28 +282,43 @@ def _close_held_in_child() -> None:
 os.register_at_fork(after_in_child=_close_held_in_child)
 
 
+def discard_temporary(folder: str | os.PathLike, keep: Sequence[str] = ()) -> None:
+    """Remove the temp files (and atomic_path's temp folders) that killed writers left in `folder`
+    and its subfolders, except in the subfolders named in `keep`. Only for a folder that no other
+    process writes into now."""
+    for entry in Path(folder).iterdir():
+        if _TEMPORARY.fullmatch(entry.name):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink(missing_ok=True)
+        elif entry.is_dir() and not entry.is_symlink() and entry.name not in keep:
+            discard_temporary(entry)
+
+
 @contextlib.contextmanager
-def hold_folder(folder: str | os.PathLike, command: str) -> Iterator[None]:
+def hold_folder(folder: str | os.PathLike, command: str, keep: Sequence[str] = (), option: str = "--out") -> Iterator[None]:
     """Take `folder` (created if need be) while the block runs: a second run into the same --out,
     a job submitted twice, stops at once instead of interleaving its writes with this one's. On a
-    filesystem without locks (some NFS and FUSE mounts) the run goes on with a warning."""
+    filesystem without locks (some NFS and FUSE mounts) the run goes on with a warning. Once held,
+    the temp files of a killed run are removed (see discard_temporary; `keep`: subfolders that other
+    ranks of this run may be writing into already; `option`: how the error names the folder's flag)."""
     import errno
     import fcntl
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a") as handle:  # the lock goes with the file's closing
+    with open(folder / LOCK, "a") as handle:  # the lock goes with the file's closing
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UserError(f"{folder} is being written by another `{command}` process; wait for it to end, or "
-                            f"pass another --out") from None
+                            f"pass another {option}") from None
         except OSError as e:
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
             from .console import warn
 
             warn(f"{folder}: this filesystem has no file locks ({e.strerror}); nothing stops a second run into it")
+        else:
+            discard_temporary(folder, keep)  # only when held: another run's writes may be in flight otherwise
         _HELD.add(handle)
         try:
             yield

@@ -301,3 +301,147 @@ def test_latent_dataset_samples_normalises_flips_and_refuses(tmp_path):
         LatentDataset(half)
     assert str(e.value) == (f"{half} is an unfinished latent store (1 of 2 blocks encoded); "
                             f"run the same `reals encode` command again to finish it")
+
+
+# -- a kill anywhere, two writers, damaged stores, a changed VAE ----------------------------------
+
+# Runs `reals ARGS` and dies (os._exit, as SIGKILL would) just before its K-th file rename: every Zarr
+# write, and each of ours, is a temp file renamed over its target, so the K-th rename is a commit step.
+_KILLED_AT_RENAME = """
+import os, sys
+real, calls = os.replace, [0]
+def replace(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == {k}:
+        os._exit(9)
+    return real(*args, **kwargs)
+os.replace = replace
+from reals_cli.cli import main
+main({args!r}, prog_name="reals")
+"""
+
+_TIMES = {"created", "finished", "wall_s"}
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _assert_identical_store(reference: Path, out: Path, command: list[str]) -> None:
+    """Bit for bit: every chunk and array description; the group's attributes but for the times and the command."""
+    a, b = _files(reference), _files(out)
+    assert a.keys() == b.keys()
+    assert [name for name in a if name != "zarr.json" and a[name] != b[name]] == []
+    attrs_a, attrs_b = open_store(reference).attrs, open_store(out).attrs
+    assert attrs_b["command"] == " ".join(["reals", *command])
+    assert {k: v for k, v in attrs_a.items() if k not in _TIMES | {"command"}} == \
+           {k: v for k, v in attrs_b.items() if k not in _TIMES | {"command"}}
+
+
+def test_a_kill_at_each_commit_step_then_the_same_command_gives_the_identical_store(vae_dir, tmp_path):
+    data = _make_images(tmp_path / "img", per_class=3)  # 6 images: blocks of 4 and 2
+
+    def args(out):
+        return ["encode", str(data), str(out), "--vae", str(vae_dir), "--block-size", "4", "--batch-size", "4",
+                "--workers", "0", "--device", "cpu"]
+
+    straight = tmp_path / "straight.zarr"
+    assert CliRunner().invoke(main, args(straight)).exit_code == 0
+    k = 1
+    while True:
+        out = tmp_path / f"killed-{k}.zarr"
+        child = subprocess.run([sys.executable, "-c", _KILLED_AT_RENAME.format(k=k, args=args(out))],
+                               capture_output=True, text=True, timeout=300)
+        if child.returncode == 0:  # it made fewer than k renames: it was killed at each of them
+            break
+        assert child.returncode == 9, child.stderr
+        again = CliRunner().invoke(main, args(out))
+        assert again.exit_code == 0, (k, again.output)
+        _assert_identical_store(straight, out, args(out))
+        assert [p.name for p in out.rglob("*") if p.name.endswith((".partial", ".tmp"))] == [], k
+        k += 1
+    # The group and 3 arrays, the attributes in one write, 3 files a block, and the finalisation in one.
+    assert k - 1 == 4 + 1 + 2 * 3 + 1
+
+
+def test_a_second_encode_into_a_store_in_use_stops_at_once(vae_dir, images, tmp_path):
+    from reals_cli.artifacts import hold_folder
+
+    out = tmp_path / "s.zarr"
+    args = ["encode", str(images), str(out), "--vae", str(vae_dir), "--workers", "0", "--device", "cpu"]
+    with hold_folder(out, "reals encode"):  # as the first `reals encode` holds it
+        assert _error_line(CliRunner().invoke(main, args)) == (
+            f"error: {out} is being written by another `reals encode` process; wait for it to end, or pass another "
+            f"output path")
+    assert CliRunner().invoke(main, args).exit_code == 0
+
+
+def _shard(store: Path, block: int) -> Path:
+    return store / "posterior" / "c" / str(block) / "0" / "0" / "0" / "0" / "0"
+
+
+def _flip_bytes(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda s: _shard(s, 1).unlink(), "its posterior array has 4 chunk files of"),
+    (lambda s: _shard(s, 1).write_bytes(_shard(s, 1).read_bytes()[:-100]), "its posterior array has 5 chunk files of"),
+    (lambda s: (s / "labels" / "c" / "2").write_bytes((s / "labels" / "c" / "2").read_bytes()[:9]),
+     "its labels array has 3 chunk files of 81 bytes, not the 3 of 108"),
+    (lambda s: shutil.rmtree(s / "labels"), "it has no labels array"),
+])
+def test_a_store_missing_or_cut_short_files_is_refused_by_every_reader(vae_dir, images, reference, tmp_path,
+                                                                     damage, says):
+    out = shutil.copytree(reference, tmp_path / "s.zarr")
+    damage(out)
+    command = ["encode", str(images), str(out), "--vae", str(vae_dir), "--block-size", "4", "--batch-size", "3",
+               "--workers", "0", "--device", "cpu"]
+    line = _error_line(CliRunner().invoke(main, command))
+    assert line.startswith(f"error: {out} is a damaged latent store: {says}") and line.endswith(
+        "; delete it and encode the images again"), line  # made from Python: no command recorded
+    with pytest.raises(UserError, match="is a damaged latent store"):
+        LatentDataset(out)
+    _error_line(CliRunner().invoke(main, ["analyze", str(out), "--out", str(tmp_path / "a")]))
+
+
+@pytest.mark.parametrize("where", ["data", "index"])
+def test_garbage_in_a_shard_is_an_error_not_latents(reference, tmp_path, where):
+    out = shutil.copytree(reference, tmp_path / "s.zarr")
+    shard = _shard(out, 1)
+    _flip_bytes(shard, 10 if where == "data" else shard.stat().st_size - 20)
+    ds = LatentDataset(out)  # the files are all there, at their sizes
+    what = "row 4 in .* fails its checksum" if where == "data" else "the index of .* fails its checksum"
+    with pytest.raises(UserError, match=f"^{out} is a damaged latent store: {what}; delete it and encode"):
+        ds.__getitems__(list(range(len(ds))))
+    # Through Zarr (the reader of stores elsewhere) the checksum is checked as well.
+    with pytest.raises(UserError, match="is a damaged latent store: its posterior array does not read back"):
+        open_store(out)._read("posterior", slice(None))
+
+
+def test_a_zarr_v2_store_is_one_line(vae_dir, images, tmp_path):
+    out = tmp_path / "v2.zarr"
+    group = zarr.open_group(out, mode="w", zarr_format=2)
+    group.attrs.update({"kind": "latents", "format_version": 1, "complete": True})
+    group.create_array("posterior", shape=(2, 4), dtype="float16")
+    result = CliRunner().invoke(main, ["encode", str(images), str(out), "--vae", str(vae_dir)])
+    assert _error_line(result) == (f"error: {out} is a Zarr v2 store; reals reads the Zarr v3 stores `reals encode` "
+                                   f"writes: encode the images again")
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_vae_whose_weights_changed_is_refused(images, tmp_path):
+    from reals_cli.artifacts import load_weights, save_weights
+
+    vae = _make_vae(tmp_path / "vae", seed=0)
+    weights = vae / "diffusion_pytorch_model.safetensors"
+    state = load_weights(weights)
+    state["encoder.conv_in.bias"] += 1
+    save_weights(weights, state, metadata={"format": "pt"})
+    line = _error_line(CliRunner().invoke(main, ["encode", str(images), str(tmp_path / "s.zarr"), "--vae", str(vae),
+                                                 "--workers", "0", "--device", "cpu"]))
+    assert line == (f"error: {weights} does not match the hash in its manifest (corrupt or replaced); "
+                    f"re-create the artifact")
+    assert not (tmp_path / "s.zarr").exists()

@@ -15,10 +15,17 @@ where s3fs is installed):
              last (every Zarr write is atomic), so `done` means the block is whole.
              Ranks write disjoint blocks; the per-block sums give the statistics.
 
+Every chunk carries a crc32c (Zarr's codec; in a shard, each image's chunk and the
+index), so damaged bytes are an error, never latents.
+
 The group attributes are the store's manifest: kind, format version, id, config,
 inputs (image folder, VAE id), and, once every block is done, `complete`, the
-image count, the skipped count and the per-channel latent mean/std used to
-normalise latents for diffusion (the same numbers at training and sampling time).
+image count, the skipped count, the per-channel latent mean/std used to
+normalise latents for diffusion (the same numbers at training and sampling time)
+and, for a local store, the number and size of its chunk files, which every
+opening of the finished store checks. Each of the attribute writes (at creation,
+at the end) is one atomic rewrite of the group's `zarr.json`, so a kill anywhere
+leaves a store that the same `reals encode` command finishes.
 
 `LatentDataset` reads random minibatches of a finished local store straight from
 its shard files (`_ShardReader`), about ten times faster than through Zarr.
@@ -29,13 +36,14 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..artifacts import provenance
+from ..artifacts import LOCK, provenance
 from ..errors import UserError
 
 KIND, FORMAT_VERSION = "latents", 1
@@ -57,28 +65,69 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _local_zarr(path: str) -> bool:
+    return not is_url(path) and not is_h5(path)
+
+
+# What a local Zarr store of ours holds besides the lock: a creation cut off by a kill left some
+# of these (Zarr writes `NAME.<uuid>.partial`, then renames it) and nothing else.
+_OURS = {"zarr.json", POSTERIOR, LABELS, BLOCKS}
+
+
+def _only_ours(path: str) -> bool:
+    return all(p.name in _OURS or p.name == LOCK or p.name.endswith(".partial") for p in Path(path).iterdir())
+
+
+def _chunk_files(path: str) -> dict[str, list[int]]:
+    """{array: [chunk files, their bytes]} of a local Zarr store: what a finished store records, so
+    that a file lost, truncated or added since is found before its latents are read."""
+    found = {}
+    for name in (POSTERIOR, LABELS, BLOCKS):
+        files = [Path(d) / f for d, _, fs in os.walk(Path(path) / name / "c") for f in fs]
+        found[name] = [len(files), sum(f.stat().st_size for f in files)]
+    return found
+
+
 # -- the two file formats, behind one small interface --------------------------------------------
 
 class _ZarrIO:
     def __init__(self, path: str, mode: str):
         import zarr
 
+        if mode == "w" and _local_zarr(path) and Path(path).is_dir():
+            # Zarr's own "w" empties the folder, the lock file of the run that holds it too.
+            for p in Path(path).iterdir():
+                if p.name in _OURS or p.name.endswith(".partial"):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+            mode = "a"
         self.group = zarr.open_group(path, mode=mode)
         self._arrays: dict[str, Any] = {}  # opening an array reads its metadata: once per process
 
+    @property
+    def zarr_format(self) -> int:
+        return self.group.metadata.zarr_format
+
     def names(self) -> set[str]:
-        return set(self.group.keys())
+        import warnings
+
+        with warnings.catch_warnings():  # about our lock file and Zarr's own temp files, which are no arrays
+            warnings.filterwarnings("ignore", "Object at .* is not recognized as a component of a Zarr hierarchy")
+            return set(self.group.keys())
 
     def attrs(self) -> dict:
         return self.group.attrs.asdict()
 
     def update_attrs(self, attrs: dict) -> None:
-        self.group.attrs.update(attrs)
+        # One write of zarr.json: `attrs.update` would rewrite it once per key, and a kill in
+        # between would leave a half-described store.
+        self.group.update_attributes(attrs)
 
     def create(self, name: str, shape: tuple, dtype: str, chunks: tuple, shards: tuple | None = None) -> None:
+        from zarr.codecs import Crc32cCodec
+
         # Uncompressed: latents barely compress, and decompression would slow random reads.
         self.group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
-                                compressors=None, fill_value=0)
+                                compressors=[Crc32cCodec()], fill_value=0)
 
     def _array(self, name: str):
         if name not in self._arrays:
@@ -97,6 +146,8 @@ class _ZarrIO:
 
 
 class _H5IO:
+    zarr_format = None
+
     def __init__(self, path: str, mode: str):
         import h5py
 
@@ -147,24 +198,30 @@ def _inspect(path: str) -> tuple[str, dict]:
         exists = fs.exists(p) and (not fs.isdir(p) or bool(fs.ls(p)))
     else:
         local = Path(path)
-        exists = local.exists() and (not local.is_dir() or any(local.iterdir()))
+        # The lock alone: the folder `reals encode` holds while it creates the store.
+        exists = local.exists() and (not local.is_dir() or any(p.name != LOCK for p in local.iterdir()))
     if not exists:
         return "missing", {}
     try:
         io = _open_io(path, "r")
         try:
-            attrs, names = io.attrs(), io.names()
+            attrs, names, version = io.attrs(), io.names(), io.zarr_format
         finally:
             io.close()
     except Exception as e:  # zarr and h5py raise many types for "not one of mine"
         if "unable to lock file" in str(e):  # h5py: a store is open for writing elsewhere
             raise UserError(f"{path} is open in another process (HDF5 locks it while writing); wait for that "
                             f"process to end, then run again") from None
-        return "other", {}
+        # A kill before the group's zarr.json was written.
+        return ("unfinished" if _local_zarr(path) and local.is_dir() and _only_ours(path) else "other"), {}
     if attrs.get("kind") == KIND:
+        if version == 2:  # not written by reals: its arrays have none of the layout or checksums assumed
+            raise UserError(f"{path} is a Zarr v2 store; reals reads the Zarr v3 stores `reals encode` writes: "
+                            f"encode the images again")
         return "store", attrs
-    # The attributes are written last: none, and nothing but our arrays, is a creation cut off.
-    return ("unfinished" if not attrs and names <= {POSTERIOR, LABELS, BLOCKS} else "other"), {}
+    # The attributes are written last, in one write: none, and nothing but ours, is a creation cut off.
+    ours = _only_ours(path) if _local_zarr(path) else names <= {POSTERIOR, LABELS, BLOCKS}
+    return ("unfinished" if not attrs and ours else "other"), {}
 
 
 def probe(path: str | os.PathLike) -> str:
@@ -176,36 +233,61 @@ class _ShardReader:
 
     Zarr's reader spends about a millisecond of Python per chunk, and a random
     minibatch touches one chunk per image; reading the sharding format directly
-    (Zarr v3 sharding spec: inner chunks stored as raw little-endian bytes, then an
-    index of (offset, nbytes) uint64 pairs and a crc32c at the shard's end) takes
-    one pread per image, tens of times faster. Only the exact layout that
-    `create_store` writes is read this way; `None` from `open` means "use Zarr".
+    (Zarr v3 sharding spec: inner chunks stored as raw little-endian bytes, each
+    followed by its crc32c, then an index of (offset, nbytes) uint64 pairs and the
+    index's crc32c at the shard's end) takes one pread per image, tens of times faster.
+    Both checksums are verified, as Zarr would. Only the exact layouts that `create_store`
+    writes (and wrote before chunks had a checksum) are read this way; `None` from `open`
+    means "use Zarr". `damaged(what)` makes the error of a shard that fails a check.
     """
 
     EMPTY = 2**64 - 1  # index entry of an inner chunk never written (all fill value 0)
 
-    def __init__(self, folder: Path, shard: int, item: tuple[int, ...], dtype: np.dtype):
-        self.folder, self.shard, self.item, self.dtype = folder, shard, item, dtype
+    def __init__(self, folder: Path, shard: int, item: tuple[int, ...], dtype: np.dtype, crc: bool, damaged):
+        self.folder, self.shard, self.item, self.dtype, self.crc = folder, shard, item, dtype, crc
+        self.damaged = damaged
         self.rank = 1 + len(item)
+        self.nbytes = int(np.prod(item)) * dtype.itemsize + 4 * crc  # of one stored inner chunk
         self._index: dict[int, np.ndarray | None] = {}  # a finished store's shards never change
 
     @classmethod
-    def open(cls, path: str) -> "_ShardReader | None":
-        if is_url(path) or is_h5(path):
+    def open(cls, path: str, damaged) -> "_ShardReader | None":
+        if not _local_zarr(path):
             return None
         meta = json.loads((Path(path) / POSTERIOR / "zarr.json").read_text())
         item = meta["shape"][1:]
         little = {"name": "bytes", "configuration": {"endian": "little"}}
-        expected = [{"name": "sharding_indexed", "configuration": {
-            "chunk_shape": [1, *item], "codecs": [little], "index_codecs": [little, {"name": "crc32c"}],
-            "index_location": "end"}}]
+        crc32c = {"name": "crc32c"}
         key = meta["chunk_key_encoding"]
-        if meta["codecs"] != expected or key != {"name": "default", "configuration": {"separator": "/"}}:
+        if key != {"name": "default", "configuration": {"separator": "/"}}:
             return None
-        shard = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
-        return cls(Path(path) / POSTERIOR / "c", shard, tuple(item), np.dtype(meta["data_type"]).newbyteorder("<"))
+        for inner in ([little, crc32c], [little]):  # stores made before chunks had a checksum: the index's alone
+            if meta["codecs"] == [{"name": "sharding_indexed", "configuration": {
+                    "chunk_shape": [1, *item], "codecs": inner, "index_codecs": [little, crc32c],
+                    "index_location": "end"}}]:
+                shard = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
+                return cls(Path(path) / POSTERIOR / "c", shard, tuple(item), np.dtype(meta["data_type"]).newbyteorder("<"),
+                           len(inner) == 2, damaged)
+        return None
+
+    def _table(self, fd: int, file: Path) -> np.ndarray:
+        import google_crc32c
+
+        size, length = os.fstat(fd).st_size, 16 * self.shard
+        if size < length + 4:
+            raise self.damaged(f"{file} is truncated ({size} bytes)")
+        raw = os.pread(fd, length + 4, size - length - 4)
+        if google_crc32c.value(raw[:length]) != int.from_bytes(raw[length:], "little"):
+            raise self.damaged(f"the index of {file} fails its checksum")
+        table = np.frombuffer(raw[:length], "<u8").reshape(self.shard, 2)
+        used = table[:, 0] != self.EMPTY
+        if (table[used, 1] != self.nbytes).any() or (table[used, 0] + table[used, 1] > size - length - 4).any():
+            raise self.damaged(f"the index of {file} does not describe its chunks")
+        return table
 
     def read(self, rows: np.ndarray) -> np.ndarray:
+        import google_crc32c
+
         out = np.zeros((len(rows), *self.item), self.dtype)
         flat = out.reshape(len(rows), -1)
         shards, inner = np.divmod(rows, self.shard)
@@ -216,13 +298,16 @@ class _ShardReader:
             fd = os.open(file, os.O_RDONLY)
             try:
                 if s not in self._index:
-                    size = os.fstat(fd).st_size
-                    table = os.pread(fd, 16 * self.shard, size - 16 * self.shard - 4)
-                    self._index[s] = np.frombuffer(table, "<u8").reshape(self.shard, 2)
+                    self._index[s] = self._table(fd, file)
                 for k in np.flatnonzero(shards == s):
                     offset, nbytes = self._index[s][inner[k]]
-                    if offset != self.EMPTY:
-                        flat[k] = np.frombuffer(os.pread(fd, int(nbytes), int(offset)), self.dtype)
+                    if offset == self.EMPTY:
+                        continue
+                    chunk = os.pread(fd, int(nbytes), int(offset))
+                    data = chunk[:-4] if self.crc else chunk
+                    if self.crc and google_crc32c.value(data) != int.from_bytes(chunk[-4:], "little"):
+                        raise self.damaged(f"row {rows[k]} in {file} fails its checksum")
+                    flat[k] = np.frombuffer(data, self.dtype)
             finally:
                 os.close(fd)
         return out
@@ -246,6 +331,7 @@ class LatentStore:
             raise UserError(f"{self.path} has latent store format version {self.attrs.get('format_version')}, "
                             f"this reals reads version {FORMAT_VERSION}; encode the images again")
         self._labels: np.ndarray | None = None
+        self._check_files()
         self._fast: _ShardReader | bool | None = None  # None: not looked at yet; False: Zarr reads
         self._stats_on: dict = {}  # (device, dtype) -> (mean, std): one copy to a GPU, not one per batch
 
@@ -257,7 +343,35 @@ class LatentStore:
         return self._handle
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_handle": None, "_pid": None, "_stats_on": {}}
+        return {**self.__dict__, "_handle": None, "_pid": None, "_stats_on": {}, "_fast": None}
+
+    def damaged(self, what: str) -> UserError:
+        """The error for a store whose files are not what encoding left: what is wrong, and the remedy."""
+        again = f"run `{self.attrs['command']}` again" if self.attrs.get("command") else "encode the images again"
+        return UserError(f"{self.path} is a damaged latent store: {what}; delete it and {again}")
+
+    def _check_files(self) -> None:
+        """(Local Zarr) its three arrays, and once finished its chunk files as many and as large as it recorded."""
+        if _local_zarr(self.path):
+            missing = [n for n in (POSTERIOR, LABELS, BLOCKS) if not (Path(self.path) / n / "zarr.json").is_file()]
+            if missing:
+                raise self.damaged(f"it has no {' or '.join(missing)} array")
+            recorded = self.attrs.get("chunk_files") if self.complete else None
+            found = _chunk_files(self.path) if recorded else {}
+            for name in recorded or {}:  # stores finished before the record: their checksums alone
+                if found[name] != recorded[name]:
+                    (n, size), (n0, size0) = found[name], recorded[name]
+                    raise self.damaged(f"its {name} array has {n} chunk files of {size} bytes, not the {n0} of "
+                                       f"{size0} bytes it was finished with (a file lost, cut short or added)")
+
+    def _read(self, name: str, rows: slice | np.ndarray) -> np.ndarray:
+        try:
+            return self._io.read(name, rows)
+        except UserError:
+            raise
+        except Exception as e:  # zarr and h5py raise many types for bytes that do not decode
+            reason = (str(e).strip().splitlines() or [""])[0]
+            raise self.damaged(f"its {name} array does not read back ({type(e).__name__}: {reason})") from None
 
     # -- what readers use ------------------------------------------------------------------------
     @property
@@ -303,7 +417,7 @@ class LatentStore:
     def labels(self) -> np.ndarray:
         """(rows,) int64; -1 marks an image that could not be read."""
         if self._labels is None:
-            self._labels = self._io.read(LABELS, slice(None))
+            self._labels = self._read(LABELS, slice(None))
         return self._labels
 
     def read(self, rows: np.ndarray) -> np.ndarray:
@@ -312,8 +426,8 @@ class LatentStore:
         if len(rows) and not 0 <= rows.min() <= rows.max() < self.rows:
             raise IndexError(f"rows out of range for {self.rows} rows")
         if self.complete and self._fast is None:
-            self._fast = _ShardReader.open(self.path) or False
-        return self._fast.read(rows) if self._fast else self._io.read(POSTERIOR, rows)
+            self._fast = _ShardReader.open(self.path, self.damaged) or False
+        return self._fast.read(rows) if self._fast else self._read(POSTERIOR, rows)
 
     def statistics(self) -> tuple[list[float], list[float]]:
         """The per-channel latent mean and std over the store: what `normalize` divides by."""
@@ -348,7 +462,7 @@ class LatentStore:
         return -(-self.rows // self.block_size)
 
     def records(self) -> np.ndarray:
-        return self._io.read(BLOCKS, slice(None))
+        return self._read(BLOCKS, slice(None))
 
     def done_blocks(self) -> np.ndarray:
         return self.records()[:, DONE] == 1
@@ -375,7 +489,7 @@ class LatentStore:
 
     def discard_partial_writes(self) -> None:
         """Remove the temporary files of writes a killed run left behind (local Zarr stores)."""
-        if not is_url(self.path) and not is_h5(self.path):
+        if _local_zarr(self.path):
             for tmp in Path(self.path).rglob("*.partial"):
                 tmp.unlink(missing_ok=True)
 
@@ -388,7 +502,7 @@ class LatentStore:
         std = np.sqrt(np.maximum(total[SUMS + c:SUMS + 2 * c] / n - mean**2, 0.0))
         self.attrs.update(complete=True, count=int(total[IMAGES]), skipped=int(total[SKIPPED]),
                           latent_mean=mean.tolist(), latent_std=std.tolist(), stats=STATS_NOTE, finished=_now(),
-                          **provenance())
+                          **provenance(), **({"chunk_files": _chunk_files(self.path)} if _local_zarr(self.path) else {}))
         self._io.update_attrs(self.attrs)
 
 

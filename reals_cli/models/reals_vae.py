@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..artifacts import MANIFEST, load_weights, read_manifest, save_weights, sha256_file, write_manifest
+from ..artifacts import MANIFEST, load_weights, read_manifest, save_weights, sha256_file, verify_files, write_manifest
 from ..errors import UserError
 from .alignment import AlignConfig, AlignmentNet
 from .vae import CONFIG_NAME, WEIGHTS_NAMES, AutoencoderKL, find_vae_folder, load_diffusers_vae, save_diffusers_vae
@@ -43,6 +43,7 @@ def load_reals_vae(path: str | Path, need_align: bool = False) -> RealsVAE:
     path = Path(path)
     if (path / MANIFEST).is_file():
         manifest = read_manifest(path, KIND, FORMAT_VERSION)
+        verify_files(path, manifest)  # its id stands for these files: latents and models record it
         vae = load_diffusers_vae(path)
         align = AlignmentNet(AlignConfig(**manifest["config"]["align"]))
         align.load_state_dict(load_weights(path / ALIGN_FILE))

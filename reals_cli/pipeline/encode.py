@@ -9,6 +9,7 @@ that are not done, and under `torchrun` rank r takes blocks r, r + world, ...
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,10 +21,10 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..artifacts import artifact_id
+from ..artifacts import artifact_id, hold_folder
 from ..console import console, print_summary, progress, warn
 from ..data.images import ImageFolder
-from ..data.latent_store import LatentStore, create_store, is_h5, probe
+from ..data.latent_store import LatentStore, create_store, is_h5, is_url, probe
 from ..errors import UserError
 from ..models.reals_vae import RealsVAE, load_reals_vae
 from ..runtime import autocast, local_device, resolve_device
@@ -109,6 +110,13 @@ def encode(
     block_size: int = 256,
 ) -> dict:
     """Encode every image of a class folder into the latent store `out`; resumable, torchrun-aware."""
+    with contextlib.ExitStack() as held:  # the store's folder, let go however the run ends
+        return _encode(images, out, vae, batch_size, device, precision, flip, workers, image_size, dtype,
+                       block_size, held)
+
+
+def _encode(images, out, vae, batch_size, device, precision, flip, workers, image_size, dtype, block_size,
+            held: contextlib.ExitStack) -> dict:
     started = time.perf_counter()
     out = str(out)
     bundle = vae if isinstance(vae, RealsVAE) else load_reals_vae(vae)
@@ -138,6 +146,9 @@ def encode(
     state = probe(out)
     if state == "other":
         raise UserError(f"{out} exists and is not a latent store; pass a new output path, or delete it")
+    if rank == 0 and not is_h5(out) and not is_url(out):  # HDF5 locks its file itself; a URL has no lock
+        held.enter_context(hold_folder(out, "reals encode", option="output path"))
+        state = probe(out)  # as the last holder left it
     if state == "store":
         store = _open_existing(out, bundle.id, config, listing, folder.folder)
     elif rank == 0:

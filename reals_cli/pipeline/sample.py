@@ -172,8 +172,7 @@ def _claim(out: Path, protocol: dict, world: int) -> None:
     else:
         artifacts.atomic_write_json(saved, protocol)  # every rank writes the same bytes
     if world == 1:  # with several ranks, another rank's write may be in flight
-        for tmp in parts.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+        artifacts.discard_temporary(parts)
 
 
 def _same_protocol(out: Path, saved: dict, protocol: dict, any_attention: bool = False) -> None:
@@ -233,7 +232,7 @@ def _sample(cfg: SampleConfig, held: contextlib.ExitStack) -> dict:
         return {"manifest": done, "already": True, "generated": 0}
     vae = load_vae(vae_path, config, cfg.ckpt)  # before any output: a wrong VAE must not start a run
     if rank == 0:  # one run a folder: a job submitted twice stops here
-        held.enter_context(artifacts.hold_folder(out, "reals sample"))
+        held.enter_context(artifacts.hold_folder(out, "reals sample", keep=[PARTS]))  # _claim clears parts
     _claim(out, protocol, world)
     parts = out / PARTS
     num_blocks = -(-n // bs)
@@ -414,9 +413,7 @@ def _assemble(cfg, config, protocol, parts, num_blocks, summary, device) -> dict
     Streamed block by block, so 50,000 256 px images (10 GB) never sit in memory at once.
     Starting over after a kill here is safe: every output is rewritten whole.
     """
-    out, n = parts.parent, cfg.num_samples
-    for tmp in out.glob(".*.tmp"):  # an assembly cut off by a kill; rank 0 is the only writer here
-        tmp.unlink()
+    out, n = parts.parent, cfg.num_samples  # an assembly cut off by a kill left temp files: hold_folder cleared them
     with np.load(_part(parts, 0)) as first:
         h, w = first["images"].shape[1:3]
     shape = tuple(config["latent_shape"])

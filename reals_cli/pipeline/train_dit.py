@@ -166,11 +166,11 @@ def _train_dit(cfg: TrainDiTConfig, resume: bool | str, held: contextlib.ExitSta
 
     stateful = {"trainable": trainable, "ema": ema, "opt": opt, "scaler": scaler}
     saved_config = dataclasses.asdict(cfg) | {"latents_id": store.attrs.get("id")}
-    step = 0
+    step, results = 0, {}
     if resume:
         # Older dit runs recorded SiT's defaults for the options a dit run does not have.
         may_change = RESUMABLE_CHANGES | (set(SIT_ONLY) if cfg.objective == "dit" else set())
-        step = load_checkpoint(ckpt_path, saved_config, stateful, may_change, rank)
+        step, results = load_checkpoint(ckpt_path, saved_config, stateful, may_change, rank)
         if already_trained(out, step, cfg.steps, rank):
             return artifacts.read_manifest(out, KIND, FORMAT_VERSION) if rank == 0 else {}
 
@@ -254,20 +254,23 @@ def _train_dit(cfg: TrainDiTConfig, resume: bool | str, held: contextlib.ExitSta
             if is_main and keeping:
                 write_model(out / f"step-{step:07d}", config, inputs, weight_files, step, loss.item())
             if checkpointing:
-                save_checkpoint(ckpt_path, step, saved_config, stateful, world)
+                save_checkpoint(ckpt_path, step, saved_config, stateful, world, {"loss": loss.item()})
                 saved = step
         if step < cfg.steps:  # stopped by a signal
             guard.check()
             if saved != step:
-                save_checkpoint(ckpt_path, step, saved_config, stateful, world)
+                save_checkpoint(ckpt_path, step, saved_config, stateful, world,
+                                {"loss": loss.item()} if loss is not None else results)
             raise stop.stopped(step, ckpt_path)
 
     if world > 1:
         dist.barrier()
     if not is_main:
         return {}
-    # No step ran when the run stopped after its last checkpoint, before this: its last logged loss.
-    final_loss = loss.item() if loss is not None else next((r["loss"] for r in reversed(read_log(out / LOG))), None)
+    # No step ran when the run stopped after its last checkpoint, before this: the loss saved with it
+    # (a checkpoint older than that record: the last logged loss).
+    final_loss = (loss.item() if loss is not None else
+                  results.get("loss", next((r["loss"] for r in reversed(read_log(out / LOG))), None)))
     manifest = write_model(out, config, inputs, weight_files, step, final_loss)
     print_summary(f"{cfg.model} {out} ({manifest['id']})",
                   {"steps": step, "final loss": manifest["metrics"]["final_loss"], "attention": backend})

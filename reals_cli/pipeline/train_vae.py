@@ -273,7 +273,7 @@ def _train_vae(cfg: TrainVAEConfig, resume: bool | str, held: contextlib.ExitSta
     stateful = {"gen": gen, "disc": disc, "ema": ema, "opt_g": opt_g, "opt_d": opt_d, "scaler_g": scaler_g, "scaler_d": scaler_d}
     step = 0
     if resume:
-        step = load_checkpoint(ckpt_path, dataclasses.asdict(cfg), stateful, RESUMABLE_CHANGES, rank)
+        step, _ = load_checkpoint(ckpt_path, dataclasses.asdict(cfg), stateful, RESUMABLE_CHANGES, rank)
         if already_trained(out, step, cfg.steps, rank):
             return artifacts.read_manifest(out, KIND, FORMAT_VERSION) if rank == 0 else {}
         console.print(f"resumed {out} at step {step}")

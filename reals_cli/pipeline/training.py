@@ -105,19 +105,23 @@ def check_resume_config(saved: dict, current: dict, may_change: set[str]) -> Non
         raise UserError(f"--resume with other values than the run had: {', '.join(changed)}; resume with the original flags")
 
 
-def save_checkpoint(path: Path, step: int, config: dict, objects: dict, world: int) -> None:
+def save_checkpoint(path: Path, step: int, config: dict, objects: dict, world: int, results: dict | None = None) -> None:
     """Everything a run needs to continue bit-for-bit: each object's state dict, the step,
-    the config and every rank's RNG states (collective: every rank calls it; rank 0 writes)."""
+    the config and every rank's RNG states (collective: every rank calls it; rank 0 writes).
+    `results`: rank 0's values of this step that the finished artifact reports (the loss), for
+    a run resumed after its last step, which computes none."""
     from ..artifacts import save_state
     from ..runtime import rng_state
 
     rngs = gather_objects(rng_state(), world)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        save_state(path, {"step": step, "config": config, "rng": rngs, **{k: v.state_dict() for k, v in objects.items()}})
+        save_state(path, {"step": step, "config": config, "rng": rngs, "results": results or {},
+                          **{k: v.state_dict() for k, v in objects.items()}})
 
 
-def load_checkpoint(path: Path, config: dict, objects: dict, may_change: set[str], rank: int) -> int:
-    """Restore what `save_checkpoint` saved into `objects` and this rank's RNG; returns the step."""
+def load_checkpoint(path: Path, config: dict, objects: dict, may_change: set[str], rank: int) -> tuple[int, dict]:
+    """Restore what `save_checkpoint` saved into `objects` and this rank's RNG; returns the step
+    and the results saved with it (none in checkpoints older than them)."""
     from ..artifacts import load_state
     from ..runtime import set_rng_state
 
@@ -126,7 +130,7 @@ def load_checkpoint(path: Path, config: dict, objects: dict, may_change: set[str
     for name, obj in objects.items():
         obj.load_state_dict(state[name])
     set_rng_state(state["rng"][rank])
-    return state["step"]
+    return state["step"], state.get("results", {})
 
 
 class FiniteGuard:

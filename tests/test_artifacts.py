@@ -30,6 +30,46 @@ def test_atomic_files_get_the_mode_open_gives(tmp_path):
     assert mode == (tmp_path / "plain").stat().st_mode & 0o777
 
 
+def test_saved_weights_get_the_mode_open_gives_and_a_kill_leaves_temp_files_only_in_a_temp_folder(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    (tmp_path / "plain").write_bytes(b"")
+    artifacts.save_weights(tmp_path / "w.safetensors", {"a": torch.ones(3)})  # safetensors' own temp file is 0600
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+    # safetensors writes its own temp file (.tmpXXXXXX) beside the path it is given: that path is in a
+    # temp folder of ours, so what a kill inside safetensors leaves is in there too.
+    given = []
+    real = artifacts.save_file
+    monkeypatch.setattr(artifacts, "save_file", lambda tensors, path, **kw: (given.append(path), real(tensors, path, **kw)))
+    artifacts.save_weights(tmp_path / "v.safetensors", {"a": torch.ones(3)})
+    assert artifacts._TEMPORARY.fullmatch(os.path.basename(os.path.dirname(given[0])))
+    # Killed at the last step, the rename: nothing but the temp folder, which the next holder removes.
+    killed = tmp_path / "killed"
+    code = ("import os, torch; from reals_cli import artifacts; os.replace = lambda *a: os._exit(9); "
+            f"artifacts.save_weights({str(killed / 'w.safetensors')!r}, {{'a': torch.ones(1000)}})")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert child.returncode == 9, child.stderr
+    [left] = killed.iterdir()
+    assert left.is_dir() and artifacts._TEMPORARY.fullmatch(left.name) and left.name.startswith(".w.safetensors.")
+    with artifacts.hold_folder(killed, "reals x"):
+        assert sorted(p.name for p in killed.iterdir()) == [".lock"]
+
+
+def test_holding_a_folder_removes_a_killed_runs_temp_files_and_nothing_else(tmp_path):
+    run = tmp_path / "run"
+    kept = ["model.safetensors", ".hidden", "notes.tmp", ".tmpshort", "parts/.block.npz.abc.tmp"]
+    gone = [".model.safetensors.x1y2.tmp", ".tmpUauDID", "step-0000002/.ema.safetensors.k9.tmp/ema.safetensors",
+            "images/.000007.png.tmp"]
+    for name in kept + gone:
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_bytes(b"x")
+    with artifacts.hold_folder(run, "reals x", keep=["parts"]):  # parts: other ranks may be writing there
+        left = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+    assert left == sorted(kept + [".lock"])
+    assert sorted(p.name for p in (run / "step-0000002").iterdir()) == []
+
+
 def test_a_held_folder_is_let_go_though_a_forked_child_lives_on(tmp_path):
     import time
 

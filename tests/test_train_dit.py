@@ -336,6 +336,35 @@ def test_resume_of_a_finished_run_is_a_no_op_or_trains_on(store, tmp_path):
     assert read_manifest(out)["metrics"]["final_loss"] == read_log(out / "log.jsonl")[-1]["loss"]
 
 
+@pytest.mark.parametrize("file", ["model.safetensors", "ema.safetensors", "manifest.json"])
+def test_killed_while_writing_its_final_files_the_resumed_run_writes_the_identical_artifact(store, tmp_path, file):
+    """Killed at the rename of one of its final files (after the last checkpoint): --resume writes the same
+    weights and manifest (the final loss too, though the last step was not logged) and leaves no temp file."""
+    import subprocess
+
+    latents, _ = store
+    args = _cli_args(latents, tmp_path / "straight", 3, log_every=2, sample_every=0)
+    assert CliRunner().invoke(main, ["train-dit", *args]).exit_code == 0
+    killed = tmp_path / "killed"
+    args = _cli_args(latents, killed, 3, log_every=2, sample_every=0)
+    code = ("import os, sys; real = os.replace\n"
+            "def replace(src, dst):\n"
+            f"    if os.fspath(dst) == {str(killed / file)!r}: os._exit(9)\n"
+            "    real(src, dst)\n"
+            "os.replace = replace\n"
+            f"from reals_cli.cli import main; main({['train-dit', *args]!r}, prog_name='reals')")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert child.returncode == 9, child.stderr
+    resumed = CliRunner().invoke(main, ["train-dit", *args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    a, b = read_manifest(tmp_path / "straight"), read_manifest(killed)
+    assert b["metrics"]["final_loss"] != read_log(killed / "log.jsonl")[-1]["loss"]  # step 3's loss, not step 2's
+    for m in (a, b):  # what the other folder alone changes: its path, and with the config the id
+        del m["created"], m["wall_s"], m["command"], m["id"], m["config"]["out"]
+    assert a == b
+    assert [p.name for p in killed.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".tmp")] == []
+
+
 def test_a_second_run_into_a_folder_in_use_stops_at_once(store, tmp_path):
     """A job submitted twice: the second must not interleave its log and checkpoints with the first's."""
     from reals_cli.artifacts import hold_folder

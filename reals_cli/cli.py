@@ -46,6 +46,8 @@ class RealsGroup(click.Group):
             if debug:
                 raise
             message = str(e)
+            if "\nOriginal Traceback" in message:  # raised in a DataLoader worker: torch's text ends with ours
+                message = message.rstrip().splitlines()[-1].removeprefix(f"{UserError.__module__}.UserError: ")
             if isinstance(e, click.UsageError):  # a flag or value that click refuses: one line too
                 message = e.format_message() + (f" (see `{e.ctx.command_path} --help`)" if e.ctx else "")
             labelled("error:", "red", message)

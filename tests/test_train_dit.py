@@ -365,6 +365,22 @@ def test_killed_while_writing_its_final_files_the_resumed_run_writes_the_identic
     assert [p.name for p in killed.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".tmp")] == []
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_garbage_in_a_shard_stops_training_with_one_line(store, tmp_path, workers):
+    """Not NaN training: the reader checks each chunk's checksum, in a DataLoader worker too."""
+    latents = shutil.copytree(store[0], tmp_path / "lat.zarr")
+    shard = latents / "posterior" / "c" / "1" / "0" / "0" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    # One batch of all 24 images: it holds row 8, the first image of that shard, whose bytes are damaged.
+    result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, tmp_path / "o", 3, workers=workers, batch_size=24)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: {latents} is a damaged latent store: row 8 in {shard} fails its checksum; delete it and encode "
+        f"the images again")
+
+
 def test_a_second_run_into_a_folder_in_use_stops_at_once(store, tmp_path):
     """A job submitted twice: the second must not interleave its log and checkpoints with the first's."""
     from reals_cli.artifacts import hold_folder

@@ -15,6 +15,7 @@ import contextlib
 import datetime as _dt
 import fnmatch
 import hashlib
+import io
 import json
 import os
 import re
@@ -111,39 +112,69 @@ def save_weights(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
         os.chmod(tmp, _FILE_MODE)
 
 
+def _tensors_in(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """(key path, tensor) of every tensor in nested dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors_in(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors_in(v, f"{prefix}.{i}" if prefix else str(i))
+
+
+def _refuse_non_finite(path: Path, obj: Any) -> None:
+    # NaN weights sample NaN images and train NaN losses, whatever hash vouches for the file.
+    for key, t in _tensors_in(obj):
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            raise UserError(f"{path} holds NaN or infinite values (first in {key}), so it is no usable weights file; "
+                            f"re-create it (from a checkpoint before the values broke) or pass another file")
+
+
 def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a file that is unreadable or holds NaN or infinity is refused."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file not found: {path}")
     try:
-        return load_file(str(path), device=str(device))
+        tensors = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{path} is not a readable safetensors file ({e}); re-create it or pass another file") from None
+    _refuse_non_finite(path, tensors)
+    return tensors
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def torch_load(path: str | os.PathLike, map_location: str = "cpu", allow: Sequence[type] = ()) -> Any:
+def torch_load(path: str | os.PathLike, map_location: str = "cpu", allow: Sequence[type] = (),
+               data: bytes | None = None) -> Any:
     """`torch.load` restricted to tensors, plain containers and the classes in `allow` (which
-    must run no code): never runs code from the file. Failures are one line."""
+    must run no code): never runs code from the file. `data`: the file's bytes, already read
+    (so that what the caller hashed is what is loaded). Failures, and NaN or infinite values,
+    are one line."""
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
         with torch.serialization.safe_globals(list(allow)):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            obj = torch.load(path if data is None else io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for bad or unsafe pickles
+        # torch's own text advises weights_only=False, which would run the file's code: none of it is repeated.
         text = _ANSI.sub("", str(e)).strip()
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        if unsafe:  # torch's own first line here invites loading the file unsafely
-            raise UserError(f"cannot load {path} with weights_only: it holds a {unsafe[1]}, which could run code; "
-                            f"if you trust the file, load it yourself and torch.save its state dict alone") from None
-        # Past torch's preamble (which suggests weights_only=False) to the unpickler's own reason.
+        unsafe = re.search(r"GLOBAL (\S+?)[.,]?(?:\s|$)", text)
+        if unsafe:
+            raise UserError(f"{path} is not a plain weights file: it holds an object of class {unsafe[1]}, and rebuilding it could run "
+                            f"code, so it is not loaded; pass a .safetensors file, or a .pt/.pth of tensors alone "
+                            f"(a state dict)") from None
         _, found, rest = text.partition("WeightsUnpickler error:")
-        reason = [line.strip() for line in (rest if found else text).splitlines() if line.strip()]
+        reason = [line.strip() for line in (rest if found else text).splitlines()
+                  if line.strip() and "weights_only" not in line]
         why = type(e).__name__ + (f": {reason[0]}" if reason else "")
         raise UserError(f"cannot load {path} as a plain tensor checkpoint ({why})") from None
+    _refuse_non_finite(path, obj)
+    return obj
 
 
 # -- nested state (checkpoints): tensors in safetensors, structure in its metadata ------------
@@ -326,14 +357,33 @@ def hold_folder(folder: str | os.PathLike, command: str, keep: Sequence[str] = (
             _HELD.discard(handle)
 
 
+def check_writable(folder: str | os.PathLike, option: str, given: str | os.PathLike) -> None:
+    """Refuse, as one line before the work instead of a traceback after it, a `folder` (where the
+    value `given` of `option` will be written) that could not be made or written: one under a
+    file, or in a read-only place. Nothing is left behind: the test is a file made and removed
+    in the folder, or in the nearest one above it that exists (where it would be made)."""
+    folder = Path(folder).absolute()
+    above = next(p for p in (folder, *folder.parents) if p.exists())
+    if not above.is_dir():
+        raise UserError(f"{option} {given} is under {above}, which is a file; pass a path in a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=above)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{option} {given} cannot be written: {above} refuses new files ({e.strerror or e}); pass a "
+                        f"folder you can write to") from None
+
+
 def check_output_folder(out: str | os.PathLike, kind: str, written: Sequence[str], command: str) -> dict | None:
-    """--out of a command that makes `kind` artifacts: new, empty, or its own. Its own is
-    finished (a `kind` manifest, returned) or unfinished (only names matching the glob patterns
-    `written`, and hidden temporary files). Anything else is refused: writing there would mix
-    with, or make unusable, what is there."""
+    """--out of a command that makes `kind` artifacts: writable, and new, empty, or its own. Its
+    own is finished (a `kind` manifest, returned) or unfinished (only names matching the glob
+    patterns `written`, and hidden temporary files). Anything else is refused: writing there
+    would mix with, or make unusable, what is there."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder")
+    check_writable(out, "--out", out)
     if (out / MANIFEST).is_file():
         manifest = read_manifest(out)
         if manifest.get("kind") != kind:
@@ -350,18 +400,23 @@ def check_output_folder(out: str | os.PathLike, kind: str, written: Sequence[str
 
 
 def check_output_file(path: str | os.PathLike, option: str, example: str) -> None:
-    """Refuse, before any work, a file path that the end of the run could not write: a folder, or
-    a path under a file. `example` is a file name to suggest inside a folder."""
+    """Refuse, before any work, a file path that the end of the run could not write: a folder, a
+    path under a file, or one in a folder that cannot be written. `example` is a file name to
+    suggest inside a folder."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{option} {path} is a folder; pass a file path, e.g. {path / example}")
-    above = next(p for p in path.parents if p.exists())
-    if not above.is_dir():
-        raise UserError(f"{option} {path} is under {above}, which is a file; pass a path in a folder")
+    check_writable(path.parent, option, path)
 
 
-def read_manifest(directory: str | os.PathLike, kind: str | None = None, format_version: int | None = None) -> dict:
-    """Read and check an artifact's manifest; every mismatch names both sides and a remedy."""
+def _remedy(directory: Path, manifest: dict) -> str:
+    return f"delete {directory} and run `{manifest['command']}` again" if manifest.get("command") else "re-create the artifact"
+
+
+def read_manifest(directory: str | os.PathLike, kind: str | None = None, format_version: int | None = None,
+                  needs: Sequence[str] = ()) -> dict:
+    """Read and check an artifact's manifest, and that its config has the keys `needs`; every
+    mismatch names both sides and a remedy."""
     directory = Path(directory)
     path = directory / MANIFEST
     if not directory.exists():
@@ -382,13 +437,18 @@ def read_manifest(directory: str | os.PathLike, kind: str | None = None, format_
             f"{directory} has {manifest.get('kind')} format version {manifest.get('format_version')}, "
             f"this reals reads version {format_version}; re-create it with reals {__version__}"
         )
+    config = manifest.get("config")
+    missing = [k for k in needs if not isinstance(config, dict) or k not in config]
+    if missing:  # edited by hand, or damaged: a KeyError later would be a traceback
+        raise UserError(f"{path} lacks {', '.join(missing)} in its config (edited or damaged); "
+                        f"{_remedy(directory, manifest)}")
     return manifest
 
 
 def verify_files(directory: str | os.PathLike, manifest: dict, names: list[str] | None = None) -> None:
     """Check the files the manifest lists (or those of them in `names`) against their recorded sha256."""
     directory = Path(directory)
-    remedy = f"delete {directory} and run `{manifest['command']}` again" if manifest.get("command") else "re-create the artifact"
+    remedy = _remedy(directory, manifest)
     for name, expected in manifest.get("files", {}).items():
         if names is not None and name not in names:
             continue

@@ -331,6 +331,11 @@ def fetch(names: list[str] | None = None, force: bool = False,
     return {a.name: a.path for a in assets}
 
 
+def asset_sha256(name: str) -> str:
+    """The recorded sha256 of a one-file asset: what a reader that hashes the bytes it loads compares."""
+    return next(iter(_asset(name).files.values()))[0]
+
+
 def asset_path(name: str) -> Path:
     """Where a present asset is: its file, or its folder for several files (checked by size, not hash)."""
     asset = _asset(name)

@@ -47,6 +47,11 @@ def allow_tf32(device: torch.device) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
 
 
+# The seeds every command takes: numpy's legacy seeding holds 32 bits, and the trainers scale a seed
+# into 64-bit generator seeds (seed * 1_000_003 * 64), which 32 bits keep in range.
+SEED_MAX = 2**32 - 1
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -112,3 +112,27 @@ def train_on_two_ranks():
         return state
 
     return run
+
+
+@pytest.fixture
+def unwritable(tmp_path) -> Path:
+    """A folder in which no new file can be made, for this process too: read-only by its mode, and
+    for root (whom modes do not stop) immutable (`chattr +i`). Skips where neither holds."""
+    import subprocess
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    immutable = os.geteuid() == 0 and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+    try:
+        (folder / "probe").touch()
+    except OSError:
+        pass
+    else:
+        pytest.skip("no way to make a folder read-only here")
+    try:
+        yield folder
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from .options import seed_option
+from .options import FiniteFloat, seed_option
 
 
 def _table(result: dict) -> Table:
@@ -45,9 +45,9 @@ def _table(result: dict) -> Table:
 @click.option("--limit", default=None, type=click.IntRange(min=2),
               help="Analyse N latents per store, class-balanced, chosen by --seed [default: all].")
 @click.option("--test-fraction", default=0.2, show_default=True,
-              type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              type=FiniteFloat(0, 1, min_open=True, max_open=True),
               help="Share of each class held out to test the linear probe.")
-@click.option("--perplexity", default=30.0, show_default=True, type=click.FloatRange(min=1),
+@click.option("--perplexity", default=30.0, show_default=True, type=FiniteFloat(min=1),
               help="t-SNE perplexity: roughly the number of neighbours each point keeps close.")
 @seed_option
 def analyze_command(stores, out, method, pool, limit, test_fraction, perplexity, seed):

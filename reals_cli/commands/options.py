@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
+import math
+
 import click
 
 from ..errors import UserError
+from ..runtime import SEED_MAX
+
+
+class FiniteFloat(click.FloatRange):
+    """The type of every float flag: a number, optionally bounded, never NaN or infinity. click's
+    float takes both, and a bound alone lets NaN through (every comparison with it is false)."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
+
+    def _describe_range(self) -> str:
+        return "" if self.min is None and self.max is None else super()._describe_range()
+
+
+FINITE = FiniteFloat()
 
 device_option = click.option(
     "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
     help="Where to run: auto takes CUDA when torch sees a GPU.",
 )
-seed_option = click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
+seed_option = click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX),
+                           help="Random seed.")
 precision_option = click.option(
     "--precision", default="bf16", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]),
     help="Autocast precision on CUDA (CPU always runs fp32).",

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..data.probe_sets import DEPTH_FORMATS, SEG_FORMATS
-from .options import device_option, precision_option, seed_option
+from .options import FINITE, FiniteFloat, device_option, precision_option, seed_option
 
 TASKS = {
     "seg": ("probe-seg", "segmentation", SEG_FORMATS),
@@ -57,7 +57,7 @@ def _data_options(task: str, eval_: bool) -> list:
             click.option("--splits", default=None, type=click.Path(dir_okay=False),
                          help="NYU splits.mat (trainNdxs/testNdxs) [default: first 80% train, last 20% test]; "
                               "NYU only: the other formats have their own splits."),
-            click.option("--depth-scale", default=1000.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+            click.option("--depth-scale", default=1000.0, show_default=True, type=FiniteFloat(min=0, min_open=True),
                          help="Depth PNG units per metre (1000: millimetres)."),
         ]
     return options + [
@@ -98,15 +98,15 @@ def _make_group(task: str) -> click.Group:
         click.option("--out", required=True, help="Output folder for the head artifact."),
         click.option("--split", default="train", show_default=True, help="Split to fit on."),
         click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1), help="Passes over the split."),
-        click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+        click.option("--lr", default=1e-3, show_default=True, type=FiniteFloat(min=0, min_open=True),
                      help="AdamW learning rate (decayed linearly to 0)."),
         seed_option,
     ]
     if task == "depth":
         fit_options += [
-            click.option("--min-depth", default=None, type=float,
+            click.option("--min-depth", default=None, type=FINITE,
                          help="Lowest bin centre, m [default: NYU 0.001, else the training data's minimum]."),
-            click.option("--max-depth", default=None, type=float,
+            click.option("--max-depth", default=None, type=FINITE,
                          help="Highest bin centre, m [default: NYU 10, else the training data's maximum]."),
             click.option("--bins", default=256, show_default=True, type=click.IntRange(min=1), help="Depth bins."),
             click.option("--dinov2-head", default=None, type=click.Path(dir_okay=False),

@@ -8,7 +8,7 @@ from ..errors import UserError
 from ..models.attention import BACKENDS
 from ..objectives.samplers import ODE_ALIASES, ODE_METHODS
 from ..pipeline.sample import SampleConfig, sample
-from .options import device_option, seed_option
+from .options import FINITE, device_option, seed_option
 
 
 def _interval(text: str) -> tuple[float, float]:
@@ -23,7 +23,7 @@ def _interval(text: str) -> tuple[float, float]:
 @click.option("--ckpt", required=True, help="A model folder made by `reals train-dit` or `reals import-dit`.")
 @click.option("--out", required=True, help="Output folder: samples.npz, latents.zarr, grid.png, manifest.json.")
 @click.option("-n", "--num-samples", default=50_000, show_default=True, type=int, help="Number of samples (FID-50K: 50000).")
-@click.option("--cfg", default=1.0, show_default=True, type=float,
+@click.option("--cfg", default=1.0, show_default=True, type=FINITE,
               help="Classifier-free guidance scale on all latent channels; 1 for none.")
 @click.option("--cfg-channels", type=click.IntRange(min=1),
               help="Guide only the first K latent channels: 3 reproduces the FIDs of DiT's and SiT's releases, "
@@ -41,8 +41,8 @@ def _interval(text: str) -> tuple[float, float]:
 @click.option("--ode-method", type=click.Choice([*ODE_METHODS, *ODE_ALIASES], case_sensitive=False),
               help="ODE integrator (implies --sampler ode); dopri5 is adaptive and takes no --steps; heun2 (SiT's name) is "
                    "heun.  [default: dopri5]")
-@click.option("--rtol", type=float, help="dopri5 relative tolerance.  [default: 1e-3]")
-@click.option("--atol", type=float, help="dopri5 absolute tolerance.  [default: 1e-6]")
+@click.option("--rtol", type=FINITE, help="dopri5 relative tolerance.  [default: 1e-3]")
+@click.option("--atol", type=FINITE, help="dopri5 absolute tolerance.  [default: 1e-6]")
 @click.option("--no-ema", "ema", flag_value=False, default=True, help="Use the raw weights instead of the EMA weights.")
 @click.option("--vae", help="The VAE folder, if not at the path the checkpoint records (its id must match).")
 @click.option("--batch-size", default=64, show_default=True, type=int,

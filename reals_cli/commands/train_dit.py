@@ -7,7 +7,7 @@ import click
 from ..models.attention import BACKENDS
 from ..models.dit import DIT_MODELS
 from ..pipeline.train_dit import resolve_config, train_dit
-from .options import device_option, precision_option, preset_option, resume_options, seed_option
+from .options import FINITE, device_option, precision_option, preset_option, resume_options, seed_option
 
 
 @click.command("train-dit", short_help="Train a DiT or SiT on a latent store.")
@@ -25,18 +25,18 @@ from .options import device_option, precision_option, preset_option, resume_opti
 @preset_option("--steps", type=int, help="Training steps.  [default: 400000]")
 @preset_option("--batch-size", type=int, help="Latents per step in each process: under torchrun the global batch is "
                "this x the processes (DiT's --global-batch-size 256 on 8 GPUs is --batch-size 32).  [default: 256]")
-@preset_option("--lr", type=float, help="AdamW learning rate.  [default: 1e-4]")
-@preset_option("--weight-decay", type=float, help="AdamW weight decay.  [default: 0]")
-@preset_option("--ema-decay", type=float, help="EMA decay (fp32 copy).  [default: 0.9999]")
-@preset_option("--class-dropout", type=float, help="Label dropout for classifier-free guidance.  [default: 0.1]")
-@preset_option("--grad-clip", type=float, help="Gradient norm clip, 0 for none (DiT and SiT clip none; 1.0 is REPA's).  "
+@preset_option("--lr", type=FINITE, help="AdamW learning rate.  [default: 1e-4]")
+@preset_option("--weight-decay", type=FINITE, help="AdamW weight decay.  [default: 0]")
+@preset_option("--ema-decay", type=FINITE, help="EMA decay (fp32 copy).  [default: 0.9999]")
+@preset_option("--class-dropout", type=FINITE, help="Label dropout for classifier-free guidance.  [default: 0.1]")
+@preset_option("--grad-clip", type=FINITE, help="Gradient norm clip, 0 for none (DiT and SiT clip none; 1.0 is REPA's).  "
                "[default: 1.0]")
 @preset_option("--attn", type=click.Choice(BACKENDS), help="Attention backend.  [default: auto]")
 @click.option("--qk-norm", is_flag=True, default=None, help="LayerNorm on queries and keys (against late bf16 NaNs).")
 @click.option("--gradient-checkpointing", is_flag=True, default=None, help="Trade compute for memory.")
 @click.option("--compile", is_flag=True, default=None,
               help="torch.compile each transformer block: one block's compile time, the elementwise work fused.")
-@preset_option("--repa-weight", type=float, help="Weight of the REPA loss on ReaLS-aligned features; 0 for none.  [default: 0]")
+@preset_option("--repa-weight", type=FINITE, help="Weight of the REPA loss on ReaLS-aligned features; 0 for none.  [default: 0]")
 @preset_option("--repa-depth", type=int, help="Block whose tokens REPA aligns (REPA: 4 for B, 8 for L/XL).  [default: 4]")
 @preset_option("--repa-vae", help="The ReaLS VAE that made the latents (its alignment network gives REPA's targets).")
 @preset_option("--init", help="Start from weights: an official DiT-XL-2-256x256.pt / SiT checkpoint, or a .safetensors.")

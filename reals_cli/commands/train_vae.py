@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..pipeline.train_vae import PRESETS, resolve_config, train_vae
-from .options import device_option, precision_option, preset_option, resume_options, seed_option
+from .options import FINITE, device_option, precision_option, preset_option, resume_options, seed_option
 
 
 @click.command("train-vae", short_help="Train the representation-aligned VAE (ReaLS).")
@@ -22,21 +22,21 @@ from .options import device_option, precision_option, preset_option, resume_opti
 @preset_option("--align-hidden", type=int, help="Hidden width of the alignment MLPs.  [default: 1024]")
 @preset_option("--steps", type=int, help="Training steps.  [default: 100000]")
 @preset_option("--batch-size", type=int, help="Images per step per process.  [default: 8]")
-@preset_option("--lr", type=float, help="AdamW learning rate, VAE + alignment.  [default: 1e-4]")
-@preset_option("--disc-lr", type=float, help="AdamW learning rate, discriminator.  [default: 1e-4]")
+@preset_option("--lr", type=FINITE, help="AdamW learning rate, VAE + alignment.  [default: 1e-4]")
+@preset_option("--disc-lr", type=FINITE, help="AdamW learning rate, discriminator.  [default: 1e-4]")
 @preset_option("--rec-loss", type=click.Choice(["l1", "mse"]), help="Pixel reconstruction loss.  [default: l1]")
-@preset_option("--lpips-weight", type=float, help="LPIPS weight.  [default: 1.0]")
-@preset_option("--kl", type=float, help="KL weight, LDM's scale.  [default: 1e-6]")
-@preset_option("--disc-weight", type=float, help="Adversarial weight (times the adaptive weight).  [default: 0.5]")
+@preset_option("--lpips-weight", type=FINITE, help="LPIPS weight.  [default: 1.0]")
+@preset_option("--kl", type=FINITE, help="KL weight, LDM's scale.  [default: 1e-6]")
+@preset_option("--disc-weight", type=FINITE, help="Adversarial weight (times the adaptive weight).  [default: 0.5]")
 @preset_option("--disc-start", type=int, help="Step at which the discriminator switches on.  [default: 50001]")
 @preset_option("--disc-layers", type=int, help="PatchGAN depth, each layer halving the image.  [default: 3, fewer below 32 px]")
-@preset_option("--align-weight", type=float, help="Alignment weight; 0 trains the baseline VAE.  [default: 1.0]")
-@preset_option("--align-patch-weight", type=float, help="Weight of the patch alignment term.  [default: 1.0]")
-@preset_option("--align-global-weight", type=float, help="Weight of the global alignment term.  [default: 1.0]")
-@preset_option("--align-cos", type=float, help="Cosine-embedding share of each alignment term.  [default: 0.9]")
-@preset_option("--align-l1", type=float, help="Smooth-L1 share of each alignment term.  [default: 0.1]")
-@preset_option("--ema-decay", type=float, help="EMA decay of the saved weights, in [0, 1].  [default: 0.999]")
-@preset_option("--grad-clip", type=float, help="Gradient norm clip, 0 for none.  [default: 1.0]")
+@preset_option("--align-weight", type=FINITE, help="Alignment weight; 0 trains the baseline VAE.  [default: 1.0]")
+@preset_option("--align-patch-weight", type=FINITE, help="Weight of the patch alignment term.  [default: 1.0]")
+@preset_option("--align-global-weight", type=FINITE, help="Weight of the global alignment term.  [default: 1.0]")
+@preset_option("--align-cos", type=FINITE, help="Cosine-embedding share of each alignment term.  [default: 0.9]")
+@preset_option("--align-l1", type=FINITE, help="Smooth-L1 share of each alignment term.  [default: 0.1]")
+@preset_option("--ema-decay", type=FINITE, help="EMA decay of the saved weights, in [0, 1].  [default: 0.999]")
+@preset_option("--grad-clip", type=FINITE, help="Gradient norm clip, 0 for none.  [default: 1.0]")
 @preset_option("--workers", type=int, help="DataLoader worker processes.  [default: 2]")
 @preset_option("--val-count", type=int, help="Held-out images for validation, 0 for none.  [default: 64]")
 @preset_option("--log-every", type=int, help="Steps between log.jsonl lines.  [default: 10]")

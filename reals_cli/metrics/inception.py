@@ -19,10 +19,13 @@ Importing this module registers both with torch-fidelity, so that its own
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import socket
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch_fidelity
@@ -31,7 +34,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from ..artifacts import sha256_file, torch_load
+from ..artifacts import torch_load
 from ..errors import UserError
 
 OFFLINE = "reals-inception-offline"
@@ -62,14 +65,20 @@ def sfid_vector(spatial: torch.Tensor) -> torch.Tensor:
     return spatial[:, :SFID_CHANNELS].permute(0, 2, 3, 1).reshape(spatial.shape[0], -1).float()
 
 
-def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:
+def load_torchscript(path: str | Path, sha256: str | None = None) -> torch.jit.ScriptModule:
+    """The TorchScript Inception in `path`; with `sha256`, only if its bytes have that hash (the
+    bytes hashed are the bytes loaded: the file is read once)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"Inception TorchScript file not found: {path}; run `reals assets fetch inception-fid`")
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise UserError(f"{path} does not have the sha256 of the FID Inception asset (corrupt or replaced); "
+                        f"run `reals assets fetch inception-fid --force`")
     try:
         with warnings.catch_warnings():  # torch >= 2.9 warns that jit.load is deprecated; it is what the asset is
             warnings.simplefilter("ignore", FutureWarning)
-            net = torch.jit.load(str(path), map_location="cpu")
+            net = torch.jit.load(io.BytesIO(data), map_location="cpu")
         layers = net.net.layers
     except (RuntimeError, AttributeError, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -83,13 +92,15 @@ def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:
 class OfflineInception(FeatureExtractorBase):
     """The offline TorchScript Inception as a torch-fidelity feature extractor ('2048', '2023')."""
 
-    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, verified=None, **kwargs):
+        """`verified`: the network `choose_extractor` loaded and checked; else the asset, checked here."""
         super().__init__(name, features_list)
-        if feature_extractor_weights_path is None:
-            from ..assets import asset_path
+        if verified is None:
+            from ..assets import asset_path, asset_sha256
 
-            feature_extractor_weights_path = asset_path("inception-fid")
-        self.net = load_torchscript(feature_extractor_weights_path)
+            verified = load_torchscript(feature_extractor_weights_path or asset_path("inception-fid"),
+                                        asset_sha256("inception-fid"))
+        self.net = verified
         self.requires_grad_(False)
         self.eval()
 
@@ -130,11 +141,25 @@ class TorchFidelityInception(FeatureExtractorBase):
     for TF's mixed_6/conv; everything else is torch-fidelity's own forward.
     """
 
-    def __init__(self, name, features_list, **kwargs):
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, verified=None, **kwargs):
+        """`verified`: the state dict `choose_extractor` read; else it is read here, from the given
+        file or torch-fidelity's in the hub cache. torch-fidelity's own loader unpickles its
+        file in full (which can run code): it gets these tensors, saved by us, never a path."""
         super().__init__(name, features_list)
+        if verified is None:
+            verified, _ = load_torch_fidelity_weights(feature_extractor_weights_path or torch_fidelity_weights())
+        ours = io.BytesIO()
+        torch.save(verified, ours)
+        ours.seek(0)
         # With only the sFID map wanted, '768' (after Mixed_6e) stops the network just past it.
         inner = [f for f in features_list if f != SFID_FEATURE] or ["768"]
-        self.inception = FeatureExtractorInceptionV3(f"{name}-inner", inner, **kwargs)
+        try:
+            self.inception = FeatureExtractorInceptionV3(f"{name}-inner", inner, feature_extractor_weights_path=ours,
+                                                         **kwargs)
+        except RuntimeError as e:  # load_state_dict: the keys are right (checked on reading), a shape is not
+            first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).strip())
+            raise UserError(f"the Inception weights do not fit torch-fidelity's InceptionV3 ({first}); pass "
+                            f"torch-fidelity's weights-inception-2015-12-05-*.pth or use --extractor offline") from None
         self._spatial: torch.Tensor | None = None
         if SFID_FEATURE in features_list:
             self.inception.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
@@ -173,8 +198,11 @@ for _name, _cls in ((OFFLINE, OfflineInception), (TORCH_FIDELITY, TorchFidelityI
 class ExtractorChoice:
     name: str  # the registered name
     weights: Path
-    weights_sha256: str
+    weights_sha256: str  # of the bytes `verified` was loaded from
     note: str = ""  # why this one, when `auto` fell back
+    # What the network is built from, read once from `weights` and checked: torch-fidelity's state
+    # dict, or the offline TorchScript module. The file is not opened again.
+    verified: Any = field(default=None, repr=False, compare=False)
 
     @property
     def has_classifier(self) -> bool:
@@ -186,7 +214,7 @@ class ExtractorChoice:
 
     def build(self, features: list[str], device: torch.device) -> FeatureExtractorBase:
         cls = FEATURE_EXTRACTORS_REGISTRY[self.name]
-        return cls(self.name, features, feature_extractor_weights_path=str(self.weights)).to(device)
+        return cls(self.name, features, verified=self.verified).to(device)
 
 
 @contextlib.contextmanager
@@ -209,13 +237,19 @@ def torch_fidelity_weights() -> Path:
     return path
 
 
-def _check_torch_fidelity_weights(path: Path) -> None:
-    """torch-fidelity unpickles the file in full; load it with weights_only first so that no code can run."""
-    state = torch_load(path)
+def load_torch_fidelity_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict, sha256) of torch-fidelity's Inception weight file, read once with weights_only
+    (no code runs): the bytes hashed are the bytes loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Inception weights file not found: {path}")
+    data = path.read_bytes()
+    state = torch_load(path, data=data)
     needed = ("Mixed_6d.branch1x1.conv.weight", "Mixed_7c.branch_pool.bn.running_var", "fc.weight")
     if not isinstance(state, dict) or not all(k in state for k in needed):
         raise UserError(f"{path} is not a torch-fidelity InceptionV3 state dict (it lacks e.g. {needed[-1]}); "
                         f"pass torch-fidelity's weights-inception-2015-12-05-*.pth or use --extractor offline")
+    return state, hashlib.sha256(data).hexdigest()
 
 
 def choose_extractor(kind: str = "auto", inception_weights: str | Path | None = None) -> ExtractorChoice:
@@ -231,8 +265,8 @@ def choose_extractor(kind: str = "auto", inception_weights: str | Path | None = 
             raise UserError("--inception-weights is torch-fidelity's Inception weight file; "
                             "it cannot be combined with --extractor offline")
         path = Path(inception_weights)
-        _check_torch_fidelity_weights(path)
-        return ExtractorChoice(TORCH_FIDELITY, path, sha256_file(path))
+        state, digest = load_torch_fidelity_weights(path)
+        return ExtractorChoice(TORCH_FIDELITY, path, digest, verified=state)
     if kind in ("auto", "torch-fidelity"):
         try:
             path = torch_fidelity_weights()
@@ -244,9 +278,9 @@ def choose_extractor(kind: str = "auto", inception_weights: str | Path | None = 
                                 f"or use --extractor offline") from None
             note = f"torch-fidelity's Inception weights could not be downloaded ({reason}); used the offline asset"
         else:
-            _check_torch_fidelity_weights(path)
-            return ExtractorChoice(TORCH_FIDELITY, path, sha256_file(path))
-    from ..assets import asset_path
+            state, digest = load_torch_fidelity_weights(path)
+            return ExtractorChoice(TORCH_FIDELITY, path, digest, verified=state)
+    from ..assets import asset_path, asset_sha256
 
-    path = asset_path("inception-fid")
-    return ExtractorChoice(OFFLINE, path, sha256_file(path), note)
+    path, digest = asset_path("inception-fid"), asset_sha256("inception-fid")
+    return ExtractorChoice(OFFLINE, path, digest, note, verified=load_torchscript(path, digest))

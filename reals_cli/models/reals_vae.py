@@ -42,7 +42,7 @@ def save_reals_vae(out: str | Path, vae: AutoencoderKL, align: AlignmentNet, con
 def load_reals_vae(path: str | Path, need_align: bool = False) -> RealsVAE:
     path = Path(path)
     if (path / MANIFEST).is_file():
-        manifest = read_manifest(path, KIND, FORMAT_VERSION)
+        manifest = read_manifest(path, KIND, FORMAT_VERSION, needs=("align",))
         verify_files(path, manifest)  # its id stands for these files: latents and models record it
         vae = load_diffusers_vae(path)
         align = AlignmentNet(AlignConfig(**manifest["config"]["align"]))

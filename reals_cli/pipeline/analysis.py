@@ -23,6 +23,7 @@ from ..artifacts import MANIFEST, atomic_path, atomic_write_json, check_output_f
 from ..console import progress
 from ..data.latent_store import LatentDataset, LatentStore
 from ..errors import UserError
+from .training import AT_LEAST_ONE, SEED, check_values
 
 KIND, FORMAT_VERSION = "analysis", 1
 METHODS = ("tsne", "pca")
@@ -218,6 +219,7 @@ def analyze(stores: list[str], out: str | Path | None = None, method: str = "tsn
         raise UserError(f"unknown method {method!r}; pass one of {', '.join(METHODS)}")
     if not 0 < test_fraction < 1:
         raise UserError(f"--test-fraction {test_fraction} is not between 0 and 1 (exclusive)")
+    check_values({"perplexity": perplexity, "seed": seed}, {"perplexity": AT_LEAST_ONE, "seed": SEED})
     paths = [str(p) for p in stores]
     opened = [_open(p, pool) for p in paths]  # every refusal before any work
     if out is not None:  # never write into another artifact or among unrelated files

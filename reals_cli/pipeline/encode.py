@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..artifacts import artifact_id, hold_folder
+from ..artifacts import artifact_id, check_writable, hold_folder
 from ..console import console, print_summary, progress, warn
 from ..data.images import ImageFolder
 from ..data.latent_store import LatentStore, create_store, is_h5, is_url, probe
@@ -119,6 +119,8 @@ def _encode(images, out, vae, batch_size, device, precision, flip, workers, imag
             held: contextlib.ExitStack) -> dict:
     started = time.perf_counter()
     out = str(out)
+    if not is_url(out):  # where the store is written: its own folder once it exists, else the one it is made in
+        check_writable(out if Path(out).is_dir() else Path(out).parent, "OUT", out)
     bundle = vae if isinstance(vae, RealsVAE) else load_reals_vae(vae)
     model = bundle.vae
     trained_size = bundle.manifest["config"].get("image_size")

@@ -43,6 +43,9 @@ MODEL_FILE, EMA_FILE, PROJECTOR_FILE = "model.safetensors", "ema.safetensors", "
 
 # The sit objective's own options and their defaults; a dit run has none (None in its config).
 SIT_ONLY = {"path": "linear", "prediction": "velocity", "time_distribution": "uniform"}
+# What `sample` reads from a model manifest's config (train-dit's and import-dit's both write them).
+MODEL_KEYS = ("objective", "model", "learn_sigma", "qk_norm", "class_dropout", *SIT_ONLY, "latent_shape", "num_classes",
+              "classes", "latent_mean", "latent_std", "vae_id", "vae_path")
 
 
 def default_objective(model: str) -> str:
@@ -120,7 +123,7 @@ def read_model_manifest(ckpt: str) -> dict:
             raise UserError(f"--ckpt takes the model folder, not a file in it: pass {path.parent}")
         raise UserError(f"--ckpt takes a model folder and {ckpt} is a file; a released DiT/SiT checkpoint becomes one "
                         f"with `reals import-dit {shlex.quote(str(ckpt))} --model NAME --vae VAE --out DIR`")
-    return artifacts.read_manifest(ckpt, KIND, FORMAT_VERSION)
+    return artifacts.read_manifest(ckpt, KIND, FORMAT_VERSION, needs=MODEL_KEYS)
 
 
 def load_model(ckpt: str | Path, manifest: dict, ema: bool = True, attn: str = "auto") -> DiT:

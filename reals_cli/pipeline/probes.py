@@ -53,6 +53,7 @@ from ..errors import UserError
 from ..metrics.probe_metrics import IGNORE_INDEX, DepthMeter, SegMeter, valid_depth
 from ..models.reals_vae import RealsVAE, load_reals_vae
 from ..runtime import autocast, resolve_device, seed_everything
+from .training import AT_LEAST_ONE, POSITIVE, SEED, check_values
 
 KINDS = {"seg": "probe-seg", "depth": "probe-depth"}
 EVAL_KINDS = {"seg": "probe-seg-eval", "depth": "probe-depth-eval"}
@@ -300,7 +301,7 @@ def _depth_range(data: ProbeData, targets: torch.Tensor, min_depth: float | None
         raise UserError(f"no pixel of {data.path} ({data.split}) has a depth measurement (all 0, NaN or inf)")
     lo, hi = data.default_range or (float(measured.min()), float(measured.max()))
     lo, hi = min_depth if min_depth is not None else lo, max_depth if max_depth is not None else hi
-    if not 0 < lo < hi:
+    if not 0 < lo < hi < math.inf:
         raise UserError(f"the depth range must satisfy 0 < --min-depth < --max-depth, got {lo:g} .. {hi:g}")
     return lo, hi
 
@@ -352,9 +353,8 @@ def fit_head(data: DataSpec, vae: str | os.PathLike, out: str | os.PathLike, *, 
     out = Path(out)
     if check_output_folder(out, KINDS[data.task], [HEAD_FILE], f"reals {KINDS[data.task]} fit"):
         raise UserError(f"{out} already holds a finished head; pass another --out, or delete it to fit again")
-    for name, value in {"epochs": epochs, "batch-size": batch_size, "bins": bins}.items():
-        if value < 1:
-            raise UserError(f"--{name} must be at least 1, got {value}")
+    check_values({"epochs": epochs, "batch_size": batch_size, "bins": bins, "lr": lr, "seed": seed},
+                 {**dict.fromkeys(("epochs", "batch_size", "bins"), AT_LEAST_ONE), "lr": POSITIVE, "seed": SEED})
     seed_everything(seed)
     dev = resolve_device(device)
     bundle = load_reals_vae(vae, need_align=True)

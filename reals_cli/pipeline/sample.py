@@ -47,6 +47,7 @@ from ..models.dit import DiT
 from ..objectives.samplers import SamplerSpec, guided, noise_level, resolve_sampler, run_sampler
 from ..runtime import PRECISIONS, allow_tf32, autocast, local_device, resolve_device
 from .model_artifact import build_objective, load_model, load_vae, read_model_manifest, resolve_vae_path
+from .training import SEED, check_values
 
 KIND, FORMAT_VERSION = "samples", 1
 PARTS, PROTOCOL = "parts", "protocol.json"
@@ -122,8 +123,7 @@ def _check(cfg: SampleConfig) -> None:
         raise UserError(f"--cfg must be a number >= 0 (1: no guidance), got {cfg.cfg}")
     if min(cfg.batch_size, cfg.forward_batch, cfg.block_size) < 1:
         raise UserError("--batch-size, --forward-batch and --block-size must be at least 1")
-    if cfg.seed < 0:
-        raise UserError(f"--seed must be >= 0, got {cfg.seed}")
+    check_values(cfg, {"seed": SEED})
     if cfg.cfg == 1 and (cfg.cfg_channels is not None or tuple(cfg.cfg_interval) != (0.0, 1.0)):
         raise UserError("--cfg-channels and --cfg-interval shape the guidance, and --cfg 1 is none; drop them, "
                         "or pass a --cfg other than 1")

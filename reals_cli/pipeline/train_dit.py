@@ -41,7 +41,7 @@ from .model_artifact import (
     default_objective, load_released, write_model,
 )
 from .training import (
-    AT_LEAST_ONE, FRACTION, NON_NEGATIVE, FiniteGuard, SignalStop, StepLog, already_trained, check_run_folder,
+    AT_LEAST_ONE, FRACTION, NON_NEGATIVE, SEED, FiniteGuard, SignalStop, StepLog, already_trained, check_run_folder,
     check_values, init_distributed, load_checkpoint, read_log, save_checkpoint, truncate_log,
 )
 
@@ -62,7 +62,8 @@ class Projector(nn.Sequential):
 
 ALLOWED_VALUES = {
     **dict.fromkeys(("steps", "batch_size", "log_every", "ckpt_every"), AT_LEAST_ONE),
-    **dict.fromkeys(("lr", "weight_decay", "seed", "workers"), NON_NEGATIVE),
+    **dict.fromkeys(("lr", "weight_decay", "workers"), NON_NEGATIVE),
+    "seed": SEED,
     "grad_clip": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
     "repa_weight": (lambda v: v >= 0, ">= 0 (0: no REPA)"),
     "keep_every": (lambda v: v >= 0, ">= 0 (0: keep none)"),

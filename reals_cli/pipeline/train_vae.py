@@ -43,14 +43,15 @@ from ..models.vae import CONFIG_NAME, WEIGHTS_NAMES, AutoencoderKL, kl_loss, loa
 from ..runtime import autocast, resolve_device, seed_everything
 from .ema import ema_copy, ema_update
 from .training import (
-    AT_LEAST_ONE, FRACTION, NON_NEGATIVE, FiniteGuard, SignalStop, StepLog, already_trained, check_run_folder,
+    AT_LEAST_ONE, FRACTION, NON_NEGATIVE, SEED, FiniteGuard, SignalStop, StepLog, already_trained, check_run_folder,
     check_values, init_distributed, load_checkpoint, save_checkpoint, truncate_log,
 )
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "log.jsonl"
 # Flags that may differ on --resume without changing what the run computes (steps: train longer).
-RESUMABLE_CHANGES = {"steps", "device", "workers", "log_every", "ckpt_every", "image_every"}
+# --out is where the run is now: a run folder moved elsewhere resumes there.
+RESUMABLE_CHANGES = {"steps", "device", "workers", "log_every", "ckpt_every", "image_every", "out"}
 # What train-vae writes into --out (check_output_folder lets the hidden temporary files of a kill pass).
 RUN_FILES = (CHECKPOINT, LOG, artifacts.MANIFEST, CONFIG_NAME, WEIGHTS_NAMES[0], ALIGN_FILE, "recon_???????.png")
 # VGG16 (LPIPS on the images, and the vgg16 teacher) pools 4 times before its last block.
@@ -140,7 +141,8 @@ class Generator(nn.Module):
 ALLOWED_VALUES = {
     **dict.fromkeys(("steps", "batch_size", "align_hidden", "log_every", "ckpt_every", "image_every"), AT_LEAST_ONE),
     **dict.fromkeys(("lr", "disc_lr", "weight_decay", "kl", "lpips_weight", "disc_weight", "disc_start", "align_patch_weight",
-                     "align_global_weight", "align_cos", "align_l1", "seed", "workers"), NON_NEGATIVE),
+                     "align_global_weight", "align_cos", "align_l1", "workers"), NON_NEGATIVE),
+    "seed": SEED,
     "image_size": (lambda v: v >= VGG_MIN_SIZE, f"at least {VGG_MIN_SIZE} (LPIPS's VGG16 halves it 4 times)"),
     "align_weight": (lambda v: v >= 0, ">= 0 (0: the baseline VAE)"),
     "grad_clip": (lambda v: v >= 0, ">= 0 (0: no clipping)"),

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from ..artifacts import atomic_write_bytes
 from ..errors import Interrupted, UserError
-from ..runtime import local_device
+from ..runtime import SEED_MAX, local_device
 
 
 def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
@@ -43,12 +43,16 @@ def gather_objects(obj, world: int) -> list:
 AT_LEAST_ONE = (lambda v: v >= 1, "at least 1")
 NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
 FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
+POSITIVE = (lambda v: v > 0, "> 0")
+SEED = (lambda v: 0 <= v <= SEED_MAX, f"in [0, {SEED_MAX}]")
 
 
 def check_values(cfg, rules: dict) -> None:
-    """Refuse the first flag of `cfg` whose value breaks its rule in `rules` (name -> (test, words))."""
+    """Refuse the first flag of `cfg` (a config object, or a dict of values) whose value breaks its
+    rule in `rules` (name -> (test, words))."""
+    values = cfg if isinstance(cfg, dict) else vars(cfg)
     for name, (allowed, words) in rules.items():
-        value = getattr(cfg, name)
+        value = values[name]
         if not (math.isfinite(value) and allowed(value)):
             raise UserError(f"--{name.replace('_', '-')} must be {words}, got {value}")
 

@@ -191,3 +191,14 @@ def test_cli_refuses_with_one_line(tmp_path):
         assert _error_line(result) == expected
     assert (tmp_path / "vae" / "manifest.json").is_file()  # the other artifact is left alone
     assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == ["x.txt"]
+
+
+def test_out_under_a_file_or_read_only_is_one_line_before_the_work(tmp_path, unwritable):
+    store = _store(tmp_path / "s.zarr")
+    (tmp_path / "file").write_text("x")
+    result = CliRunner().invoke(main, ["analyze", store, "--method", "pca", "--out", str(tmp_path / "file" / "a")])
+    assert _error_line(result) == (f"error: --out {tmp_path / 'file' / 'a'} is under {tmp_path / 'file'}, which is a "
+                                   f"file; pass a path in a folder")
+    result = CliRunner().invoke(main, ["analyze", store, "--method", "pca", "--out", str(unwritable / "a")])
+    assert _error_line(result).startswith(f"error: --out {unwritable / 'a'} cannot be written: {unwritable} refuses "
+                                          f"new files (")

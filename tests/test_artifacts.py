@@ -201,3 +201,36 @@ def test_manifest_records_the_command_and_a_broken_file_names_it(tmp_path, asset
         artifacts.verify_files(out, m)
     assert str(e.value) == (f"{out}/classes.json is missing (listed in {out}/manifest.json); "
                             f"delete {out} and run `reals data photos {out} --per-photo 1` again")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_weights_with_nan_or_infinity_are_refused_where_they_load(tmp_path, bad):
+    """Whatever hash vouches for the file: NaN weights sample NaN images and train NaN losses."""
+    w = torch.ones(3, 2)
+    w[1, 0] = bad
+    artifacts.save_weights(tmp_path / "w.safetensors", {"ok": torch.ones(2), "layer.weight": w})
+    with pytest.raises(UserError, match=rf"^{tmp_path / 'w.safetensors'} holds NaN or infinite values \(first in "
+                                        rf"layer\.weight\), so it is no usable weights file; re-create it"):
+        artifacts.load_weights(tmp_path / "w.safetensors")
+    torch.save({"ema": {"blocks.0.w": w}, "steps": 3}, tmp_path / "w.pt")
+    with pytest.raises(UserError, match=r"holds NaN or infinite values \(first in ema\.blocks\.0\.w\)"):
+        artifacts.torch_load(tmp_path / "w.pt")
+    # Integer tensors have no NaN; finite floats of every width load.
+    torch.save({"n": torch.arange(3), "h": torch.ones(2, dtype=torch.float16)}, tmp_path / "fine.pt")
+    assert artifacts.torch_load(tmp_path / "fine.pt")["n"].tolist() == [0, 1, 2]
+
+
+class _System:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_a_pickled_object_is_refused_without_advising_an_unsafe_load(tmp_path):
+    torch.save({"w": torch.ones(1), "hook": _System()}, tmp_path / "evil.pt")
+    with pytest.raises(UserError) as refused:
+        artifacts.torch_load(tmp_path / "evil.pt")
+    message = str(refused.value)
+    assert message == (f"{tmp_path / 'evil.pt'} is not a plain weights file: it holds an object of class posix.system, "
+                       f"and rebuilding it could run code, so it is not loaded; pass a .safetensors file, or a "
+                       f".pt/.pth of tensors alone (a state dict)")
+    assert "weights_only" not in message and "trust" not in message

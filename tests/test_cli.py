@@ -154,8 +154,8 @@ def test_every_seed_flag_states_its_range(words, seed):
 
 
 def test_the_library_refuses_non_finite_values_too(tmp_path):
-    from reals_cli.probes import DataSpec, fit_head
-    from reals_cli.training import AT_LEAST_ONE, POSITIVE, SEED, check_values
+    from reals_cli.pipeline.probes import DataSpec, fit_head
+    from reals_cli.pipeline.training import AT_LEAST_ONE, POSITIVE, SEED, check_values
 
     for value in (float("nan"), float("inf")):
         with pytest.raises(UserError, match=f"^--lr must be > 0, got {value}$"):

@@ -20,6 +20,7 @@ from PIL import Image
 from reals_cli import artifacts
 from reals_cli.artifacts import write_manifest
 from reals_cli.cli import main
+from reals_cli.errors import UserError
 from reals_cli.metrics.fid import frechet_distance, inception_score, kernel_inception_distance, precision_recall
 from reals_cli.metrics.inception import OFFLINE, POOL_FEATURE, SFID_FEATURE, TORCH_FIDELITY, choose_extractor
 
@@ -527,3 +528,88 @@ def test_warning_reference_smaller_than_the_samples(tmp_path):
                 f"FID then also measures the upsampling; use reference images at least as large as the samples")
     assert expected in json.loads((tmp_path / "m.json").read_text())["warnings"]
     assert f"warning: {expected}" in r.output.splitlines()
+
+
+@pytest.mark.parametrize("option", ["--out", "--save-ref-stats"])
+def test_error_output_in_a_read_only_folder(tmp_path, no_inputs_opened, unwritable, option):
+    target = unwritable / "sub" / "m.npz"
+    r = _invoke(tmp_path / "samples.npz", "--ref", tmp_path / "ref.npz", option, target)
+    assert _one_line_error(r).startswith(f"error: {option} {target} cannot be written: {unwritable} refuses new files (")
+
+
+# -- the Inception weights: read once, checked, and never unpickled in full -------------------------
+
+class _Touch:
+    """A pickle whose full unpickling makes a file: the sign that code from it ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.assets
+def test_inception_weights_swapped_after_the_check_run_no_code(converted_weights, tmp_path, monkeypatch):
+    """Whoever replaces the file between our check and its use (a shared folder, a symlink) gets no
+    code run: the network is built from the tensors read and checked once, not from the path."""
+    import shutil
+
+    import reals_cli.metrics.inception as inception
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    path, marker = tmp_path / "weights.pth", tmp_path / "code-ran"
+    shutil.copy(converted_weights, path)
+    read = inception.torch_load
+
+    def read_then_swap(*args, **kwargs):
+        state = read(*args, **kwargs)
+        with open(path, "wb") as f:
+            torch.save({"fc.weight": _Touch(marker)}, f)
+        return state
+
+    monkeypatch.setattr(inception, "torch_load", read_then_swap)
+    choice = choose_extractor("torch-fidelity", inception_weights=path)
+    monkeypatch.setattr(inception, "torch_load", read)
+    assert choice.weights_sha256 == artifacts.sha256_file(converted_weights)  # of the bytes loaded, not the swap's
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8))
+    with torch.inference_mode():
+        (got,) = choice.build([POOL_FEATURE], torch.device("cpu"))(images)
+    assert not marker.exists()
+    # The verified tensors are what ran: the features of the file as it was checked.
+    with torch.inference_mode():
+        (want,) = choose_extractor("torch-fidelity", inception_weights=converted_weights).build(
+            [POOL_FEATURE], torch.device("cpu"))(images)
+    assert torch.equal(got, want)
+    # torch-fidelity's own route to the extractor (calculate_metrics by name) refuses the swapped file too.
+    with pytest.raises(UserError, match="is not a plain weights file"):
+        FEATURE_EXTRACTORS_REGISTRY[TORCH_FIDELITY](TORCH_FIDELITY, [POOL_FEATURE], feature_extractor_weights_path=str(path))
+    assert not marker.exists()
+
+
+@pytest.mark.assets
+def test_error_inception_weights_with_the_right_keys_but_wrong_shapes(fm, converted_weights, tmp_path):
+    state = torch.load(converted_weights, weights_only=True)
+    state["fc.weight"] = torch.zeros(10, 2048)
+    torch.save(state, tmp_path / "bad.pth")
+    r = _invoke(fm["samples"], "--ref", fm["ref"], "--inception-weights", tmp_path / "bad.pth", "--device", "cpu")
+    assert _one_line_error(r) == (
+        "error: the Inception weights do not fit torch-fidelity's InceptionV3 (size mismatch for fc.weight: copying a "
+        "param with shape torch.Size([10, 2048]) from checkpoint, the shape in current model is torch.Size([1008, "
+        "2048]).); pass torch-fidelity's weights-inception-2015-12-05-*.pth or use --extractor offline")
+
+
+@pytest.mark.assets
+def test_the_inception_asset_is_checked_by_hash_before_it_loads(assets_home, tmp_path, monkeypatch):
+    """Same size, one byte changed: the size check passes, the sha256 does not."""
+    from reals_cli.assets import asset_path
+
+    data = bytearray(asset_path("inception-fid").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "inception-fid").mkdir()
+    (tmp_path / "inception-fid" / asset_path("inception-fid").name).write_bytes(bytes(data))
+    monkeypatch.setenv("REALS_HOME", str(tmp_path))
+    with pytest.raises(UserError) as refused:
+        choose_extractor("offline")
+    assert str(refused.value) == (f"{tmp_path / 'inception-fid' / 'default_1.pt'} does not have the sha256 of the FID "
+                                  f"Inception asset (corrupt or replaced); run `reals assets fetch inception-fid --force`")

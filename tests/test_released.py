@@ -137,8 +137,9 @@ def test_files_that_are_not_weights_only_state_dicts_are_one_line_errors(sd_like
     torch.save({"ema": build_dit("DiT-T/2", 8, 4, 3).state_dict(), "args": Custom()}, tmp_path / "unsafe.pt")
     result = _import(tmp_path / "unsafe.pt", sd_like_vae, tmp_path / "m")
     assert result.exit_code == 2 and result.output.strip() == (
-        f"error: cannot load {tmp_path / 'unsafe.pt'} with weights_only: it holds a {Custom.__module__}.Custom, which "
-        "could run code; if you trust the file, load it yourself and torch.save its state dict alone")
+        f"error: {tmp_path / 'unsafe.pt'} is not a plain weights file: it holds an object of class "
+        f"{Custom.__module__}.Custom, and rebuilding it could run code, so it is not loaded; pass a .safetensors file, "
+        f"or a .pt/.pth of tensors alone (a state dict)")
     (tmp_path / "junk.pt").write_bytes(b"PK\x03\x04 not a zip")
     result = _import(tmp_path / "junk.pt", sd_like_vae, tmp_path / "m")
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
@@ -282,3 +283,70 @@ def test_released_weights_load_in_eval_mode_so_labels_are_not_dropped(tmp_path):
     x, t, y = torch.randn(64, 4, 8, 8), torch.rand(64) * 999, torch.randint(0, 3, (64,))
     with torch.no_grad():
         assert torch.equal(model(x, t, y), model(x, t, y))  # no random label dropped
+
+
+def test_a_checkpoint_with_nan_weights_is_refused(sd_like_vae, tmp_path):
+    state = build_dit("DiT-T/2", 8, 4, 3).state_dict()
+    state["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
+    torch.save({"model": state, "ema": state}, tmp_path / "nan.pt")
+    result = _import(tmp_path / "nan.pt", sd_like_vae, tmp_path / "m")
+    assert result.exit_code == 2 and result.output.strip() == (
+        f"error: {tmp_path / 'nan.pt'} holds NaN or infinite values (first in model.blocks.0.attn.qkv.weight), so it "
+        f"is no usable weights file; re-create it (from a checkpoint before the values broke) or pass another file")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.fixture
+def model(sd_like_vae, tmp_path):
+    torch.save(build_dit("SiT-T/2", 8, 4, 3).state_dict(), tmp_path / "release.pt")
+    result = _import(tmp_path / "release.pt", sd_like_vae, tmp_path / "m", "SiT-T/2")
+    assert result.exit_code == 0, result.output
+    return tmp_path / "m"
+
+
+def _sample(ckpt, out):
+    return CliRunner().invoke(main, ["sample", "--ckpt", str(ckpt), "--out", str(out), "-n", "2", "--steps", "2",
+                                     "--device", "cpu"])
+
+
+def test_sample_refuses_nan_weights_that_match_their_manifest(model, tmp_path):
+    """The hash vouches for the bytes, not for what they hold."""
+    import json
+
+    from reals_cli.artifacts import save_weights, sha256_file
+
+    ema = load_weights(model / "ema.safetensors")
+    ema["final_layer.linear.bias"][0] = float("nan")
+    save_weights(model / "ema.safetensors", ema)
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["files"]["ema.safetensors"] = sha256_file(model / "ema.safetensors")
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    result = _sample(model, tmp_path / "s")  # after its plan line, the error alone
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: {model / 'ema.safetensors'} holds NaN or infinite values (first in final_layer.linear.bias), so it "
+        f"is no usable weights file; re-create it (from a checkpoint before the values broke) or pass another file")
+
+
+@pytest.mark.parametrize("key", ["objective", "latent_std", "prediction"])
+def test_a_model_manifest_missing_a_key_is_one_line(model, tmp_path, key):
+    import json
+
+    manifest = json.loads((model / "manifest.json").read_text())
+    del manifest["config"][key]
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    result = _sample(model, tmp_path / "s")
+    assert result.exit_code == 2 and result.output.strip() == (
+        f"error: {model / 'manifest.json'} lacks {key} in its config (edited or damaged); delete {model} and run "
+        f"`{manifest['command']}` again")
+
+
+def test_sample_out_under_a_file_or_read_only_is_one_line_before_the_work(model, tmp_path, unwritable):
+    (tmp_path / "file").write_text("x")
+    result = _sample(model, tmp_path / "file" / "s")
+    assert (result.exit_code, result.output) == (
+        2, f"error: --out {tmp_path / 'file' / 's'} is under {tmp_path / 'file'}, which is a file; pass a path in a "
+           f"folder\n")
+    result = _sample(model, unwritable / "s")
+    assert result.exit_code == 2 and result.output.startswith(
+        f"error: --out {unwritable / 's'} cannot be written: {unwritable} refuses new files ("), result.output

@@ -361,3 +361,17 @@ def test_extra_data_joins_training_only(shapes_data, tmp_path):
     alone, val_alone = _datasets(resolve_config(**{**TINY_FLAGS, "data": str(shapes_data), "out": str(tmp_path / "o")}))
     assert len(train) == len(alone) + 7 and len(val) == len(val_alone) == 4
     assert torch.equal(train[len(alone) + 3][0], torch.full((3, 16, 16), 90 / 255))
+
+
+def test_a_moved_run_resumes_where_it_is_now(assets_home, shapes_data, tmp_path):
+    """--out is where the run is now: a run folder moved elsewhere resumes there, as train-dit's."""
+    straight = tmp_path / "straight"
+    train_vae(resolve_config(**{**TINY_FLAGS, "data": str(shapes_data), "out": str(straight), "steps": 3}))
+    first = tmp_path / "first"
+    train_vae(resolve_config(**{**TINY_FLAGS, "data": str(shapes_data), "out": str(first), "steps": 2, "ckpt_every": 1}))
+    (first / "manifest.json").unlink()  # stopped after its last checkpoint
+    first.rename(tmp_path / "moved")
+    result = CliRunner().invoke(main, ["train-vae", *_args(shapes_data, tmp_path / "moved", 3), "--resume"])
+    assert result.exit_code == 0, result.output
+    a, b = _final_weights(straight), _final_weights(tmp_path / "moved")
+    assert all(torch.equal(a[k], b[k]) for k in a)

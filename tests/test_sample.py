@@ -539,7 +539,7 @@ def test_folders_made_before_png_and_attention_changed_are_accepted(ckpts, tmp_p
     (["--sampler", "sde", "--ode-method", "heun"], "--ode-method set the ode sampler, and this run samples with sde"),
     (["--sampler", "sde", "--rtol", "1e-4", "--atol", "1e-5"],
      "--rtol, --atol set the ode sampler, and this run samples with sde"),
-    (["--rtol", "inf"], "dopri5 picks its own steps"),  # --rtol implies ode (dopri5), which takes no --steps
+    (["--rtol", "1e-3"], "dopri5 picks its own steps"),  # --rtol implies ode (dopri5), which takes no --steps
     (["--ode-method", "euler", "--ckpt-dit"], "--ode-method: a dit checkpoint has no ode sampler (it samples with ddpm or ddim)"),
     (["--ode-method", "dopri5"], "dopri5 picks its own steps from --rtol and --atol; drop --steps, or pass "
                                  "--ode-method euler or heun for a fixed step count"),

@@ -277,12 +277,12 @@ def test_the_objective_follows_the_model_name_unless_given():
 
 @pytest.mark.parametrize("flags, message", [
     ({"lr": -1}, "--lr must be >= 0, got -1.0"),
-    ({"lr": "nan"}, "--lr must be >= 0, got nan"),
+    ({"lr": "nan"}, "Invalid value for '--lr': 'nan' is not a finite number. (see `main train-dit --help`)"),
     ({"weight_decay": -1}, "--weight-decay must be >= 0, got -1.0"),
     ({"ema_decay": 1.5}, "--ema-decay must be in [0, 1], got 1.5"),
     ({"ema_decay": -3}, "--ema-decay must be in [0, 1], got -3.0"),
     ({"grad_clip": -1}, "--grad-clip must be >= 0 (0: no clipping), got -1.0"),
-    ({"seed": -1}, "--seed must be >= 0, got -1"),
+    ({"seed": -1}, "Invalid value for '--seed': -1 is not in the range 0<=x<=4294967295. (see `main train-dit --help`)"),
     ({"workers": -1}, "--workers must be >= 0, got -1"),
     ({"steps": 0}, "--steps must be at least 1, got 0"),
     ({"batch_size": 0}, "--batch-size must be at least 1, got 0"),

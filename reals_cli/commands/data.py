@@ -65,6 +65,30 @@ def photos(out: Path, size: int, per_photo: int) -> None:
                                             ("size", f"{size}x{size} RGB")])
 
 
+@data.command("shapes")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--size", default=32, show_default=True, type=click.IntRange(min=8), help="Output image side in pixels.")
+@click.option("--count", default=10_000, show_default=True, type=click.IntRange(min=1), help="Training scenes.")
+@click.option("--test-count", default=None, type=click.IntRange(min=1), help="Test scenes [default: count / 5].")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Scene i is a function of (seed, split, i).")
+def shapes(out: Path, size: int, count: int, test_count: int | None, seed: int) -> None:
+    """Render scenes of spheres, boxes and cylinders on a ground plane to OUT/{train,test}/<shape>/.
+
+    Each image has an exact depth map (<stem>.depth.png, mm) and segmentation mask
+    (<stem>.mask.png: background, ground, sphere, box, cylinder) beside it; its class is the
+    type of its main shape. Deterministic: no download, the same seed gives the same files.
+    """
+    from ..console import console, print_summary
+    from ..data.shapes import export_shapes
+
+    result = export_shapes(out, size=size, count=count, test_count=test_count, seed=seed)
+    if result["already"]:
+        console.print(f"{out}: already rendered with these settings; nothing to do", soft_wrap=True)
+    print_summary(f"shapes -> {out}", [("train images", result["train"]), ("test images", result["test"]),
+                                       ("size", f"{size}x{size} RGB + mask + depth"),
+                                       ("seconds", f"{result['seconds']:.1f}")])
+
+
 @data.command("check")
 @click.argument("directory", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--split", default=None, help="Check only this split (train/test layouts); default: every split.")

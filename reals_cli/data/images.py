@@ -22,6 +22,8 @@ from ..errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MASK_SUFFIX = ".mask.png"
+DEPTH_SUFFIX = ".depth.png"
+SIDECAR_SUFFIXES = (MASK_SUFFIX, DEPTH_SUFFIX)  # per-image targets beside an image: not images themselves
 _POOL_MIN = 256  # verify(): fewer files than this are checked in-process
 # Images whose short side is below this are placeholders (1x1 tracking pixels and the
 # like): unusable for training, so they are skipped and counted like unreadable files.
@@ -142,7 +144,7 @@ class ImageFolder(torch.utils.data.Dataset):
     """A class-folder image dataset (the ImageNet train layout), ADM-cropped to `size`.
 
     root/<class>/**/<image>.{jpg,jpeg,png,webp,bmp} (extensions case-insensitive); class
-    names sorted give label indices; hidden files and folders and `*.mask.png` files are
+    names sorted give label indices; hidden files and folders and `*.mask.png` and `*.depth.png` files are
     not images of the dataset. If root holds both `train/` and `test/`, `split` picks one
     (default `train`); otherwise `split`, when given, must name a sub-folder of root.
 
@@ -213,7 +215,7 @@ class ImageFolder(torch.utils.data.Dataset):
                 names = set(filenames)
                 for fname in sorted(filenames):
                     low = fname.lower()
-                    if fname.startswith(".") or not low.endswith(IMAGE_EXTENSIONS) or low.endswith(MASK_SUFFIX):
+                    if fname.startswith(".") or not low.endswith(IMAGE_EXTENSIONS) or low.endswith(SIDECAR_SUFFIXES):
                         continue
                     path = os.path.join(dirpath, fname)
                     if self.masks and os.path.basename(mask_path(fname)) not in names:

@@ -13,10 +13,11 @@ Layouts (`--format`, detected when `auto`); the splits are "train" and "test":
          ade    ADEChallengeData2016: ROOT/images/{training,validation}/<id>.jpg and
                 ROOT/annotations/.../<id>.png; 0 ("other") is ignored, label k is class k-1
          masks  a class-folder dataset with <stem>.mask.png beside each image (as
-                `reals data fashion-mnist` writes): classes background (0) and object (1)
+                `reals data fashion-mnist` writes): classes background (0) and object (1),
+                or those its manifest's config.mask_classes names (`reals data shapes`)
   depth  nyu    nyu_depth_v2_labeled.mat (HDF5); split by --splits splits.mat (the official
                 trainNdxs/testNdxs, 1-based), else the first 80% of images train, the rest test
-         png    ROOT/{train,test}/<stem>.{jpg,png,...} + <stem>.depth.png, 16-bit, millimetres
+         png    ROOT/{train,test}/**/<stem>.{jpg,png,...} + <stem>.depth.png, 16-bit, millimetres
          motorcycle  the Middlebury Motorcycle pair from the `motorcycle` asset, cut into tiles
                 (see MotorcycleDepth)
 --splits is read for nyu only; given with another depth format it is refused.
@@ -36,7 +37,7 @@ from PIL import Image
 
 from ..errors import UserError
 from ..metrics.probe_metrics import IGNORE_INDEX
-from .images import IMAGE_EXTENSIONS, ImageFolder, adm_center_crop, mask_path, to_rgb
+from .images import DEPTH_SUFFIX, IMAGE_EXTENSIONS, SIDECAR_SUFFIXES, ImageFolder, adm_center_crop, mask_path, to_rgb
 
 VOC_CLASSES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -45,7 +46,6 @@ VOC_CLASSES = [
 ADE_NUM_CLASSES = 150
 MASK_CLASSES = ["background", "object"]
 NYU_RANGE = (0.001, 10.0)  # metres: DINOv2's NYU depth head
-DEPTH_SUFFIX = ".depth.png"
 SEG_FORMATS = ("voc", "ade", "masks")
 DEPTH_FORMATS = ("nyu", "png", "motorcycle")
 
@@ -182,11 +182,22 @@ class ADESegmentation(ProbeData):
         return to_rgb(_open_image(image)), np.where(labels == 0, IGNORE_INDEX, labels.astype(np.int16) - 1).astype(np.uint8)
 
 
+def dataset_mask_classes(root) -> list[str] | None:
+    """The mask class names a dataset artifact declares (`reals data shapes`: config.mask_classes), if any."""
+    from ..artifacts import MANIFEST
+
+    manifest = Path(root) / MANIFEST
+    if not manifest.is_file():
+        return None
+    classes = json.loads(manifest.read_text()).get("config", {}).get("mask_classes")
+    return list(classes) if classes else None
+
+
 class MaskFolder(ProbeData):
     task, fmt = "seg", "masks"
 
     def __init__(self, root, split, size, limit=None, classes=None):
-        self.classes = classes or MASK_CLASSES
+        self.classes = classes or dataset_mask_classes(root) or MASK_CLASSES
         folder = ImageFolder(root, size, flip=False, masks=True, split=split)  # listing and its checks only
         super().__init__(root, split, size, [p for p, _ in folder.samples], limit)
 
@@ -281,8 +292,9 @@ class DepthPNGFolder(ProbeData):
         self.folder, self.depth_scale = Path(root) / split, float(depth_scale)
         if not self.folder.is_dir():
             raise UserError(f"{self.folder} not found: a depth folder holds {split}/<stem>.jpg + <stem>{DEPTH_SUFFIX}")
-        images = sorted(str(p) for p in self.folder.iterdir()
-                        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.endswith(DEPTH_SUFFIX))
+        # Sub-folders too: a class-folder dataset (`reals data shapes`) keeps its depths beside its images.
+        images = sorted(str(p) for p in self.folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                        and not p.name.lower().endswith(SIDECAR_SUFFIXES) and not p.name.startswith("."))
         missing = [p for p in images if not os.path.isfile(self._depth_file(p))]
         if missing:
             raise UserError(f"{len(missing)} images in {self.folder} have no depth PNG (e.g. {self._depth_file(missing[0])})")

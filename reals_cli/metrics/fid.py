@@ -418,7 +418,7 @@ def open_input(path: str | os.PathLike, crop: int | None = None, classes: bool =
     `classes=False` opens SAMPLES: it refuses class-folder trees (generated samples are a flat
     folder or an npz), and its messages name SAMPLES rather than --ref.
     """
-    from ..data.images import IMAGE_EXTENSIONS, MASK_SUFFIX
+    from ..data.images import IMAGE_EXTENSIONS, SIDECAR_SUFFIXES
 
     role = "--ref" if classes else "SAMPLES"
     path = Path(path)
@@ -442,7 +442,7 @@ def open_input(path: str | os.PathLike, crop: int | None = None, classes: bool =
     if run is not None:
         return run
     files = sorted(str(p) for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
-                   and p.name.lower().endswith(IMAGE_EXTENSIONS) and not p.name.lower().endswith(MASK_SUFFIX))
+                   and p.name.lower().endswith(IMAGE_EXTENSIONS) and not p.name.lower().endswith(SIDECAR_SUFFIXES))
     if files:
         return FolderImages(path, files, crop)
     if not classes:

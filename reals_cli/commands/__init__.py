@@ -2,6 +2,7 @@
 
 from .analyze import analyze_command
 from .assets import assets
+from .classifier import classifier
 from .data import data
 from .encode import encode_command
 from .eval_fid import eval_fid_command
@@ -13,5 +14,6 @@ from .train_dit import train_dit_command
 from .train_vae import train_vae_command
 
 # In pipeline order, as `reals --help` lists them.
-COMMANDS = [assets, data, train_vae_command, encode_command, train_dit_command, import_dit_command, sample_command, eval_fid_command, analyze_command,
+COMMANDS = [assets, data, train_vae_command, encode_command, train_dit_command, import_dit_command, sample_command, eval_fid_command,
+            classifier, analyze_command,
             probe_seg, probe_depth, report_command]

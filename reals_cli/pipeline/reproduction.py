@@ -1,0 +1,238 @@
+"""`make repro`'s evidence: a protocol fixed before the runs, then every run's numbers gathered per
+variant and per seed, with means and 95% t-intervals over seeds, into a JSON and a Markdown page.
+
+Layout (what `make repro` writes and `collect` reads; <step> is 7 digits, as train-dit's kept folders):
+
+    ROOT/protocol.json                               written once, before any run (`write_protocol`)
+    ROOT/<variant>/vae/                              train-vae (one VAE per variant)
+    ROOT/<variant>/sit-s<seed>/step-<step>/          train-dit --seed <seed> --keep-every
+    ROOT/<variant>/s<seed>/step-<step>/fid.json      eval-fid of that step's samples
+    ROOT/<variant>/s<seed>/step-<step>/classifier.json   classifier eval of the same samples
+    ROOT/seg/eval-test/metrics.json, ROOT/depth/eval-test/metrics.json   probe evaluations
+
+The protocol names at least `variants`, `seeds`, `steps` (the kept SiT steps; the last is
+the final one) and `fid_samples`; every fid.json must hold exactly that many samples. The
+intervals are mean +- t(0.975, n - 1) * sd / sqrt(n) over the n seeds (sd with n - 1); the
+paired difference (reals - baseline, seed by seed: the same SiT seed on each latent space)
+gets one too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..artifacts import atomic_path, atomic_write_bytes, atomic_write_json
+from ..errors import UserError
+from .report import _json, _probe_evaluations, _probe_results, markdown_table, variant_row
+
+PROTOCOL = "protocol.json"
+REQUIRED = ("variants", "seeds", "steps", "fid_samples")
+# (key in the JSON, file of one evaluated step, key in that file, label, format)
+METRICS = (
+    ("fid", "fid.json", "fid", "FID (Inception)", "{:.1f}"),
+    ("sfid", "fid.json", "sfid", "sFID", "{:.1f}"),
+    ("precision", "fid.json", "precision", "precision", "{:.3f}"),
+    ("recall", "fid.json", "recall", "recall", "{:.3f}"),
+    ("classifier_fd", "classifier.json", "fd", "classifier FD", "{:.2f}"),
+    ("class_accuracy", "classifier.json", "class_accuracy", "class accuracy", "{:.3f}"),
+)
+CONFIDENCE = 0.95
+GOAL = 0.15  # the paper: about 15% lower FID at an equal diffusion budget
+
+
+def t_interval(values, confidence: float = CONFIDENCE) -> dict:
+    """Mean and the two-sided Student-t interval of the mean; no interval for fewer than 2 values."""
+    x = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if not len(x):
+        return {"mean": None, "lo": None, "hi": None, "n": 0, "sd": None}
+    mean = float(x.mean())
+    if len(x) < 2:
+        return {"mean": mean, "lo": None, "hi": None, "n": 1, "sd": None}
+    from scipy import stats
+
+    sd = float(x.std(ddof=1))
+    half = float(stats.t.ppf((1 + confidence) / 2, len(x) - 1)) * sd / math.sqrt(len(x))
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": int(len(x)), "sd": sd}
+
+
+def write_protocol(root: str | os.PathLike, settings: dict) -> dict:
+    """ROOT/protocol.json, once: a later call with other settings is refused (the protocol is fixed before the runs)."""
+    missing = [k for k in REQUIRED if k not in settings]
+    if missing:
+        raise UserError(f"the protocol needs {', '.join(missing)} (besides {', '.join(k for k in REQUIRED if k not in missing)})")
+    path = Path(root) / PROTOCOL
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != settings:
+            changed = sorted(k for k in old.keys() | settings.keys() if old.get(k) != settings.get(k))
+            raise UserError(f"{path} fixes another protocol ({', '.join(changed)} differ); the protocol is fixed "
+                            f"before the runs: use another ROOT, or delete the experiment to start it again")
+        return old
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, settings)
+    return settings
+
+
+def step_folder(root: Path, variant: str, seed: int, step: int) -> Path:
+    return root / variant / f"s{seed}" / f"step-{step:07d}"
+
+
+def collect(root: str | os.PathLike) -> dict:
+    """Every number of the experiment under `root`: {"protocol", "variants", "comparison"} (see the module docstring)."""
+    root = Path(root)
+    if not (root / PROTOCOL).is_file():
+        raise UserError(f"{root} has no {PROTOCOL}: not a `make repro` experiment (its protocol is written first)")
+    protocol = json.loads((root / PROTOCOL).read_text())
+    seeds, steps = list(protocol["seeds"]), sorted(protocol["steps"])
+    missing, variants = [], {}
+    probes = _probe_results(_probe_evaluations(root))
+    for variant in protocol["variants"]:
+        curves = {key: [] for key, *_ in METRICS}
+        for step in steps:
+            per_seed = {key: [] for key, *_ in METRICS}
+            for seed in seeds:
+                files = {}
+                for name in {m[1] for m in METRICS}:
+                    path = step_folder(root, variant, seed, step) / name
+                    files[name] = _json(path)
+                    if files[name] is None:
+                        missing.append(path)
+                fid = files["fid.json"]
+                if fid is not None and fid.get("num_samples") != protocol["fid_samples"]:
+                    raise UserError(f"{step_folder(root, variant, seed, step) / 'fid.json'} is over "
+                                    f"{fid.get('num_samples')} samples; the protocol fixes {protocol['fid_samples']}")
+                for key, name, field, *_ in METRICS:
+                    per_seed[key].append(None if files[name] is None else files[name].get(field))
+            for key in curves:
+                curves[key].append(per_seed[key])
+        final = {key: curves[key][-1] for key in curves}
+        variants[variant] = {
+            **final,
+            "summary": {key: t_interval(values) for key, values in final.items()},
+            "curves": {"steps": steps, **{key: [{"per_seed": v, **t_interval(v)} for v in curves[key]] for key in curves}},
+            "vae_and_probes": variant_row(root / variant, probes) if (root / variant / "vae").is_dir() else {},
+        }
+    if missing:
+        raise UserError(f"{len(missing)} result files are missing under {root} (e.g. {missing[0]}); run `make repro` "
+                        f"to finish the experiment")
+    result = {"protocol": protocol, "variants": variants, "probes": _probe_evaluations(root)}
+    if "baseline" in variants and "reals" in variants:
+        base, reals = variants["baseline"], variants["reals"]
+        result["comparison"] = {
+            key: {"paired_difference": t_interval([r - b for r, b in zip(reals[key], base[key])
+                                                   if r is not None and b is not None]),
+                  "ratio_of_means": (reals["summary"][key]["mean"] / base["summary"][key]["mean"]
+                                     if base["summary"][key]["mean"] else None)}
+            for key, *_ in METRICS}
+        result["comparison"]["goal"] = goal(base, reals, protocol.get("primary", "fid"))
+    return result
+
+
+def goal(base: dict, reals: dict, primary: str) -> dict:
+    """The paper's claim as the issue states it: ReaLS's mean primary metric at least 15% below the
+    baseline's, and the two seed intervals apart."""
+    b, r = base["summary"][primary], reals["summary"][primary]
+    if None in (b["mean"], r["mean"], b["lo"], r["lo"]):
+        return {"metric": primary, "met": None, "why": "needs at least 2 seeds per variant"}
+    reduction = 1 - r["mean"] / b["mean"]
+    apart = r["hi"] < b["lo"]
+    return {"metric": primary, "reduction": reduction, "intervals_apart": apart, "met": reduction >= GOAL and apart}
+
+
+def _interval(summary: dict, fmt: str) -> str:
+    if summary["mean"] is None:
+        return "–"
+    if summary["lo"] is None:
+        return fmt.format(summary["mean"]) + " (1 seed)"
+    return f"{fmt.format(summary['mean'])} [{fmt.format(summary['lo'])}, {fmt.format(summary['hi'])}]"
+
+
+def plot_curves(result: dict, path: Path) -> None:
+    """FID and classifier FD against SiT step, one line per variant (the mean) with its 95% band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(key, label) for key, _, _, label, _ in METRICS if key in ("fid", "classifier_fd")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+    for ax, (key, label) in zip(np.atleast_1d(axes), panels):
+        for variant, data in result["variants"].items():
+            steps, points = data["curves"]["steps"], data["curves"][key]
+            mean = [p["mean"] for p in points]
+            line, = ax.plot(steps, mean, marker="o", label=variant)
+            if all(p["lo"] is not None for p in points):
+                ax.fill_between(steps, [p["lo"] for p in points], [p["hi"] for p in points],
+                                color=line.get_color(), alpha=0.2)
+        ax.set_xlabel("SiT training step")
+        ax.set_ylabel(f"{label} ({result['protocol']['fid_samples']} samples)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"mean over {len(result['protocol']['seeds'])} SiT seeds, band: 95% t-interval", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def markdown(result: dict, title: str, plot_name: str) -> str:
+    protocol, variants = result["protocol"], result["variants"]
+    seeds = protocol["seeds"]
+    lines = [f"# {title}", "", "## Protocol (fixed before the runs)", "",
+             markdown_table(["setting", "value"], [[k, f"`{json.dumps(v)}`"] for k, v in protocol.items()]), "",
+             "## Results at the final SiT step", "",
+             f"Mean over {len(seeds)} SiT seeds ({', '.join(map(str, seeds))}) with its 95% t-interval "
+             f"[lo, hi]; every FID is over {protocol['fid_samples']} samples.", ""]
+    rows = [[variant, *[_interval(data["summary"][key], fmt) for key, *_, fmt in METRICS]]
+            for variant, data in variants.items()]
+    lines += [markdown_table(["variant", *[m[3] for m in METRICS]], rows), ""]
+    if "comparison" in result:
+        rows = [[label, _interval(result["comparison"][key]["paired_difference"], fmt),
+                 "–" if result["comparison"][key]["ratio_of_means"] is None
+                 else f"{result['comparison'][key]['ratio_of_means']:.3f}"]
+                for key, _, _, label, fmt in METRICS]
+        g = result["comparison"]["goal"]
+        verdict = (f"not decidable ({g['why']})" if g["met"] is None else
+                   f"{'met' if g['met'] else 'not met'}: ReaLS's mean {g['metric']} is {100 * abs(g['reduction']):.1f}% "
+                   f"{'below' if g['reduction'] >= 0 else 'above'} the baseline's, and the 95% intervals "
+                   f"{'do not overlap' if g['intervals_apart'] else 'overlap'}")
+        lines += ["### ReaLS against the baseline, seed by seed", "",
+                  markdown_table(["metric", "reals - baseline (paired)", "reals / baseline (means)"], rows), "",
+                  f"The paper's claim (mean primary metric at least {GOAL:.0%} below the baseline's, seed intervals "
+                  f"apart): {verdict}.", ""]
+    lines += ["## Convergence", "", f"![FID against SiT step]({plot_name})", ""]
+    for key, _, _, label, fmt in METRICS[:1] + METRICS[4:5]:
+        steps = next(iter(variants.values()))["curves"]["steps"]
+        rows = [[variant, *[_interval(p, fmt) for p in data["curves"][key]]] for variant, data in variants.items()]
+        lines += [f"**{label} by SiT step**", "", markdown_table(["variant", *map(str, steps)], rows), ""]
+    vae_rows = {v: d["vae_and_probes"] for v, d in variants.items() if d["vae_and_probes"]}
+    if vae_rows:
+        keys = [("psnr", "PSNR", "{:.2f}"), ("lpips", "LPIPS", "{:.3f}"), ("cos_patch", "cos patch", "{:.3f}"),
+                ("cos_global", "cos global", "{:.3f}"), ("miou", "mIoU", "{:.3f}"), ("rmse", "depth RMSE", "{:.3f}")]
+        rows = [[v, *[fmt.format(r[k]) if k in r else "–" for k, _, fmt in keys]] for v, r in vae_rows.items()]
+        lines += ["## VAEs and probes (one VAE per variant: no interval)", "",
+                  markdown_table(["variant", *[h for _, h, _ in keys]], rows), ""]
+    for task, m in result["probes"].items():
+        names = sorted({k for scores in m["results"].values() for k in scores if isinstance(scores[k], (int, float))})
+        rows = [[way, *[("{:.3f}" if isinstance(scores[k], float) else "{}").format(scores[k]) if k in scores else "–"
+                        for k in names]] for way, scores in m["results"].items()]
+        lines += [f"### {task} probe", "", markdown_table(["features", *names], rows), ""]
+    return "\n".join(lines)
+
+
+def write_reproduction(root: str | os.PathLike, json_out: str | os.PathLike, md_out: str | os.PathLike,
+                       title: str = "Reproduction: ReaLS against its baseline") -> dict:
+    """collect(), then the JSON, the Markdown page and its plot (`<md stem>-fid.png` beside it)."""
+    result = collect(root)
+    md_out = Path(md_out)
+    plot = md_out.with_name(f"{md_out.stem}-fid.png")
+    md_out.parent.mkdir(parents=True, exist_ok=True)
+    plot_curves(result, plot)
+    atomic_write_json(json_out, result)
+    atomic_write_bytes(md_out, (markdown(result, title, plot.name) + "\n").encode())
+    return result

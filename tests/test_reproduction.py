@@ -1,0 +1,125 @@
+"""reals_cli.pipeline.reproduction: the fixed protocol, per-seed gathering and t-intervals (against scipy)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from scipy import stats
+
+from reals_cli.cli import main
+from reals_cli.errors import UserError
+from reals_cli.pipeline.reproduction import collect, step_folder, t_interval, write_protocol, write_reproduction
+
+PROTOCOL = {"variants": ["baseline", "reals"], "seeds": [0, 1, 2], "steps": [100, 200], "fid_samples": 2000,
+            "primary": "fid"}
+
+
+def scipy_interval(x):
+    x = np.asarray(x, np.float64)
+    return stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
+
+
+@pytest.mark.parametrize("n", [2, 3, 7])
+def test_t_interval_matches_scipy(n):
+    x = np.random.default_rng(n).normal(30, 4, n)
+    got = t_interval(x.tolist())
+    lo, hi = scipy_interval(x)
+    assert got["mean"] == pytest.approx(x.mean(), rel=1e-12)
+    assert (got["lo"], got["hi"]) == (pytest.approx(lo, rel=1e-12), pytest.approx(hi, rel=1e-12))
+    assert t_interval([5.0]) == {"mean": 5.0, "lo": None, "hi": None, "n": 1, "sd": None}
+
+
+def _experiment(root, fid, fd=None, samples=2000):
+    """fid[variant][step index][seed index]: writes the eval files of every run."""
+    write_protocol(root, PROTOCOL)
+    for variant, per_step in fid.items():
+        for k, step in enumerate(PROTOCOL["steps"]):
+            for i, seed in enumerate(PROTOCOL["seeds"]):
+                folder = step_folder(root, variant, seed, step)
+                folder.mkdir(parents=True)
+                value = per_step[k][i]
+                (folder / "fid.json").write_text(json.dumps({"fid": value, "sfid": value + 10, "precision": 0.5,
+                                                             "recall": 0.2, "num_samples": samples}))
+                (folder / "classifier.json").write_text(json.dumps({"fd": value / 10, "class_accuracy": 0.3 + 0.1 * i}))
+
+
+FID = {"baseline": [[60.0, 64.0, 61.0], [40.0, 44.5, 41.0]], "reals": [[50.0, 52.0, 55.0], [33.0, 36.0, 34.5]]}
+
+
+def test_collect_gathers_per_seed_values_with_intervals(tmp_path):
+    _experiment(tmp_path, FID)
+    r = collect(tmp_path)
+    assert r["protocol"]["fid_samples"] == 2000
+    for variant, per_step in FID.items():
+        v = r["variants"][variant]
+        assert v["fid"] == per_step[-1]  # the final step, one entry per seed
+        assert v["classifier_fd"] == pytest.approx([x / 10 for x in per_step[-1]])
+        lo, hi = scipy_interval(per_step[-1])
+        assert (v["summary"]["fid"]["lo"], v["summary"]["fid"]["hi"]) == (pytest.approx(lo), pytest.approx(hi))
+        assert v["curves"]["steps"] == [100, 200]
+        assert [p["per_seed"] for p in v["curves"]["fid"]] == per_step
+        lo0, hi0 = scipy_interval(per_step[0])
+        assert v["curves"]["fid"][0]["lo"] == pytest.approx(lo0) and v["curves"]["fid"][0]["hi"] == pytest.approx(hi0)
+    diff = np.subtract(FID["reals"][-1], FID["baseline"][-1])
+    paired = r["comparison"]["fid"]["paired_difference"]
+    assert paired["mean"] == pytest.approx(diff.mean())
+    assert (paired["lo"], paired["hi"]) == tuple(pytest.approx(v) for v in scipy_interval(diff))
+    assert r["comparison"]["fid"]["ratio_of_means"] == pytest.approx(np.mean(FID["reals"][-1]) / np.mean(FID["baseline"][-1]))
+    # 17.4% lower, but reals's interval [30.8, 38.2] reaches into the baseline's [36.0, 47.7]
+    assert r["comparison"]["goal"] == {"metric": "fid", "reduction": pytest.approx(1 - 34.5 / (125.5 / 3)),
+                                       "intervals_apart": False, "met": False}
+
+
+def test_collect_refuses_missing_runs_and_other_sample_counts(tmp_path):
+    _experiment(tmp_path / "a", FID)
+    (step_folder(tmp_path / "a", "reals", 2, 100) / "classifier.json").unlink()
+    with pytest.raises(UserError, match="1 result files are missing"):
+        collect(tmp_path / "a")
+    _experiment(tmp_path / "b", FID, samples=500)
+    with pytest.raises(UserError, match="over 500 samples; the protocol fixes 2000"):
+        collect(tmp_path / "b")
+
+
+def test_protocol_is_fixed_before_the_runs(tmp_path):
+    write_protocol(tmp_path, PROTOCOL)
+    assert write_protocol(tmp_path, dict(PROTOCOL)) == PROTOCOL  # the same again: nothing changes
+    with pytest.raises(UserError, match="fid_samples differ"):
+        write_protocol(tmp_path, PROTOCOL | {"fid_samples": 500})
+    with pytest.raises(UserError, match="needs steps"):
+        write_protocol(tmp_path / "new", {k: v for k, v in PROTOCOL.items() if k != "steps"})
+
+
+def test_docs_and_cli(tmp_path):
+    runner = CliRunner()
+    root = tmp_path / "exp"
+    ok = runner.invoke(main, ["reproduction", "protocol", str(root), "variants=[\"baseline\",\"reals\"]",
+                              "seeds=[0,1,2]", "steps=[100,200]", "fid_samples=2000", "primary=fid"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads((root / "protocol.json").read_text()) == PROTOCOL
+    changed = runner.invoke(main, ["reproduction", "protocol", str(root), "variants=[\"reals\"]", "seeds=[0]",
+                                   "steps=[1]", "fid_samples=2"])
+    assert changed.exit_code == 2 and "fixes another protocol" in changed.output
+    _experiment(root, FID)
+    out = runner.invoke(main, ["reproduction", "collect", str(root), "--json", str(tmp_path / "r.json"),
+                               "--md", str(tmp_path / "r.md")])
+    assert out.exit_code == 0, out.output
+    page = (tmp_path / "r.md").read_text()
+    assert page.index("## Protocol") < page.index("## Results")
+    assert "| baseline | 41.8 [" in page and "apart): not met: ReaLS's mean fid is 17.5% below" in page and "![FID against SiT step](r-fid.png)" in page
+    assert (tmp_path / "r-fid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "r.json").read_text())["variants"]["reals"]["fid"] == FID["reals"][-1]
+    assert write_reproduction(root, tmp_path / "r2.json", tmp_path / "r2.md")["variants"].keys() == {"baseline", "reals"}
+
+
+def test_goal_needs_both_the_reduction_and_apart_intervals():
+    from reals_cli.pipeline.reproduction import goal
+
+    def arm(values):
+        return {"summary": {"fid": t_interval(values)}}
+
+    assert goal(arm([40.0, 41.0, 42.0]), arm([30.0, 31.0, 32.0]), "fid")["met"] is True  # 26% lower, apart
+    assert goal(arm([40.0, 41.0, 42.0]), arm([36.0, 37.0, 38.0]), "fid")["met"] is False  # apart, but 10% lower
+    assert goal(arm([40.0]), arm([30.0]), "fid")["met"] is None  # one seed: no interval

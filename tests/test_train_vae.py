@@ -124,6 +124,25 @@ def test_finished_run_manifest_and_metrics(assets_home, shapes_data, tmp_path):
         train_vae(resolve_config(**{**TINY_FLAGS, "data": str(shapes_data), "out": str(out), "steps": 3}))
 
 
+def test_teacher_cache_gives_the_uncached_losses(assets_home, shapes_data, tmp_path):
+    """36 training images and their mirrors, 20 steps of 4: features drawn again come from the cache,
+    and every logged term and the final weights are what the uncached run computes."""
+    runs = {name: train_vae(resolve_config(**{**TINY_FLAGS, "data": str(shapes_data), "out": str(tmp_path / name),
+                                              "steps": 20, "ckpt_every": 20, "teacher_cache_gb": gb}))
+            for name, gb in (("plain", 0.0), ("cached", 0.1))}
+    assert "teacher_cache" not in runs["plain"]["metrics"]
+    used = runs["cached"]["metrics"]["teacher_cache"]
+    assert used["computed"] + used["reused"] == 80 and used["reused"] > 0 and used["computed"] <= 72
+    plain, cached = ([{k: v for k, v in r.items() if k != "img_per_s"} for r in read_log(tmp_path / name / "log.jsonl")]
+                     for name in ("plain", "cached"))
+    assert len(plain) == 20 and plain == cached
+    a, b = _final_weights(tmp_path / "plain"), _final_weights(tmp_path / "cached")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(UserError, match="the teacher cache needs 0.00[0-9]* GB for 36 images"):
+        train_vae(resolve_config(**{**TINY_FLAGS, "data": str(shapes_data), "out": str(tmp_path / "small"),
+                                    "steps": 2, "teacher_cache_gb": 1e-6}))
+
+
 def test_align_weight_zero_detaches_encoder_but_trains_align_net():
     from reals_cli.models.alignment import alignment_loss
 

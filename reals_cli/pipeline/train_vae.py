@@ -50,8 +50,9 @@ from .training import (
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "log.jsonl"
 # Flags that may differ on --resume without changing what the run computes (steps: train longer).
-# --out is where the run is now: a run folder moved elsewhere resumes there.
-RESUMABLE_CHANGES = {"steps", "device", "workers", "log_every", "ckpt_every", "image_every", "out"}
+# --out is where the run is now: a run folder moved elsewhere resumes there. teacher_cache_gb too: a
+# cached row is the row the teacher computes in the step's own batch (see TeacherCache).
+RESUMABLE_CHANGES = {"steps", "device", "workers", "log_every", "ckpt_every", "image_every", "out", "teacher_cache_gb"}
 # What train-vae writes into --out (check_output_folder lets the hidden temporary files of a kill pass).
 RUN_FILES = (CHECKPOINT, LOG, artifacts.MANIFEST, CONFIG_NAME, WEIGHTS_NAMES[0], ALIGN_FILE, "recon_???????.png")
 # VGG16 (LPIPS on the images, and the vgg16 teacher) pools 4 times before its last block.
@@ -97,6 +98,7 @@ class TrainVAEConfig:
     ckpt_every: int = 500
     image_every: int = 500
     gradient_checkpointing: bool = False
+    teacher_cache_gb: float = 0.0  # > 0: keep the teacher's features of every training image and its mirror (in RAM)
 
 
 # Recipes by name; explicit flags override them.
@@ -141,7 +143,7 @@ class Generator(nn.Module):
 ALLOWED_VALUES = {
     **dict.fromkeys(("steps", "batch_size", "align_hidden", "log_every", "ckpt_every", "image_every"), AT_LEAST_ONE),
     **dict.fromkeys(("lr", "disc_lr", "weight_decay", "kl", "lpips_weight", "disc_weight", "disc_start", "align_patch_weight",
-                     "align_global_weight", "align_cos", "align_l1", "workers"), NON_NEGATIVE),
+                     "align_global_weight", "align_cos", "align_l1", "workers", "teacher_cache_gb"), NON_NEGATIVE),
     "seed": SEED,
     "image_size": (lambda v: v >= VGG_MIN_SIZE, f"at least {VGG_MIN_SIZE} (LPIPS's VGG16 halves it 4 times)"),
     "align_weight": (lambda v: v >= 0, ">= 0 (0: the baseline VAE)"),
@@ -183,7 +185,7 @@ def _build_vae(cfg: TrainVAEConfig) -> AutoencoderKL:
 def _datasets(cfg: TrainVAEConfig) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
     """Training set, and held-out images: the `test` split when there is one, else a seeded hold-out."""
     root = Path(cfg.data)
-    train = ImageFolder(root, cfg.image_size, flip=False)  # flips are drawn per step, see _flip
+    train = ImageFolder(root, cfg.image_size, flip=False)  # flips are drawn per step, see _flips
     extra = [ImageFolder(folder, cfg.image_size, flip=False) for folder in cfg.extra_data]
     if (root / "test").is_dir() and train.split == "train":
         val = ImageFolder(root, cfg.image_size, flip=False, split="test")
@@ -197,10 +199,54 @@ def _datasets(cfg: TrainVAEConfig) -> tuple[torch.utils.data.Dataset, torch.util
     return ConcatDataset([Subset(train, order[n_val:]), *extra]), Subset(train, order[:n_val])
 
 
-def _flip(x: torch.Tensor, seed: int, step: int, rank: int) -> torch.Tensor:
+def _flips(n: int, seed: int, step: int, rank: int) -> torch.Tensor:
+    """Which images of the step's batch are mirrored: a function of (seed, step, rank)."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + rank)
-    flip = (torch.rand(len(x), generator=g) < 0.5).to(x.device)
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return torch.rand(n, generator=g) < 0.5
+
+
+class TeacherCache:
+    """The frozen teacher's features of each training image and of its mirror, computed the first
+    time a step draws that (image, view) and reused after, as latent-diffusion codebases cache
+    what is frozen. Held on the CPU in float32 (a VGG16 8x8 grid: 133 kB a view).
+
+    New rows go through the teacher in batches of exactly the step's batch size (padded, as
+    sample.in_fixed_batches does), so each row meets the kernels the uncached step would have
+    run it through: the loss, and --resume, come out the same with or without the cache.
+    """
+
+    def __init__(self, teacher: Teacher, images: int, batch_size: int, grid: int, limit_gb: float):
+        self.teacher, self.batch_size = teacher, batch_size
+        row = teacher.dim * (grid * grid + 1)
+        need = images * 2 * row * 4 / 1e9
+        if need > limit_gb:
+            raise UserError(f"the teacher cache needs {need:.2f} GB for {images} images and their mirrors "
+                            f"({teacher.dim}-d on a {grid}x{grid} grid), over --teacher-cache-gb {limit_gb:g}; "
+                            f"raise it or pass 0 (no cache)")
+        self.grid = grid
+        self.rows = torch.empty(images, 2, row)
+        self.done = torch.zeros(images, 2, dtype=torch.bool)
+        self.computed = self.reused = 0
+
+    def _features(self, x01: torch.Tensor) -> torch.Tensor:
+        patch, glob = self.teacher(x01)
+        return torch.cat([patch.float().flatten(1), glob.float()], 1)
+
+    def __call__(self, x01: torch.Tensor, indices: list[int], flipped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(patch B x D x g x g, global B x D) of the step's images x01 (already mirrored where `flipped`)."""
+        from .sample import in_fixed_batches
+
+        index, view = torch.as_tensor(indices), flipped.long()
+        todo = (~self.done[index, view]).nonzero().squeeze(1)
+        if len(todo):
+            rows = in_fixed_batches(self._features, self.batch_size)(x01[todo.to(x01.device)]).cpu()
+            self.rows[index[todo], view[todo]] = rows
+            self.done[index[todo], view[todo]] = True
+        self.computed += len(todo)
+        self.reused += len(index) - len(todo)
+        rows = self.rows[index, view].to(x01.device, non_blocking=True)
+        d, g = self.teacher.dim, self.grid
+        return rows[:, : d * g * g].view(-1, d, g, g), rows[:, d * g * g:]
 
 
 @torch.no_grad()
@@ -290,6 +336,9 @@ def _train_vae(cfg: TrainVAEConfig, resume: bool | str, held: contextlib.ExitSta
         model_d = nn.parallel.DistributedDataParallel(disc, device_ids=ids, broadcast_buffers=False)
 
     sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, cfg.seed, step, rank, world)
+    order = ResumableBatchSampler(len(train_set), cfg.batch_size, cfg.seed, step, rank, world)  # the loader's, by step
+    cache = (TeacherCache(teacher, len(train_set), cfg.batch_size, align.config.teacher_grid, cfg.teacher_cache_gb)
+             if cfg.teacher_cache_gb > 0 else None)
     loader = DataLoader(
         train_set, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda",
         persistent_workers=cfg.workers > 0, generator=torch.Generator(),  # keeps the global RNG untouched
@@ -321,10 +370,11 @@ def _train_vae(cfg: TrainVAEConfig, resume: bool | str, held: contextlib.ExitSta
             batch = stop.next_batch(data_iter)  # fetched first: a rank that got none stops them all
             if stop.now():
                 break
-            x01 = _flip(batch[0], cfg.seed, step, rank).to(device, non_blocking=True)
+            flipped = _flips(len(batch[0]), cfg.seed, step, rank)
+            x01 = torch.where(flipped[:, None, None, None], batch[0].flip(-1), batch[0]).to(device, non_blocking=True)
             x = x01 * 2 - 1
             with autocast(device, cfg.precision):
-                target_patch, target_glob = teacher(x01)
+                target_patch, target_glob = teacher(x01) if cache is None else cache(x01, order.batch(step), flipped)
                 recon, mean, logvar, patch, glob = model_g(x)
                 rec = (recon.float() - x).abs().mean() if cfg.rec_loss == "l1" else F.mse_loss(recon.float(), x)
                 perc = lpips(recon.float(), x).mean() if cfg.lpips_weight else torch.zeros((), device=device)
@@ -384,6 +434,8 @@ def _train_vae(cfg: TrainVAEConfig, resume: bool | str, held: contextlib.ExitSta
     # --val-count 0: no validation metrics, and the manifest says so with val_images 0.
     metrics = evaluate(ema.vae, ema.align, teacher, lpips, val_loader, device) if len(val_set) else {"val_images": 0}
     metrics["steps"] = step
+    if cache is not None:  # this run's (a resumed run's cache starts empty)
+        metrics["teacher_cache"] = {"computed": cache.computed, "reused": cache.reused}
     inputs = {"data": artifacts.describe_input(cfg.data)}
     inputs |= {f"extra_data_{i}": artifacts.describe_input(folder) for i, folder in enumerate(cfg.extra_data)}
     if cfg.init:

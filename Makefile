@@ -123,6 +123,105 @@ $(KL_SWEEP)/kl1e-6/fid.json: | $(DEMO)/reals/fid.json
 kl-sweep: $(foreach k,$(KLS),$(KL_SWEEP)/kl$(k)/fid.json)
 	$(REALS) report $(KL_SWEEP) --out docs/kl-sweep.md --title "kl-sweep: KL weight against latent std and FID"
 
+# The powered comparison (issue 18): the baseline VAE (--align-weight 0) and the ReaLS VAE trained
+# on rendered shapes (`reals data shapes`: in-domain depth and segmentation), then the same SiT
+# budget on each latent space with every seed in REPRO_SEEDS, each kept step (every REPRO_KEEP
+# steps) sampled with REPRO_N samples and scored by Inception FID against the test split and by a
+# classifier trained on the train split. The protocol is written first, from these variables, and
+# a run with other values is refused: change REPRO (a new experiment) instead. The page and JSON
+# gather every seed (means, 95% t-intervals, FID against SiT step). The sizes below are the plan;
+# e.g. `make repro REPRO=/tmp/r REPRO_DOC=/tmp/r/doc REPRO_COUNT=64 REPRO_TEST_COUNT=16
+# REPRO_VAE_STEPS=2 REPRO_SIT_STEPS=4 REPRO_KEEP=2 REPRO_N=16 REPRO_SEEDS="0 1" REPRO_SIT_BATCH=16
+# REPRO_CLF_EPOCHS=1 REPRO_PROBE_LIMIT=16` is a minutes-long pass through every step.
+REPRO            ?= runs/repro
+REPRO_DOC        ?= docs/reproduction
+REPRO_SEEDS      ?= 0 1 2
+REPRO_COUNT      ?= 10000
+REPRO_TEST_COUNT ?= 2000
+REPRO_VAE_STEPS  ?= 1500
+REPRO_SIT_STEPS  ?= 1200
+REPRO_KEEP       ?= 400
+REPRO_SIT_BATCH  ?= 128
+REPRO_N          ?= 2000
+REPRO_CLF_EPOCHS ?= 5
+REPRO_PROBE_LIMIT ?= 1000
+REPRO_VARIANTS   := baseline reals
+REPRO_KEPT        = $(shell seq $(REPRO_KEEP) $(REPRO_KEEP) $(REPRO_SIT_STEPS))
+REPRO_FINAL       = $(shell printf %07d $(lastword $(REPRO_KEPT)))
+REPRO_FID_REF     = $(REPRO)/fid-ref/stats.npz
+REPRO_VAE_FLAGS   = --preset demo --data $(REPRO)/data --steps $(REPRO_VAE_STEPS) --teacher-cache-gb 4 --device $(DEVICE) --auto-resume
+REPRO_SIT_FLAGS   = --model SiT-T/2 --batch-size $(REPRO_SIT_BATCH) --lr 4e-4 --ema-decay 0.99 --steps $(REPRO_SIT_STEPS) \
+                    --keep-every $(REPRO_KEEP) --log-every 20 --ckpt-every $(REPRO_KEEP) --sample-every 0 --workers 1 \
+                    --device $(DEVICE) --auto-resume
+REPRO_SAMPLE_FLAGS = --sampler ode --ode-method heun --steps 21 -n $(REPRO_N) --batch-size 250 --device $(DEVICE)
+empty :=
+comma := ,
+json_list = [$(subst $(empty) $(empty),$(comma),$(strip $(1)))]
+
+# Rewritten only when absent; `reals reproduction protocol` refuses a protocol that differs.
+$(REPRO)/protocol.json: FORCE
+	$(REALS) reproduction protocol $(REPRO) 'variants=["baseline","reals"]' seeds=$(call json_list,$(REPRO_SEEDS)) \
+	  steps=$(call json_list,$(REPRO_KEPT)) fid_samples=$(REPRO_N) primary=fid \
+	  'secondary=["classifier_fd","class_accuracy"]' dataset=shapes data_seed=0 train_images=$(REPRO_COUNT) \
+	  fid_reference=$(REPRO_TEST_COUNT) 'fid_reference_split="test"' vae_seed=0 vae_steps=$(REPRO_VAE_STEPS) \
+	  'vae_recipe="train-vae --preset demo (VGG16 teacher); baseline: --align-weight 0"' \
+	  'sit="SiT-T/2"' sit_batch=$(REPRO_SIT_BATCH) sit_steps=$(REPRO_SIT_STEPS) cfg=$(CFG) \
+	  'sampler="ode heun 21 steps, sample seed = SiT seed"' classifier_epochs=$(REPRO_CLF_EPOCHS) \
+	  'tuned_on_test="nothing: the test split only scores"'
+
+FORCE:
+
+$(REPRO)/data/manifest.json: | install assets $(REPRO)/protocol.json
+	$(REALS) data shapes $(REPRO)/data --size 32 --count $(REPRO_COUNT) --test-count $(REPRO_TEST_COUNT) --seed 0
+
+$(REPRO)/%/vae/manifest.json: $(REPRO)/data/manifest.json
+	$(REALS) train-vae $(REPRO_VAE_FLAGS) $(if $(filter baseline,$*),--align-weight 0) --out $(@D)
+
+$(REPRO)/%/latents.zarr/zarr.json: $(REPRO)/%/vae/manifest.json
+	$(REALS) encode $(REPRO)/data/train $(REPRO)/$*/latents.zarr --vae $(REPRO)/$*/vae --device $(DEVICE)
+
+$(REPRO_FID_REF): $(REPRO)/data/manifest.json
+	$(REALS) eval-fid --ref $(REPRO)/data/test --ref-size 32 --device $(DEVICE) --save-ref-stats $@
+
+$(REPRO)/classifier/manifest.json: $(REPRO)/data/manifest.json
+	$(REALS) classifier fit $(REPRO)/data --epochs $(REPRO_CLF_EPOCHS) --device $(DEVICE) --out $(@D)
+
+# One SiT per (variant, seed); each kept step sampled and scored.
+define repro_sit
+$(REPRO)/$(1)/sit-s$(2)/manifest.json: $(REPRO)/$(1)/latents.zarr/zarr.json
+	$(REALS) train-dit $(REPRO)/$(1)/latents.zarr $(REPRO_SIT_FLAGS) --seed $(2) --out $$(@D)
+endef
+define repro_step
+$(REPRO)/$(1)/s$(2)/step-$(3)/samples/manifest.json: $(REPRO)/$(1)/sit-s$(2)/manifest.json
+	$(REALS) sample --ckpt $(REPRO)/$(1)/sit-s$(2)/step-$(3) --cfg $(CFG) $(REPRO_SAMPLE_FLAGS) --seed $(2) --out $$(@D)
+$(REPRO)/$(1)/s$(2)/step-$(3)/fid.json: $(REPRO)/$(1)/s$(2)/step-$(3)/samples/manifest.json $(REPRO_FID_REF)
+	$(REALS) eval-fid $$(<D) --ref $(REPRO_FID_REF) --metrics fid,sfid,kid,pr --device $(DEVICE) --out $$@
+$(REPRO)/$(1)/s$(2)/step-$(3)/classifier.json: $(REPRO)/$(1)/s$(2)/step-$(3)/samples/manifest.json $(REPRO)/classifier/manifest.json
+	$(REALS) classifier eval $$(<D) --classifier $(REPRO)/classifier --ref $(REPRO)/data/test --device $(DEVICE) --out $$@
+endef
+$(foreach v,$(REPRO_VARIANTS),$(foreach s,$(REPRO_SEEDS),$(eval $(call repro_sit,$(v),$(s)))\
+  $(foreach k,$(REPRO_KEPT),$(eval $(call repro_step,$(v),$(s),$(shell printf %07d $(k)))))))
+REPRO_RESULTS = $(foreach v,$(REPRO_VARIANTS),$(foreach s,$(REPRO_SEEDS),$(foreach k,$(REPRO_KEPT),\
+  $(foreach f,fid.json classifier.json,$(REPRO)/$(v)/s$(s)/step-$(shell printf %07d $(k))/$(f)))))
+
+# Depth and segmentation in the VAEs' own domain: heads fitted on teacher features of the shapes'
+# train split, scored through each VAE's alignment network on the test split (and drawn on the
+# latents the first seed's final SiT generated).
+REPRO_LATENTS = $(REPRO)/reals/s$(firstword $(REPRO_SEEDS))/step-$(REPRO_FINAL)/samples
+$(REPRO)/seg/manifest.json $(REPRO)/depth/manifest.json: $(REPRO)/%/manifest.json: $(REPRO)/reals/vae/manifest.json
+	$(REALS) probe-$(if $(filter seg,$*),seg,depth) fit --data $(REPRO)/data $(if $(filter depth,$*),--format png) \
+	  --limit $(REPRO_PROBE_LIMIT) --vae $(REPRO)/reals/vae --device $(DEVICE) --out $(REPRO)/$*
+$(REPRO)/seg/eval-test/manifest.json $(REPRO)/depth/eval-test/manifest.json: $(REPRO)/%/eval-test/manifest.json: \
+  $(REPRO)/%/manifest.json $(REPRO)/baseline/vae/manifest.json $(REPRO_LATENTS)/manifest.json
+	$(REALS) probe-$* eval --data $(REPRO)/data $(if $(filter depth,$*),--format png) --limit $(REPRO_PROBE_LIMIT) \
+	  --vae $(REPRO)/reals/vae --head $(REPRO)/$* --baseline-vae $(REPRO)/baseline/vae \
+	  --latents $(REPRO_LATENTS)/latents.zarr --device $(DEVICE)
+
+.PHONY: repro
+repro: $(REPRO_RESULTS) $(REPRO)/seg/eval-test/manifest.json $(REPRO)/depth/eval-test/manifest.json
+	$(REALS) reproduction collect $(REPRO) --json $(REPRO_DOC).json --md $(REPRO_DOC).md \
+	  --title "repro: the baseline VAE against ReaLS, $(words $(REPRO_SEEDS)) SiT seeds each"
+
 # Every artifact is kept: none of them is an intermediate file for make to delete.
 .SECONDARY:
 

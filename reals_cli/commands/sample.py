@@ -46,18 +46,22 @@ def _interval(text: str) -> tuple[float, float]:
 @click.option("--no-ema", "ema", flag_value=False, default=True, help="Use the raw weights instead of the EMA weights.")
 @click.option("--vae", help="The VAE folder, if not at the path the checkpoint records (its id must match).")
 @click.option("--batch-size", default=64, show_default=True, type=int,
-              help="Samples integrated together (memory; the results do not depend on it).")
-@click.option("--forward-batch", default=128, show_default=True, type=int,
-              help="Rows in every network and decoder pass (guided samples take two rows; the last pass is padded). "
-                   "Fixed, so the samples do not depend on --batch-size or the number of processes; part of the "
-                   "protocol. Raise it on a large GPU for throughput.")
+              help="Samples integrated together (memory). Each network and decoder pass runs just their rows (two "
+                   "per guided sample), none padded; the rows' count decides the rounding, so other batch sizes "
+                   "give the same samples up to rounding, and the batch size is part of the protocol.")
+@click.option("--forward-batch", type=int,
+              help="Run every network and decoder pass on exactly N rows, the last padded with copies: the samples "
+                   "are then bit-identical whatever --batch-size (for N below the rows of a batch, several passes; "
+                   "above, padded rows). Part of the protocol instead of the batch size.  [default: none; with "
+                   "--compile, the rows of a full batch]")
 @click.option("--block-size", default=256, show_default=True, type=int, help="Samples per resumable block.")
 @click.option("--png", is_flag=True, help="Also write every image as images/NNNNNN.png (from samples.npz; on a finished --out, "
               "writes the PNGs it lacks).")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]),
               help="Autocast precision on CUDA (CPU always runs fp32).")
-@click.option("--compile", is_flag=True, help="torch.compile each transformer block (one graph at the fixed "
-              "--forward-batch); part of the protocol, since fused kernels round differently.")
+@click.option("--compile", is_flag=True, help="torch.compile each transformer block, one graph at one row count: "
+              "--forward-batch, by default the rows of a full batch (so a guidance interval's unguided steps and a "
+              "block's last, shorter batch are padded). Part of the protocol, since fused kernels round differently.")
 @click.option("--attn", default="auto", show_default=True, type=click.Choice(BACKENDS),
               help="Attention kernel: auto takes xformers on CUDA where it works, else torch SDPA (on an H100, SDPA "
                    "was 5% faster). Part of the protocol, as the kernels round differently.")

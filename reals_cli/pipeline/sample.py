@@ -2,10 +2,12 @@
 
 Sample i is a function of (seed, i) alone: its initial noise and every per-step
 noise come from its own generator, seeded by (seed, i), drawn on the CPU and then
-moved, and its label is classes[i % len(classes)]. The network and the decoder always
-run on exactly `forward_batch` rows (the last pass padded): a matmul's rounding
-depends on its shape, so with a fixed shape the result does not depend on the batch
-size, the number of processes or where a killed run stopped, bit for bit.
+moved, and its label is classes[i % len(classes)]. By default the network and the
+decoder run on a batch's own rows, none padded; a matmul's rounding depends on its
+shape, so the batch size is then part of the protocol. With `forward_batch` they run
+on exactly that many rows (the last pass padded), and the result does not depend on
+the batch size either. Either way it does not depend on the number of processes or
+where a killed run stopped, bit for bit: batches never cross a block.
 
 The indices are cut into blocks of `block_size`; under `torchrun` rank r takes
 blocks r, r + world, ... Each finished block is written atomically to
@@ -74,7 +76,7 @@ class SampleConfig:
     ema: bool = True
     vae: str | None = None
     batch_size: int = 64
-    forward_batch: int = 128
+    forward_batch: int | None = None  # None: each pass runs the batch's rows, none padded
     block_size: int = 256
     png: bool = False
     seed: int = 0
@@ -121,7 +123,7 @@ def _check(cfg: SampleConfig) -> None:
         raise UserError(f"--cfg-interval must be LOW,HIGH with 0 <= LOW <= HIGH <= 1 ({TIME_CONVENTION}), got {low},{high}")
     if not (math.isfinite(cfg.cfg) and cfg.cfg >= 0):
         raise UserError(f"--cfg must be a number >= 0 (1: no guidance), got {cfg.cfg}")
-    if min(cfg.batch_size, cfg.forward_batch, cfg.block_size) < 1:
+    if min(cfg.batch_size, 1 if cfg.forward_batch is None else cfg.forward_batch, cfg.block_size) < 1:
         raise UserError("--batch-size, --forward-batch and --block-size must be at least 1")
     check_values(cfg, {"seed": SEED})
     if cfg.cfg == 1 and (cfg.cfg_channels is not None or tuple(cfg.cfg_interval) != (0.0, 1.0)):
@@ -210,6 +212,10 @@ def _sample(cfg: SampleConfig, held: contextlib.ExitStack) -> dict:
         raise UserError(f"--cfg-channels {cfg.cfg_channels} is more than the model's {channels} latent channels")
     if cfg.cfg_channels == channels:
         cfg = replace(cfg, cfg_channels=None)  # all of them, however it was said
+    if cfg.compile and cfg.forward_batch is None:
+        # A compiled graph is fixed to its first row count and then recompiled for any count, so
+        # a sample's kernels would depend on the batches before it: one count, a full batch's rows.
+        cfg = replace(cfg, forward_batch=cfg.batch_size * (1 if cfg.cfg == 1 else 2))
     device = local_device(resolve_device(cfg.device))
     if cfg.cfg != 1 and config["class_dropout"] <= 0:
         raise UserError(f"{cfg.ckpt} was trained without label dropout, so it has no unconditional class; "
@@ -263,7 +269,7 @@ def _sample(cfg: SampleConfig, held: contextlib.ExitStack) -> dict:
         "samples": n, "sampler": _describe(spec),
         "cfg": f"{cfg.cfg} on tau in [{low}, {high}], {protocol['cfg_channels']} channels",
         "weights": protocol["weights"], "images/s": f"{rate:.3g} (this process)" if generated else "-",
-        "network rows / sample": result["metrics"]["network_evaluations_per_sample"]})
+        "network evaluations / sample": result["metrics"]["network_evaluations_per_sample"]})
     return {**summary, "manifest": result, "already": False}
 
 
@@ -284,6 +290,8 @@ def _protocol(cfg: SampleConfig, manifest: dict, spec: SamplerSpec, classes: lis
         "classes": None if cfg.classes is None else classes, "labels": "sample i has class classes[i % len(classes)]",
         "seed": cfg.seed, "noise": "per sample: torch CPU generator seeded by SeedSequence([seed, i])",
         "num_samples": cfg.num_samples, "block_size": cfg.block_size, "forward_batch": cfg.forward_batch,
+        # Unpadded passes are as many rows as a batch has, which decides their rounding.
+        **({"batch_size": cfg.batch_size} if cfg.forward_batch is None else {}),
         "precision": cfg.precision if device.type == "cuda" else "fp32",  # autocast is CUDA's only
         "compile": cfg.compile, "attention": resolve_attention(cfg.attn, device),  # kernels round differently
     }
@@ -309,15 +317,16 @@ def in_fixed_batches(fn: Callable[..., torch.Tensor], rows: int) -> Callable[...
 @torch.inference_mode()
 def generate(model: DiT, config: dict, vae, labels: torch.Tensor, indices: range, seed: int, spec: SamplerSpec,
              cfg: float = 1.0, interval: tuple[float, float] = (0.0, 1.0), precision: str = "fp32",
-             forward_batch: int = 128, cfg_channels: int | None = None,
+             forward_batch: int | None = None, cfg_channels: int | None = None,
              evaluations: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (n x H x W x 3) and raw latents for `labels`, on the model's device.
 
     Sample indices[j]'s noise depends only on (seed, indices[j]); the store's normalisation
     (config's latent_mean/std) is undone before decoding. The network and the decoder run
-    on `forward_batch` rows at a time, whatever the number of labels. Guidance mixes the
-    first `cfg_channels` prediction channels (None: all of the latent's). `evaluations`, if
-    given, gets the number of rows of each network call (a guided step counts two per sample).
+    on the rows the sampler gives them (None), or on `forward_batch` rows at a time, padded,
+    whatever the number of labels. Guidance mixes the first `cfg_channels` prediction
+    channels (None: all of the latent's). `evaluations`, if given, gets the number of rows of
+    each network call, padding left out (a guided step counts two per sample).
     """
     device = next(model.parameters()).device
     objective = build_objective(config)
@@ -325,7 +334,9 @@ def generate(model: DiT, config: dict, vae, labels: torch.Tensor, indices: range
     mean = torch.tensor(config["latent_mean"], device=device).view(-1, 1, 1)
     std = torch.tensor(config["latent_std"], device=device).view(-1, 1, 1)
 
-    @partial(in_fixed_batches, rows=forward_batch)
+    passes = partial(in_fixed_batches, rows=forward_batch) if forward_batch else (lambda fn: fn)
+
+    @passes
     def forward(x, t, y):
         with autocast(device, precision):
             return model(x, t, y).float()
@@ -335,7 +346,7 @@ def generate(model: DiT, config: dict, vae, labels: torch.Tensor, indices: range
             evaluations.append(len(x))
         return forward(x, t, y)
 
-    @partial(in_fixed_batches, rows=forward_batch)
+    @passes
     def decode(z):
         with autocast(device, precision):
             return vae.decode(z).float()

@@ -342,7 +342,7 @@ def _preview(path: Path, ema: DiT, config: dict, step: int) -> None:
     # dropout, so a preview would change the trained weights.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         vae = load_vae(config["vae_path"], config, str(path.parent)).vae.to(device)
-        images, _ = generate(ema, config, vae, labels, range(8), seed=0, spec=spec, forward_batch=len(labels))
+        images, _ = generate(ema, config, vae, labels, range(8), seed=0, spec=spec)
     grid = np.concatenate(list(images), axis=1)
     with artifacts.atomic_path(path / f"samples_{step:07d}.png") as tmp:
         Image.fromarray(grid).save(tmp, format="png")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -218,11 +221,69 @@ def test_xformers_cuda12_runtime_is_found_as_a_file_on_sys_path(tmp_path, monkey
     assert loaded == [(str(lib), ctypes.RTLD_GLOBAL)]
 
 
+def test_auto_and_sdpa_never_load_a_cuda_runtime(monkeypatch):
+    """auto is sdpa on CUDA too (faster on the H100), so the CUDA 12 runtime that xformers'
+    wheels link is loaded only for --attn xformers, and only into a torch of another CUDA."""
+    import reals_cli.attention
+
+    calls = []
+
+    def preload():
+        calls.append(torch.version.cuda)
+        raise AssertionError("the CUDA 12 runtime was loaded")
+
+    monkeypatch.setattr(reals_cli.attention, "_preload_cuda12_runtime", preload)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    reals_cli.attention._xformers_works.cache_clear()
+    try:
+        for device in ("cuda", "cpu"):
+            assert resolve_attention("auto", device) == resolve_attention("sdpa", device) == "sdpa"
+        model = build_dit("DiT-T/2", 8, 4, 3, attn="auto").eval()
+        with torch.no_grad():
+            model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.arange(2))
+        assert calls == []
+        with pytest.raises(UserError, match="xformers attention is not usable on cuda"):
+            resolve_attention("xformers", "cuda")  # the failing preload makes xformers unusable
+        assert calls == ["13.0"]
+        reals_cli.attention._xformers_works.cache_clear()
+        monkeypatch.setattr(torch.version, "cuda", "12.8")
+        with contextlib.suppress(UserError):  # no GPU or no xformers here
+            resolve_attention("xformers", "cuda")
+        assert calls == ["13.0"]
+    finally:
+        reals_cli.attention._xformers_works.cache_clear()  # for the CUDA tests after this one
+
+
+def test_importing_the_cli_loads_no_cuda_runtime(tmp_path):
+    """Nor does importing every command and resolving auto on CUDA, with a CUDA 12 runtime where
+    the preload would find it: the loader ends the process on libcudart (no except can catch that)."""
+    lib = tmp_path / "nvidia" / "cuda_runtime" / "lib" / "libcudart.so.12"
+    lib.parent.mkdir(parents=True)
+    lib.touch()
+    code = ("import ctypes, os, sys, torch\n"
+            f"sys.path.append({str(tmp_path)!r})\n"
+            "load = ctypes.CDLL\n"
+            "def refuse(name, *a, **k):\n"
+            "    if 'libcudart' in str(name):\n"
+            "        os._exit(3)\n"
+            "    return load(name, *a, **k)\n"
+            "ctypes.CDLL = refuse\n"
+            "torch.version.cuda = '13.0'\n"
+            "import reals_cli.cli, reals_cli.sample, reals_cli.train_dit\n"
+            "from reals_cli.attention import resolve_attention\n"
+            "print(resolve_attention('auto', 'cuda'))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "sdpa\n", (done.returncode, done.stderr)
+
+
 on_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def _cuda_backends() -> list[str]:
-    return ["sdpa"] + (["xformers"] if resolve_attention("auto", "cuda") == "xformers" else [])
+    try:
+        return ["sdpa", resolve_attention("xformers", "cuda")]
+    except UserError:
+        return ["sdpa"]
 
 
 @on_cuda

@@ -63,8 +63,8 @@ def _interval(text: str) -> tuple[float, float]:
               "--forward-batch, by default the rows of a full batch (so a guidance interval's unguided steps and a "
               "block's last, shorter batch are padded). Part of the protocol, since fused kernels round differently.")
 @click.option("--attn", default="auto", show_default=True, type=click.Choice(BACKENDS),
-              help="Attention kernel: auto takes xformers on CUDA where it works, else torch SDPA (on an H100, SDPA "
-                   "was 5% faster). Part of the protocol, as the kernels round differently.")
+              help="Attention kernel: auto is torch SDPA (on an H100, 4.7% faster than xformers; see "
+                   "docs/benchmarks.md). Part of the protocol, as the kernels round differently.")
 @device_option
 @seed_option
 def sample_command(cfg_interval: str, classes: str | None, **flags):

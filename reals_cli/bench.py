@@ -1,13 +1,17 @@
 """`make bench`: throughput of each stage, written to docs/benchmarks.md with the machine.
 
-Each benchmark returns rows of (what, value, unit); results accumulate in
-docs/benchmarks.json (one entry per benchmark and device, the newest wins) and
-the markdown page is rebuilt from it, so a CPU run and a GPU run sit side by side.
+Each benchmark returns rows of (what, value, unit), and a ratio of A to B also its spread:
+A and B are timed interleaved, A, B, A, B, ..., so a change of background load hits both
+runs of a pair; the row gives the median of the pairs' ratios, their min and max. Results
+accumulate in docs/benchmarks.json (one entry per benchmark and device, the newest wins)
+and the markdown page is rebuilt from it, so a CPU run and a GPU run sit side by side.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -26,6 +30,8 @@ from .console import console
 from .errors import UserError
 from .runtime import describe_machine, resolve_device
 
+Row = tuple  # (what, value, unit), or (what, ratio, "x", spread) from _ratio
+
 
 def _image_folder(root: Path, size: int, count: int) -> Path:
     from PIL import Image
@@ -37,7 +43,7 @@ def _image_folder(root: Path, size: int, count: int) -> Path:
     return root
 
 
-def bench_train_vae(device: torch.device) -> list[tuple[str, float, str]]:
+def bench_train_vae(device: torch.device) -> list[Row]:
     """One sd-f8c4 train step at 256 px with a dinov2-b-shaped teacher (random weights), as in training."""
     import timm
 
@@ -82,7 +88,25 @@ def _timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     return float(np.median(times))
 
 
-def bench_encode(device: torch.device) -> list[tuple[str, float, str]]:
+PAIRS = 3  # interleaved A-B pairs behind each ratio: the bench stays within minutes on 2 cores
+
+
+def _interleaved(a: Callable[[], object], b: Callable[[], object], pairs: int = PAIRS) -> tuple[list, list]:
+    """Results of a() and b() run A, B, A, B, ... `pairs` times."""
+    runs_a, runs_b = [], []
+    for _ in range(pairs):
+        runs_a.append(a())
+        runs_b.append(b())
+    return runs_a, runs_b
+
+
+def _ratio(what: str, a: list[float], b: list[float]) -> Row:
+    """The median of the pairs' ratios a[i] / b[i], with their spread."""
+    ratios = [x / y for x, y in zip(a, b)]
+    return what, float(np.median(ratios)), "x", {"min": min(ratios), "max": max(ratios), "pairs": len(ratios)}
+
+
+def bench_encode(device: torch.device) -> list[Row]:
     """`encode` against the bare encoder forward on the same batches (goal: >= 0.9).
 
     Two rates for encode: its encoding loop (decoding workers, transfer, forward, float16
@@ -96,7 +120,7 @@ def bench_encode(device: torch.device) -> list[tuple[str, float, str]]:
     from .models.reals_vae import save_reals_vae
     from .models.vae import AutoencoderKL, vae_config
 
-    name, size, batch, count = ("sd-f8c4", 256, 64, 2048) if device.type == "cuda" else ("demo", 64, 64, 2048)
+    name, size, batch, count = ("sd-f8c4", 256, 64, 2048) if device.type == "cuda" else ("demo", 64, 64, 1024)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -112,36 +136,41 @@ def bench_encode(device: torch.device) -> list[tuple[str, float, str]]:
                 rows += _encode_against_bare(vae, tmp, data, count, batch, size, device, workers, torch_threads)
             finally:
                 torch.set_num_threads(threads)
-    return [(f"{what}, {name} at {size}px, batch {batch}, {count} PNGs" if i == 0 else what, v, u)
-            for i, (what, v, u) in enumerate(rows)]
+    return [(f"{what}, {name} at {size}px, batch {batch}, {count} PNGs" if i == 0 else what, *rest)
+            for i, (what, *rest) in enumerate(rows)]
 
 
 def _encode_against_bare(vae, tmp: Path, data: Path, count: int, batch: int, size: int, device: torch.device,
-                         workers: int | None, threads: int) -> list[tuple[str, float, str]]:
+                         workers: int | None, threads: int) -> list[Row]:
     from .pipeline.encode import encode
     from .runtime import autocast
 
-    out = tmp / f"lat-{workers}.zarr"
-    start = time.perf_counter()
-    result = encode(data, out, tmp / "vae", batch_size=batch, device=device.type, block_size=256, precision="bf16",
-                    workers=workers)
-    end_to_end = count / (time.perf_counter() - start)
     model = vae.to(device).eval()
     x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+
+    def run_encode() -> tuple[float, float]:
+        out = tmp / f"lat-{workers}.zarr"
+        start = time.perf_counter()
+        result = encode(data, out, tmp / "vae", batch_size=batch, device=device.type, block_size=256,
+                        precision="bf16", workers=workers)
+        end_to_end = count / (time.perf_counter() - start)
+        shutil.rmtree(out)
+        return result["images_per_s"], end_to_end
 
     def forward():
         with torch.no_grad(), autocast(device, "bf16"):
             model.encode(x)
 
-    bare = batch / _timed(forward, repeats=5)
+    encodes, bare = _interleaved(run_encode, lambda: batch / _timed(forward, repeats=5))
+    loop, end_to_end = (list(r) for r in zip(*encodes))
     setup = f"{'default' if workers is None else workers} workers, {threads} torch thread{'s' if threads > 1 else ''}"
-    loop = result["images_per_s"]
     return [
-        (f"encode loop ({setup})", loop, "images/s"),
-        (f"encode command end to end ({setup}; load, create, finalise included)", end_to_end, "images/s"),
-        (f"bare encoder forward, same batch ({threads} torch thread{'s' if threads > 1 else ''})", bare, "images/s"),
-        (f"ratio encode loop / bare, {setup} (goal >= 0.9)", loop / bare, "x"),
-        (f"ratio end to end / bare, {setup}", end_to_end / bare, "x"),
+        (f"encode loop ({setup})", float(np.median(loop)), "images/s"),
+        (f"encode command end to end ({setup}; load, create, finalise included)", float(np.median(end_to_end)), "images/s"),
+        (f"bare encoder forward, same batch ({threads} torch thread{'s' if threads > 1 else ''})", float(np.median(bare)),
+         "images/s"),
+        _ratio(f"ratio encode loop / bare, {setup} (goal >= 0.9)", loop, bare),
+        _ratio(f"ratio end to end / bare, {setup}", end_to_end, bare),
     ]
 
 
@@ -159,7 +188,7 @@ def _random_store(path: Path, rows: int, shape=(4, 32, 32), views: int = 2, clas
     store.finalize()
 
 
-def bench_latent_reads(device: torch.device) -> list[tuple[str, float, str]]:
+def bench_latent_reads(device: torch.device) -> list[Row]:
     """Random minibatches from the latent store against what a DiT-B/2 step consumes (goal: >= 20x)."""
     from torch.utils.data import DataLoader
 
@@ -169,18 +198,24 @@ def bench_latent_reads(device: torch.device) -> list[tuple[str, float, str]]:
     with tempfile.TemporaryDirectory() as tmp:
         _random_store(Path(tmp) / "s.zarr", rows)
         data = LatentDataset(Path(tmp) / "s.zarr")
-        loader = DataLoader(data, batch_size=256, shuffle=True, num_workers=2, generator=torch.Generator().manual_seed(0))
-        it = iter(loader)
-        next(it)
-        start, n = time.perf_counter(), 0
-        for _ in range(20):
-            n += len(next(it)[0])
-        reads = n / (time.perf_counter() - start)
-    step_rate = _train_dit_run(device, "DiT-B/2", compile=device.type == "cuda")["rate"]
+
+        def read() -> float:
+            loader = DataLoader(data, batch_size=256, shuffle=True, num_workers=2, generator=torch.Generator().manual_seed(0))
+            it = iter(loader)
+            next(it)  # the workers' start is not reading
+            start, n = time.perf_counter(), 0
+            for _ in range(20):
+                n += len(next(it)[0])
+            return n / (time.perf_counter() - start)
+
+        def consume() -> float:
+            return _train_dit_run(device, "DiT-B/2", compile=device.type == "cuda", steps=_SHORT_RUN[device.type])["rate"]
+
+        reads, consumption = _interleaved(read, consume)
     return [
-        ("LatentDataset random minibatches (256 of 4x32x32, flip views, 2 workers)", reads, "latents/s"),
-        ("DiT-B/2 training consumption at 32x32x4 (`train_dit`, same machine)", step_rate, "latents/s"),
-        ("ratio reads / consumption (goal >= 20)", reads / step_rate, "x"),
+        ("LatentDataset random minibatches (256 of 4x32x32, flip views, 2 workers)", float(np.median(reads)), "latents/s"),
+        ("DiT-B/2 training consumption at 32x32x4 (`train_dit`, same machine)", float(np.median(consumption)), "latents/s"),
+        _ratio("ratio reads / consumption (goal >= 20)", reads, consumption),
     ]
 
 
@@ -189,7 +224,11 @@ def _dit_batch(device: torch.device, name: str) -> int:
     return (64 if xl else 128) if device.type == "cuda" else (2 if xl else 8)
 
 
-def _train_dit_run(device: torch.device, name: str, compile: bool, batch: int | None = None, attn: str = "auto") -> dict:
+_SHORT_RUN = {"cpu": 4, "cuda": None}  # train_dit steps of one side of a pair: 2 measured after 2 of warm-up
+
+
+def _train_dit_run(device: torch.device, name: str, compile: bool, batch: int | None = None, attn: str = "auto",
+                   steps: int | None = None) -> dict:
     """`train_dit` itself for a few dozen steps at 256 px (32x32x4 latents, 1000 classes) on a
     random latent store: loading, the step, clipping, the EMA and the NaN guard, all as a
     user runs them. Images/s is the median of the log's windows after the warm-up (which
@@ -200,7 +239,8 @@ def _train_dit_run(device: torch.device, name: str, compile: bool, batch: int | 
     cuda = device.type == "cuda"
     batch = batch or _dit_batch(device, name)
     torch._dynamo.reset()  # each model compiles afresh: another model's shapes would turn on dynamic shapes
-    steps, log_every, warmup_windows = (30, 5, 2) if cuda else (6, 1, 2)
+    default_steps, log_every, warmup_windows = (30, 5, 2) if cuda else (6, 1, 2)
+    steps = steps or default_steps
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     # The run would end by writing a checkpoint and a model folder (for XL/2: 16 GB, a minute of
@@ -243,7 +283,7 @@ def _reference_step_rate(device: torch.device, name: str) -> float:
         loss.backward()
         opt.step()
 
-    return batch / _timed(step, repeats=3 if device.type == "cpu" else 10, warmup=1 if device.type == "cpu" else 3)
+    return batch / _timed(step, repeats=2 if device.type == "cpu" else 10, warmup=1 if device.type == "cpu" else 3)
 
 
 def _peak_flops(device: torch.device) -> float:
@@ -256,18 +296,31 @@ def _peak_flops(device: torch.device) -> float:
     return float("nan")
 
 
-def bench_train_dit(device: torch.device) -> list[tuple[str, float, str]]:
+def bench_train_dit(device: torch.device) -> list[Row]:
     """`train_dit` throughput and model-FLOP utilisation: training FLOPs = 3 x the forward
     FLOPs, counted analytically (`dit_flops`: 2 x the multiply-adds of every matmul, equal to
-    torch's FlopCounterMode; a training step counts 3.00 forwards there)."""
+    torch's FlopCounterMode; a training step counts 3.00 forwards there). On a CPU, against
+    the plain reference step, interleaved (S/2 and B/2: XL/2 pairs would take minutes each)."""
     from .models.attention import resolve_attention
 
     rows = []
     attn = resolve_attention("auto", device)
-    # (model, --compile, batch): on CUDA, XL/2 eager and compiled at the batch of #5's NaN check,
-    # then compiled at twice that batch, where the matmuls are larger.
-    runs = [("DiT-B/2", True, None), ("DiT-XL/2", False, None), ("DiT-XL/2", True, None), ("DiT-XL/2", True, 128)] \
-        if device.type == "cuda" else [("DiT-B/2", False, None), ("DiT-XL/2", False, None)]
+    if device.type == "cpu":
+        for name in ("DiT-S/2", "DiT-B/2"):
+            what = f"{name} `train_dit`, batch {_dit_batch(device, name)}, {attn} attention"
+            runs, reference = _interleaved(lambda: _train_dit_run(device, name, False, steps=_SHORT_RUN["cpu"]),
+                                           lambda: _reference_step_rate(device, name))
+            rates = [run["rate"] for run in runs]
+            rows += [(f"{what}: training", float(np.median(rates)), "images/s"),
+                     (f"{what}: FLOP rate (3 x analytic forward FLOPs, as train-dit logs it)",
+                      float(np.median([run["tflops"] for run in runs])), "TFLOP/s"),
+                     (f"{name} plain eager fp32 reference step", float(np.median(reference)), "images/s"),
+                     _ratio(f"{name} ratio `train_dit` / reference", rates, reference)]
+        return rows
+    # (model, --compile, batch): XL/2 eager and compiled at the batch of #5's NaN check, then
+    # compiled at twice that batch, where the matmuls are larger.
+    runs = [("DiT-B/2", True, None), ("DiT-XL/2", False, None), ("DiT-XL/2", True, None), ("DiT-XL/2", True, 128)]
+    peak = _peak_flops(device)
     for name, compiled, batch in runs:
         what = f"{name} `train_dit`, batch {batch or _dit_batch(device, name)}, {attn} attention{', --compile' if compiled else ''}"
         try:
@@ -276,20 +329,14 @@ def bench_train_dit(device: torch.device) -> list[tuple[str, float, str]]:
             rows.append((f"{what}: out of GPU memory", float("nan"), ""))
             continue
         rows += [(f"{what}: training", run["rate"], "images/s"),
-                 (f"{what}: FLOP rate (3 x analytic forward FLOPs, as train-dit logs it)", run["tflops"], "TFLOP/s")]
-        if device.type == "cuda":
-            peak = _peak_flops(device)
-            rows += [(f"{what}: MFU (bf16 dense peak {peak / 1e12:.0f} TFLOP/s; goal for XL/2 >= 55%)", 100 * run["tflops"] * 1e12 / peak, "%"),
-                     (f"{what}: final loss (finite: no NaN in bf16)", run["loss"], ""),
-                     (f"{what}: peak memory", run["peak_gib"], "GiB")]
-        else:
-            reference = _reference_step_rate(device, name)
-            rows += [(f"{name} plain eager fp32 reference step", reference, "images/s"),
-                     (f"{name} ratio `train_dit` / reference", run["rate"] / reference, "x")]
+                 (f"{what}: FLOP rate (3 x analytic forward FLOPs, as train-dit logs it)", run["tflops"], "TFLOP/s"),
+                 (f"{what}: MFU (bf16 dense peak {peak / 1e12:.0f} TFLOP/s; goal for XL/2 >= 55%)", 100 * run["tflops"] * 1e12 / peak, "%"),
+                 (f"{what}: final loss (finite: no NaN in bf16)", run["loss"], ""),
+                 (f"{what}: peak memory", run["peak_gib"], "GiB")]
     return rows
 
 
-def bench_inception(device: torch.device) -> list[tuple[str, float, str]]:
+def bench_inception(device: torch.device) -> list[Row]:
     """FID feature extraction: the offline Inception (pool + sFID map) on uint8 images."""
     from .metrics.inception import OfflineInception
 
@@ -304,11 +351,12 @@ def bench_inception(device: torch.device) -> list[tuple[str, float, str]]:
     return [(f"Inception features (pool + sFID), 256 px uint8 -> 299, batch {batch}", batch / _timed(run, repeats=2), "images/s")]
 
 
-def bench_sample(device: torch.device) -> list[tuple[str, float, str]]:
+def bench_sample(device: torch.device) -> list[Row]:
     """Sampling throughput: SiT 250-step SDE with cfg 4, latents only (the VAE decode of 50,000
     images costs minutes, the sampler hours). On CUDA also the model-FLOP utilisation, the
     projected hours for 50,000 samples, and the same for the guidance interval [0, 0.75]
-    of the REPA/ReaLS protocol."""
+    of the REPA/ReaLS protocol. On a CPU also what padding a small batch up to a fixed
+    forward batch cost (`--forward-batch`, before it was opt-in)."""
     from .models.dit import build_dit, dit_flops
     from .objectives.samplers import guided, noise_level, resolve_sampler, run_sampler
     from .objectives.transport import Transport
@@ -319,12 +367,13 @@ def bench_sample(device: torch.device) -> list[tuple[str, float, str]]:
     objective = Transport()
     batch, steps = (256, 50) if cuda else (2, 5)  # per-step cost is constant: measured over `steps`, scaled to 250
 
-    def rate(model, rows: int, interval: tuple[float, float]) -> float:
-        @partial(in_fixed_batches, rows=rows)  # = `reals sample --batch-size {batch} --forward-batch {rows}`
-        def net(x, t, y):
+    def rate(model, rows: int | None, interval: tuple[float, float], steps: int = steps) -> float:
+        """= `reals sample --batch-size {batch} --forward-batch {rows}`; rows None: no padding, the default."""
+        def forward(x, t, y):
             with autocast(device, "bf16"):
                 return model(x, t, y).float()
 
+        net = forward if rows is None else in_fixed_batches(forward, rows)
         guide = guided(net, 4.0, interval, noise_level(objective), model.null_class, 4)
         x = torch.randn(batch, 4, 32, 32, device=device)
         y = torch.randint(0, 1000, (batch,), device=device)
@@ -333,7 +382,8 @@ def bench_sample(device: torch.device) -> list[tuple[str, float, str]]:
             with torch.inference_mode():  # the per-sample noise streams of `reals sample`, as it draws them
                 run_sampler(objective, spec, guide, x, y, SampleNoise(0, range(batch), (4, 32, 32), device))
 
-        run(resolve_sampler("sit", "sde", 3))  # warm-up (and compilation) on a short run
+        if cuda:
+            run(resolve_sampler("sit", "sde", 3))  # warm-up (and compilation) on a short run
         return batch / _timed(run, repeats=1, warmup=0) * steps / 250
 
     rows = []
@@ -343,10 +393,16 @@ def bench_sample(device: torch.device) -> list[tuple[str, float, str]]:
             torch._dynamo.reset()
             model.compile_blocks(device)  # = `reals sample --compile`
         what = f"{name}, 250-step SDE, cfg 4, 256 px latents, batch {batch}"
-        full = rate(model, 2 * batch, (0.0, 1.0))
-        rows.append((f"{what}, forward batch {2 * batch}{', --compile, bf16' if cuda else ''} "
+        # Compiled: one graph at a full batch's rows, as `reals sample --compile` takes it.
+        full = rate(model, 2 * batch if cuda else None, (0.0, 1.0))
+        rows.append((f"{what}, {f'forward batch {2 * batch}, --compile, bf16' if cuda else 'no padded row (the default)'} "
                      f"(measured over {steps} steps)", full, "images/s"))
         if not cuda:
+            if "B/2" in name:  # 4 rows a pass against 16: the issue's --batch-size 16 under a forward batch of 128, scaled
+                unpadded, padded = _interleaved(lambda: rate(model, None, (0.0, 1.0), steps=2),
+                                                lambda: rate(model, 8 * batch, (0.0, 1.0), steps=2))
+                rows.append(_ratio(f"{name}, batch {batch}: ratio no padded row (default) / --forward-batch {8 * batch}",
+                                   unpadded, padded))
             continue
         flops = 250 * 2 * dit_flops(name, 32, 4)  # per image: 250 steps, a conditional and an unconditional row
         peak = _peak_flops(device)
@@ -386,7 +442,7 @@ def _kernel_shares(prof, count: int) -> tuple[float, dict[str, float]]:
     return total / count / 1e3, {k: 100 * v / total for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
 
 
-def bench_profile(device: torch.device) -> list[tuple[str, float, str]]:
+def bench_profile(device: torch.device) -> list[Row]:
     """Where the GPU time goes (CUDA only): the kernel time of DiT-XL/2 `train_dit` steps
     (batch 128, --compile) and of SiT-XL/2 sampling forwards (512 rows, --compile, bf16), split
     by kernel kind, next to the wall time per step; then the training rate with xformers in
@@ -454,7 +510,7 @@ def bench_profile(device: torch.device) -> list[tuple[str, float, str]]:
     return rows
 
 
-BENCHMARKS: dict[str, Callable[[torch.device], list[tuple[str, float, str]]]] = {
+BENCHMARKS: dict[str, Callable[[torch.device], list[Row]]] = {
     "train-vae": bench_train_vae,
     "encode": bench_encode,
     "latent-reads": bench_latent_reads,
@@ -465,18 +521,31 @@ BENCHMARKS: dict[str, Callable[[torch.device], list[tuple[str, float, str]]]] = 
 }
 
 
+def _spread(extra: list) -> str:
+    return f"{extra[0]['min']:.4g} to {extra[0]['max']:.4g} ({extra[0]['pairs']} pairs)" if extra else ""
+
+
 def write_page(results: dict, out: Path) -> None:
+    newest = max((r["date"] for r in results.values()), default="")
     lines = [
         "# Benchmarks", "",
         "Made by `make bench` (`python -m reals_cli.bench`), and on a GPU by `make gpu-check`;",
-        "each section names its machine, date and command.",
-        "CPU numbers are for ratios measured in the same run; absolute times mean something only on a GPU.", "",
+        "each section names its machine, date and command. Sections dated before the newest were",
+        "kept from that earlier run, as measured then (GPU sections need a GPU to remeasure).", "",
+        "A ratio of A to B comes from A and B timed interleaved (A, B, A, B, ...): each pair ran",
+        "under the same background load. The value is the median of the pairs' ratios, the spread",
+        "their min and max; the rates beside it are medians of the same runs. CPU numbers are for",
+        "those ratios; absolute times mean something only on a GPU.", "",
     ]
     for key in sorted(results):
         r = results[key]
-        lines += [f"## {r['benchmark']} on {r['device']}", "", f"Machine: {r['machine']}. Date: {r['date']}. Command: `{r['command']}`.", "",
-                  "| what | value | unit |", "|---|---|---|"]
-        lines += [f"| {what} | {value:.4g} | {unit} |" for what, value, unit in r["rows"]]
+        kept = f" Kept from the run of {r['date']}, not remeasured since." if r["date"] != newest else ""
+        load = (f" Load average (1 min) before and after: {r['load'][0]:.2f}, {r['load'][1]:.2f}."
+                if "load" in r else "")
+        lines += [f"## {r['benchmark']} on {r['device']}", "",
+                  f"Machine: {r['machine']}. Date: {r['date']}. Command: `{r['command']}`.{load}{kept}", "",
+                  "| what | value | unit | spread |", "|---|---|---|---|"]
+        lines += [f"| {what} | {value:.4g} | {unit} | {_spread(extra)} |" for what, value, unit, *extra in r["rows"]]
         lines.append("")
     atomic_write_bytes(out, "\n".join(lines).encode())
 
@@ -493,13 +562,14 @@ def main(out: str, only: tuple[str, ...], device: str) -> None:
     results = json.loads(store.read_text()) if store.is_file() else {}
     for name in only or BENCHMARKS:
         console.print(Text.assemble((f"bench {name}", "bold"), f" on {dev}"))
-        start = time.perf_counter()
+        start, load = time.perf_counter(), os.getloadavg()[0]  # others' work on the cores, for the record
         rows = BENCHMARKS[name](dev)
         if not rows:  # a benchmark for another device
             continue
         results[f"{name}@{dev.type}"] = {
             "benchmark": name, "device": dev.type, "machine": describe_machine(dev), "rows": rows,
             "date": time.strftime("%Y-%m-%d"), "seconds": time.perf_counter() - start,
+            "load": [load, os.getloadavg()[0]],
             "command": "python -m reals_cli.bench " + " ".join(sys.argv[1:]),
         }
         atomic_write_json(store, results)

@@ -49,3 +49,48 @@ def test_kernel_shares_sort_kernels_by_kind():
     empty = SimpleNamespace(key_averages=lambda: [SimpleNamespace(key="aten::mm", device_type=cpu, self_device_time_total=1.0)])
     per_step_ms, shares = bench._kernel_shares(empty, count=2)
     assert shares == {} and per_step_ms != per_step_ms  # NaN: no kernel seen
+
+
+def test_ratios_are_timed_interleaved_with_their_median_and_spread():
+    order = []
+    rates_a, rates_b = iter([10.0, 30.0, 20.0]), iter([10.0, 10.0, 5.0])
+    a, b = bench._interleaved(lambda: order.append("A") or next(rates_a), lambda: order.append("B") or next(rates_b))
+    assert order == ["A", "B"] * bench.PAIRS
+    # pairs 1, 3 and 4: not the 2 of median(a) / median(b)
+    assert bench._ratio("r", a, b) == ("r", 3.0, "x", {"min": 1.0, "max": 4.0, "pairs": 3})
+
+
+def test_train_dit_on_a_cpu_alternates_train_dit_and_the_reference(monkeypatch):
+    order = []
+
+    def fake_run(device, name, compile, batch=None, steps=None):
+        order.append(("train_dit", name, steps))
+        return {"rate": 2.0 * len(order), "tflops": 0.1}
+
+    def fake_reference(device, name):
+        order.append(("reference", name))
+        return 2.0
+
+    monkeypatch.setattr(bench, "_train_dit_run", fake_run)
+    monkeypatch.setattr(bench, "_reference_step_rate", fake_reference)
+    rows = bench.bench_train_dit(torch.device("cpu"))
+    assert order[:4] == [("train_dit", "DiT-S/2", 4), ("reference", "DiT-S/2")] * 2
+    ratios = [row for row in rows if row[2] == "x"]
+    assert [row[0] for row in ratios] == ["DiT-S/2 ratio `train_dit` / reference", "DiT-B/2 ratio `train_dit` / reference"]
+    assert ratios[0][1:] == (3.0, "x", {"min": 1.0, "max": 5.0, "pairs": 3})  # train_dit at 2, 6, 10 images/s
+
+
+def test_page_shows_the_spread_and_which_sections_were_kept(tmp_path):
+    results = {
+        "encode@cpu": {"benchmark": "encode", "device": "cpu", "machine": "m", "date": "2026-12-01", "command": "c",
+                       "load": [0.5, 1.25], "rows": [["rate", 100.0, "images/s"],
+                                                     ["ratio a / b", 0.95, "x", {"min": 0.93, "max": 0.97, "pairs": 3}]]},
+        "sample@cuda": {"benchmark": "sample", "device": "cuda", "machine": "H100", "date": "2026-11-26", "command": "c",
+                        "rows": [["images/s", 3.5, "images/s"]]},
+    }
+    bench.write_page(results, tmp_path / "b.md")
+    page = (tmp_path / "b.md").read_text()
+    assert "| ratio a / b | 0.95 | x | 0.93 to 0.97 (3 pairs) |" in page and "| rate | 100 | images/s |  |" in page
+    assert "Load average (1 min) before and after: 0.50, 1.25." in page
+    cuda = page[page.index("## sample on cuda"):]
+    assert "Kept from the run of 2026-11-26, not remeasured since." in cuda and "Kept" not in page[:page.index("## sample")]

@@ -224,7 +224,7 @@ def test_xformers_cuda12_runtime_is_found_as_a_file_on_sys_path(tmp_path, monkey
 def test_auto_and_sdpa_never_load_a_cuda_runtime(monkeypatch):
     """auto is sdpa on CUDA too (faster on the H100), so the CUDA 12 runtime that xformers'
     wheels link is loaded only for --attn xformers, and only into a torch of another CUDA."""
-    import reals_cli.attention
+    import reals_cli.models.attention
 
     calls = []
 
@@ -232,9 +232,9 @@ def test_auto_and_sdpa_never_load_a_cuda_runtime(monkeypatch):
         calls.append(torch.version.cuda)
         raise AssertionError("the CUDA 12 runtime was loaded")
 
-    monkeypatch.setattr(reals_cli.attention, "_preload_cuda12_runtime", preload)
+    monkeypatch.setattr(reals_cli.models.attention, "_preload_cuda12_runtime", preload)
     monkeypatch.setattr(torch.version, "cuda", "13.0")
-    reals_cli.attention._xformers_works.cache_clear()
+    reals_cli.models.attention._xformers_works.cache_clear()
     try:
         for device in ("cuda", "cpu"):
             assert resolve_attention("auto", device) == resolve_attention("sdpa", device) == "sdpa"
@@ -245,13 +245,13 @@ def test_auto_and_sdpa_never_load_a_cuda_runtime(monkeypatch):
         with pytest.raises(UserError, match="xformers attention is not usable on cuda"):
             resolve_attention("xformers", "cuda")  # the failing preload makes xformers unusable
         assert calls == ["13.0"]
-        reals_cli.attention._xformers_works.cache_clear()
+        reals_cli.models.attention._xformers_works.cache_clear()
         monkeypatch.setattr(torch.version, "cuda", "12.8")
         with contextlib.suppress(UserError):  # no GPU or no xformers here
             resolve_attention("xformers", "cuda")
         assert calls == ["13.0"]
     finally:
-        reals_cli.attention._xformers_works.cache_clear()  # for the CUDA tests after this one
+        reals_cli.models.attention._xformers_works.cache_clear()  # for the CUDA tests after this one
 
 
 def test_importing_the_cli_loads_no_cuda_runtime(tmp_path):
@@ -269,8 +269,8 @@ def test_importing_the_cli_loads_no_cuda_runtime(tmp_path):
             "    return load(name, *a, **k)\n"
             "ctypes.CDLL = refuse\n"
             "torch.version.cuda = '13.0'\n"
-            "import reals_cli.cli, reals_cli.sample, reals_cli.train_dit\n"
-            "from reals_cli.attention import resolve_attention\n"
+            "import reals_cli.cli, reals_cli.pipeline.sample, reals_cli.pipeline.train_dit\n"
+            "from reals_cli.models.attention import resolve_attention\n"
             "print(resolve_attention('auto', 'cuda'))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout == "sdpa\n", (done.returncode, done.stderr)

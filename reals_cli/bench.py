@@ -540,8 +540,9 @@ def write_page(results: dict, out: Path) -> None:
     for key in sorted(results):
         r = results[key]
         kept = f" Kept from the run of {r['date']}, not remeasured since." if r["date"] != newest else ""
-        load = (f" Load average (1 min) before and after: {r['load'][0]:.2f}, {r['load'][1]:.2f}."
-                if "load" in r else "")
+        load = (f" Load average (1 min) before and after: {r['load'][0]:.2f}, {r['load'][1]:.2f} on {r['cpus']} cores"
+                + (": shared with other jobs, so the rates are slowed and the spreads wide." if max(r["load"]) > r["cpus"]
+                   else ".") if "load" in r else "")
         lines += [f"## {r['benchmark']} on {r['device']}", "",
                   f"Machine: {r['machine']}. Date: {r['date']}. Command: `{r['command']}`.{load}{kept}", "",
                   "| what | value | unit | spread |", "|---|---|---|---|"]
@@ -569,7 +570,7 @@ def main(out: str, only: tuple[str, ...], device: str) -> None:
         results[f"{name}@{dev.type}"] = {
             "benchmark": name, "device": dev.type, "machine": describe_machine(dev), "rows": rows,
             "date": time.strftime("%Y-%m-%d"), "seconds": time.perf_counter() - start,
-            "load": [load, os.getloadavg()[0]],
+            "load": [load, os.getloadavg()[0]], "cpus": os.cpu_count(),
             "command": "python -m reals_cli.bench " + " ".join(sys.argv[1:]),
         }
         atomic_write_json(store, results)

@@ -83,7 +83,7 @@ def test_train_dit_on_a_cpu_alternates_train_dit_and_the_reference(monkeypatch):
 def test_page_shows_the_spread_and_which_sections_were_kept(tmp_path):
     results = {
         "encode@cpu": {"benchmark": "encode", "device": "cpu", "machine": "m", "date": "2026-12-01", "command": "c",
-                       "load": [0.5, 1.25], "rows": [["rate", 100.0, "images/s"],
+                       "load": [0.5, 2.25], "cpus": 2, "rows": [["rate", 100.0, "images/s"],
                                                      ["ratio a / b", 0.95, "x", {"min": 0.93, "max": 0.97, "pairs": 3}]]},
         "sample@cuda": {"benchmark": "sample", "device": "cuda", "machine": "H100", "date": "2026-11-26", "command": "c",
                         "rows": [["images/s", 3.5, "images/s"]]},
@@ -91,6 +91,6 @@ def test_page_shows_the_spread_and_which_sections_were_kept(tmp_path):
     bench.write_page(results, tmp_path / "b.md")
     page = (tmp_path / "b.md").read_text()
     assert "| ratio a / b | 0.95 | x | 0.93 to 0.97 (3 pairs) |" in page and "| rate | 100 | images/s |  |" in page
-    assert "Load average (1 min) before and after: 0.50, 1.25." in page
+    assert "Load average (1 min) before and after: 0.50, 2.25 on 2 cores: shared with other jobs" in page
     cuda = page[page.index("## sample on cuda"):]
     assert "Kept from the run of 2026-11-26, not remeasured since." in cuda and "Kept" not in page[:page.index("## sample")]

@@ -455,12 +455,12 @@ def test_batch_size_and_ranks_do_not_change_the_samples(ckpts, tmp_path, monkeyp
         else:
             assert np.abs(z - ref_z).max() <= 1e-6 * np.abs(ref_z).max()  # float32 rounding
             assert np.abs(images.astype(int) - ref_images).max() <= 1
-    if not forward_batch:  # so the batch size is part of the protocol
-        with pytest.raises(UserError, match=r"holds samples made with other settings: batch_size 2 \(now 3\)"):
-            _run(ckpts, tmp_path / "one", batch_size=3, **kw)
     monkeypatch.setenv("WORLD_SIZE", "2")
     for rank in (1, 0):  # rank 0 assembles once every block is there
         monkeypatch.setenv("RANK", str(rank))
+        if rank == 0 and not forward_batch:  # so the batch size is part of the protocol of a run to finish
+            with pytest.raises(UserError, match=r"holds samples made with other settings: batch_size 2 \(now 3\)"):
+                _run(ckpts, tmp_path / "two", batch_size=3, **kw)
         result = _run(ckpts, tmp_path / "two", **kw)
         assert result["generated"] == (2 if rank == 1 else 3)  # blocks 1 and 0, 2 (of 2, 2, 1 samples)
     images, labels, z = _outputs(tmp_path / "two")
@@ -536,14 +536,15 @@ def test_resume_after_sigkill_equals_uninterrupted(ckpts, tmp_path):
 
 
 def test_folders_made_before_png_and_attention_changed_are_accepted(ckpts, tmp_path):
-    """Sample folders from before PNGs left the protocol (a `png` key) and before the attention
-    kernel entered it (no `attention` key): a finished one takes --png, an unfinished one resumes."""
+    """Sample folders from before PNGs left the protocol (a `png` key), before the attention
+    kernel entered it (no `attention` key) and from when every pass had 128 rows: a finished one
+    takes --png, an unfinished one resumes; one with blocks made in 128-row passes only with them."""
     args = _cli(ckpts / "sit", tmp_path / "old")
     assert CliRunner().invoke(main, args).exit_code == 0
     manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
     config = manifest["config"]
     del config["attention"]
-    config.update(png=False, png_dir=None)
+    config.update(png=False, png_dir=None, forward_batch=128)  # the old default's fixed passes
     (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
     result = CliRunner().invoke(main, [*args, "--png"])
     assert result.exit_code == 0 and "wrote 12 missing PNGs" in " ".join(result.output.split()), result.output
@@ -553,6 +554,10 @@ def test_folders_made_before_png_and_attention_changed_are_accepted(ckpts, tmp_p
     after_protocol = {"image_size", "latent_shape", "latent_mean", "latent_std", "batch_size", "device", "latents_id", "png_dir"}
     (unfinished / "parts").mkdir(parents=True)
     (unfinished / "parts" / "protocol.json").write_text(json.dumps({k: v for k, v in config.items() if k not in after_protocol}))
+    (unfinished / "parts" / "block_000000.npz").touch()  # a block made: the protocol holds
+    result = CliRunner().invoke(main, _cli(ckpts / "sit", unfinished))
+    assert result.exit_code == 2 and "forward_batch 128 (now None)" in result.output, result.output
+    (unfinished / "parts" / "block_000000.npz").unlink()
     result = CliRunner().invoke(main, _cli(ckpts / "sit", unfinished))
     assert result.exit_code == 0, result.output
     assert all(np.array_equal(u, v) for u, v in zip(_outputs(tmp_path / "old"), _outputs(unfinished)))

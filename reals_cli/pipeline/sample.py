@@ -177,11 +177,13 @@ def _claim(out: Path, protocol: dict, world: int) -> None:
         artifacts.discard_temporary(parts)
 
 
-def _same_protocol(out: Path, saved: dict, protocol: dict, any_attention: bool = False) -> None:
+def _same_protocol(out: Path, saved: dict, protocol: dict, any_attention: bool = False, any_rows: bool = False) -> None:
     """Refuse `out` if its run had another protocol. Left out of the comparison: `png`, which
-    was part of it before PNGs were written from samples.npz, and the attention kernel where
-    the run predates its record or where any will do (`any_attention`)."""
-    skip = {"png"} | ({"attention"} if any_attention or "attention" not in saved else set())
+    was part of it before PNGs were written from samples.npz, the attention kernel where
+    the run predates its record or where any will do (`any_attention`), and the passes' row
+    counts, which change only the rounding, where any will do (`any_rows`)."""
+    skip = {"png"} | ({"attention"} if any_attention or "attention" not in saved else set()) \
+        | ({"forward_batch", "batch_size"} if any_rows else set())
     changed = [f"{k} {saved.get(k)!r} (now {protocol.get(k)!r})" for k in sorted((set(saved) | set(protocol)) - skip)
                if saved.get(k) != protocol.get(k)]
     if changed:
@@ -228,9 +230,10 @@ def _sample(cfg: SampleConfig, held: contextlib.ExitStack) -> dict:
     if artifacts.check_output_folder(out, KIND, [PARTS, NPZ, GRID, LATENTS, PNG_DIR], "reals sample"):
         done = artifacts.read_manifest(out, KIND, FORMAT_VERSION)
         # Run again on a finished folder, `--attn auto` accepts the kernel it was made with:
-        # on another machine auto may resolve to another, and nothing is generated here.
+        # on another machine auto may resolve to another, and nothing is generated here. So
+        # do the default passes accept its rows (a folder of the old default, --forward-batch 128).
         saved = {k: done["config"][k] for k in protocol if k in done["config"]}
-        _same_protocol(out, saved, protocol, any_attention=cfg.attn == "auto")
+        _same_protocol(out, saved, protocol, any_attention=cfg.attn == "auto", any_rows=cfg.forward_batch is None)
         shutil.rmtree(out / PARTS, ignore_errors=True)  # a run killed right after its manifest
         written = write_pngs(out) if cfg.png and rank == 0 else 0
         then = f"wrote {written} missing PNG{'s' * (written > 1)} into {out / PNG_DIR}" if written else "nothing to do"

@@ -15,7 +15,6 @@ import shutil
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 from typing import Callable
 from unittest import mock
@@ -472,27 +471,31 @@ def bench_profile(device: torch.device) -> list[Row]:
     rows += [(f"{what}: wall time", 1e3 * run["batch"] / run["rate"], "ms"), (f"{what}: GPU kernel time", busy, "ms")]
     rows += [(f"{what}: share of kernel time in {kind}", share, "%") for kind, share in shares.items()]
 
-    model = build_dit("SiT-XL/2", 32, 4, 1000).to(device).eval()
-    torch._dynamo.reset()
-    model.compile_blocks(device)
-    x = torch.randn(512, 4, 32, 32, device=device)
-    t = torch.rand(512, device=device)
-    y = torch.randint(0, 1000, (512,), device=device)
+    def sampling_forward() -> list:  # its own scope: the model and inputs are freed when it returns
+        rows = []
+        model = build_dit("SiT-XL/2", 32, 4, 1000).to(device).eval()
+        torch._dynamo.reset()
+        model.compile_blocks(device)
+        x = torch.randn(512, 4, 32, 32, device=device)
+        t = torch.rand(512, device=device)
+        y = torch.randint(0, 1000, (512,), device=device)
 
-    def forward():
-        with torch.inference_mode(), autocast(device, "bf16"):
-            model(x, t, y)
+        def forward():
+            with torch.inference_mode(), autocast(device, "bf16"):
+                model(x, t, y)
 
-    wall = _timed(forward, repeats=active, warmup=3)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(active):
-            forward()
-        torch.cuda.synchronize()
-    what = "SiT-XL/2 sampling forward, 512 rows, --compile, bf16"
-    busy, shares = _kernel_shares(prof, active)
-    rows += [(f"{what}: wall time", 1e3 * wall, "ms"), (f"{what}: GPU kernel time", busy, "ms")]
-    rows += [(f"{what}: share of kernel time in {kind}", share, "%") for kind, share in shares.items()]
-    del model, x
+        wall = _timed(forward, repeats=active, warmup=3)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(active):
+                forward()
+            torch.cuda.synchronize()
+        what = "SiT-XL/2 sampling forward, 512 rows, --compile, bf16"
+        busy, shares = _kernel_shares(prof, active)
+        rows += [(f"{what}: wall time", 1e3 * wall, "ms"), (f"{what}: GPU kernel time", busy, "ms")]
+        rows += [(f"{what}: share of kernel time in {kind}", share, "%") for kind, share in shares.items()]
+        return rows
+
+    rows += sampling_forward()
 
     peak = _peak_flops(device)
     for attn, batch in (("xformers", 128), ("auto", 256)):

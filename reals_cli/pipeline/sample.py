@@ -239,7 +239,9 @@ def _sample(cfg: SampleConfig, held: contextlib.ExitStack) -> dict:
         then = f"wrote {written} missing PNG{'s' * (written > 1)} into {out / PNG_DIR}" if written else "nothing to do"
         console.print(f"{out} is already complete ({n} samples); {then}", soft_wrap=True)
         return {"manifest": done, "already": True, "generated": 0}
-    vae = load_vae(vae_path, config, cfg.ckpt)  # before any output: a wrong VAE must not start a run
+    # Before any output: a wrong VAE, or weights changed or not finite, must not start a run.
+    vae = load_vae(vae_path, config, cfg.ckpt)
+    model = load_model(cfg.ckpt, manifest, cfg.ema, resolve_attention(cfg.attn, device))
     if rank == 0:  # one run a folder: a job submitted twice stops here
         held.enter_context(artifacts.hold_folder(out, "reals sample", keep=[PARTS]))  # _claim clears parts
     _claim(out, protocol, world)
@@ -253,7 +255,7 @@ def _sample(cfg: SampleConfig, held: contextlib.ExitStack) -> dict:
                       soft_wrap=True)
     mine = [b for b in range(num_blocks) if b % world == rank and not done[b]]
     labels = np.array([classes[i % len(classes)] for i in range(n)], dtype=np.int64)
-    generated, loop_s = (_generate(cfg, config, manifest, spec, vae, device, mine, labels, parts, rank, world)
+    generated, loop_s = (_generate(cfg, config, model, spec, vae, device, mine, labels, parts, rank, world)
                          if mine else (0, 0.0))
     rate = generated / loop_s if generated else 0.0
     summary = {"generated": generated, "images_per_s": rate, "seconds": time.perf_counter() - started}
@@ -360,11 +362,11 @@ def generate(model: DiT, config: dict, vae, labels: torch.Tensor, indices: range
     return _to_uint8(decode(z)), z.cpu().numpy()
 
 
-def _generate(cfg, config, manifest, spec, bundle, device, blocks, labels, parts, rank, world) -> tuple[int, float]:
+def _generate(cfg, config, model, spec, bundle, device, blocks, labels, parts, rank, world) -> tuple[int, float]:
     """Make and write this rank's blocks; (samples made, seconds). Each block's part file keeps
     its images, latents, labels and the rows it put through the network."""
     allow_tf32(device)
-    model = load_model(cfg.ckpt, manifest, cfg.ema, resolve_attention(cfg.attn, device)).to(device)
+    model = model.to(device)
     if cfg.compile:
         model.compile_blocks(device)
     vae = bundle.vae.to(device)

@@ -38,7 +38,7 @@ COLUMNS = [  # (header, key, format)
 ]
 
 
-def _json(path: Path) -> dict | None:
+def json_or_none(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -48,20 +48,20 @@ def _json(path: Path) -> dict | None:
 def variants(root: Path) -> list[Path]:
     """Sub-folders holding a finished VAE: the `baseline` first, as in the paper's tables, then by KL weight."""
     found = [p for p in root.iterdir() if (p / "vae" / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: (p.name != "baseline", _json(p / "vae" / MANIFEST)["config"].get("kl", 0), p.name))
+    return sorted(found, key=lambda p: (p.name != "baseline", json_or_none(p / "vae" / MANIFEST)["config"].get("kl", 0), p.name))
 
 
 # (task, the score each VAE's row shows, the heading of the task's own table)
 PROBES = (("seg", "miou", "Segmentation probe"), ("depth", "rmse", "Depth probe"))
 
 
-def _probe_evaluations(root: Path) -> dict[str, dict]:
+def probe_evaluations(root: Path) -> dict[str, dict]:
     """{task: its eval-test/metrics.json} for the probe evaluations under root."""
-    found = {task: _json(root / task / "eval-test" / "metrics.json") for task, _, _ in PROBES}
+    found = {task: json_or_none(root / task / "eval-test" / "metrics.json") for task, _, _ in PROBES}
     return {task: m for task, m in found.items() if m}
 
 
-def _probe_results(evaluations: dict[str, dict]) -> dict[str, dict]:
+def probe_results(evaluations: dict[str, dict]) -> dict[str, dict]:
     """{VAE id: {"miou" or "rmse": value}}: each probe score under the VAE it was measured through."""
     by_vae: dict[str, dict] = {}
     for task, key, _ in PROBES:
@@ -75,7 +75,7 @@ def _probe_results(evaluations: dict[str, dict]) -> dict[str, dict]:
 def variant_row(folder: Path, probes: dict[str, dict]) -> dict:
     """Every number the pipeline measured for one variant (absent ones left out)."""
     row: dict = {}
-    vae = _json(folder / "vae" / MANIFEST)
+    vae = json_or_none(folder / "vae" / MANIFEST)
     if vae:
         v = vae["metrics"]
         row |= {"psnr": v.get("psnr"), "lpips": v.get("lpips"), "cos_patch": v.get("align_cos_patch"),
@@ -83,17 +83,17 @@ def variant_row(folder: Path, probes: dict[str, dict]) -> dict:
                 "align_weight": vae["config"].get("align_weight")}
         if v.get("latent_std"):
             row["latent_std"] = sum(v["latent_std"]) / len(v["latent_std"])
-    dit = _json(folder / "sit" / MANIFEST)
+    dit = json_or_none(folder / "sit" / MANIFEST)
     if dit:
         row["dit_loss"] = dit["metrics"].get("final_loss")
     for name, suffix in (("fid.json", ""), ("fid-nocfg.json", "_nocfg")):
-        fid = _json(folder / name)
+        fid = json_or_none(folder / name)
         if fid:
             row[f"fid{suffix}"] = fid.get("fid")
             if not suffix:
                 row |= {k: fid.get(k) for k in ("sfid", "precision", "recall")}
                 row["fid_label"] = fid.get("label")
-    analysis = _json(folder / "analysis" / "analysis.json")
+    analysis = json_or_none(folder / "analysis" / "analysis.json")
     if analysis:
         row["probe_acc"] = analysis["stores"][0]["probe"]["test_accuracy"]
     row |= probes.get(vae["id"], {}) if vae else {}
@@ -125,10 +125,10 @@ def _manifests(root: Path) -> list[tuple[Path, dict]]:
         if path.name == "metrics.json" and (path.parent / MANIFEST).is_file():
             continue  # a probe evaluation's: its manifest records the same command
         if path.name in (MANIFEST, "metrics.json") or path.parent == root or path.name.startswith("fid"):
-            m = _json(path)
+            m = json_or_none(path)
         elif path.name == "zarr.json" and path.parent.suffix == ".zarr" and not (path.parent.parent / MANIFEST).is_file():
             # an `encode` store keeps it in its attributes (a store inside another artifact is that one's)
-            m = (_json(path) or {}).get("attributes")
+            m = (json_or_none(path) or {}).get("attributes")
             path = path.parent
         else:
             continue
@@ -139,7 +139,7 @@ def _manifests(root: Path) -> list[tuple[Path, dict]]:
 
 def _grid_rows(samples: Path) -> str:
     """The class of each row of `reals sample`'s grid: the first ten classes drawn, by class id."""
-    classes = ((_json(samples / "latents.zarr" / "zarr.json") or {}).get("attributes") or {}).get("classes")
+    classes = ((json_or_none(samples / "latents.zarr" / "zarr.json") or {}).get("attributes") or {}).get("classes")
     try:
         with np.load(samples / "samples.npz") as npz:
             labels = npz["arr_1"].tolist()
@@ -172,8 +172,8 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None, 
         raise UserError(f"{root} holds no <variant>/vae/{MANIFEST}: no finished train-vae step to report on")
     out = Path(out) if out else root / "report.md"
     check_output_file(out, "--out", "report.md")  # before the pictures and the plot are written beside it
-    evaluations = _probe_evaluations(root)
-    probes = _probe_results(evaluations)
+    evaluations = probe_evaluations(root)
+    probes = probe_results(evaluations)
     rows = {p.name: variant_row(p, probes) for p in found}
     headers, cells = results_table(rows)
     md = [f"# {title or f'ReaLS pipeline report: {root}'}", "", f"Machine: {describe_machine()}.", "",

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..artifacts import atomic_path, atomic_write_bytes, atomic_write_json
 from ..errors import UserError
-from .report import _json, _probe_evaluations, _probe_results, markdown_table, variant_row
+from .report import json_or_none, markdown_table, probe_evaluations, probe_results, variant_row
 
 PROTOCOL = "protocol.json"
 REQUIRED = ("variants", "seeds", "steps", "fid_samples")
@@ -90,7 +90,7 @@ def collect(root: str | os.PathLike) -> dict:
     protocol = json.loads((root / PROTOCOL).read_text())
     seeds, steps = list(protocol["seeds"]), sorted(protocol["steps"])
     missing, variants = [], {}
-    probes = _probe_results(_probe_evaluations(root))
+    probes = probe_results(probe_evaluations(root))
     for variant in protocol["variants"]:
         curves = {key: [] for key, *_ in METRICS}
         for step in steps:
@@ -99,7 +99,7 @@ def collect(root: str | os.PathLike) -> dict:
                 files = {}
                 for name in {m[1] for m in METRICS}:
                     path = step_folder(root, variant, seed, step) / name
-                    files[name] = _json(path)
+                    files[name] = json_or_none(path)
                     if files[name] is None:
                         missing.append(path)
                 fid = files["fid.json"]
@@ -120,7 +120,7 @@ def collect(root: str | os.PathLike) -> dict:
     if missing:
         raise UserError(f"{len(missing)} result files are missing under {root} (e.g. {missing[0]}); run `make repro` "
                         f"to finish the experiment")
-    result = {"protocol": protocol, "variants": variants, "probes": _probe_evaluations(root)}
+    result = {"protocol": protocol, "variants": variants, "probes": probe_evaluations(root)}
     if "baseline" in variants and "reals" in variants:
         base, reals = variants["baseline"], variants["reals"]
         result["comparison"] = {

@@ -123,3 +123,21 @@ def test_goal_needs_both_the_reduction_and_apart_intervals():
     assert goal(arm([40.0, 41.0, 42.0]), arm([30.0, 31.0, 32.0]), "fid")["met"] is True  # 26% lower, apart
     assert goal(arm([40.0, 41.0, 42.0]), arm([36.0, 37.0, 38.0]), "fid")["met"] is False  # apart, but 10% lower
     assert goal(arm([40.0]), arm([30.0]), "fid")["met"] is None  # one seed: no interval
+
+
+def test_inception_at_the_fid_steps_only_and_the_classifier_at_every_step(tmp_path):
+    """`fid_steps` [200]: step 100 needs no fid.json (its FID is None, not a missing run), the
+    classifier's curve has both steps, and the page and plot are still written."""
+    _experiment(tmp_path, FID)
+    (tmp_path / "protocol.json").write_text(json.dumps(PROTOCOL | {"fid_steps": [200]}))
+    for variant in FID:
+        for seed in PROTOCOL["seeds"]:
+            (step_folder(tmp_path, variant, seed, 100) / "fid.json").unlink()
+    r = write_reproduction(tmp_path, tmp_path / "r.json", tmp_path / "r.md")
+    for variant, per_step in FID.items():
+        curves = r["variants"][variant]["curves"]
+        assert curves["fid"][0]["mean"] is None and curves["fid"][1]["per_seed"] == per_step[1]
+        assert [p["per_seed"] for p in curves["classifier_fd"]] == [[x / 10 for x in s] for s in per_step]
+    (step_folder(tmp_path, "reals", 0, 200) / "fid.json").unlink()  # a fid step's file is still required
+    with pytest.raises(UserError, match="1 result files are missing"):
+        collect(tmp_path)

@@ -632,14 +632,17 @@ def test_bad_input_is_one_line(ckpts, tmp_path, extra, message):
         assert "pass --vae PATH" in result.output
 
 
-def test_a_run_that_failed_before_its_first_block_does_not_hold_the_folder(ckpts, tmp_path):
-    damaged = tmp_path / "damaged"
-    shutil.copytree(ckpts / "sit", damaged)
-    weights = damaged / "ema.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+def test_a_run_that_failed_before_its_first_block_does_not_hold_the_folder(ckpts, tmp_path, monkeypatch):
+    from reals_cli.pipeline import sample as sample_module
+
+    def out_of_memory(*args, **kwargs):  # fails after the folder is claimed, before any block is written
+        raise UserError("CUDA out of memory")
+
     out = tmp_path / "o"
-    with pytest.raises(UserError, match="does not match the hash in its manifest"):
-        sample(SampleConfig(ckpt=str(damaged), out=str(out), num_samples=2, steps=3, device="cpu"))
+    with monkeypatch.context() as m:
+        m.setattr(sample_module, "_generate", out_of_memory)
+        with pytest.raises(UserError, match="out of memory"):
+            sample(SampleConfig(ckpt=str(ckpts / "sit"), out=str(out), num_samples=2, steps=3, device="cpu"))
     assert (out / "parts" / "protocol.json").is_file()  # written, but no block made under it
     _run(ckpts, out)  # another checkpoint and other settings: nothing to keep, so it runs
     assert read_manifest(out, "samples", 1)["config"]["steps"] == 5

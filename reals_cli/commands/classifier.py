@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .options import device_option, seed_option
+from .options import FiniteFloat, device_option, seed_option
 
 
 @click.group("classifier", short_help="A domain classifier: its feature-space FD and class accuracy of samples.")
@@ -21,7 +21,7 @@ def classifier() -> None:
 @click.option("--image-size", default=32, show_default=True, type=click.IntRange(min=8), help="ADM centre-crop size.")
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1), help="Passes over train/.")
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1), help="Images per step.")
-@click.option("--lr", default=2e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--lr", default=2e-3, show_default=True, type=FiniteFloat(min=0, min_open=True),
               help="AdamW learning rate (cosine decay to 0).")
 @seed_option
 @device_option

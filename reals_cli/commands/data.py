@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from ..runtime import SEED_MAX
+
 
 @click.group("data", short_help="Export and check image datasets (class-folder layout).")
 def data() -> None:
@@ -70,7 +72,8 @@ def photos(out: Path, size: int, per_photo: int) -> None:
 @click.option("--size", default=32, show_default=True, type=click.IntRange(min=8), help="Output image side in pixels.")
 @click.option("--count", default=10_000, show_default=True, type=click.IntRange(min=1), help="Training scenes.")
 @click.option("--test-count", default=None, type=click.IntRange(min=1), help="Test scenes [default: count / 5].")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Scene i is a function of (seed, split, i).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX),
+              help="Scene i is a function of (seed, split, i).")
 def shapes(out: Path, size: int, count: int, test_count: int | None, seed: int) -> None:
     """Render scenes of spheres, boxes and cylinders on a ground plane to OUT/{train,test}/<shape>/.
 

@@ -43,7 +43,7 @@ from .options import FINITE, device_option, precision_option, preset_option, res
 @preset_option("--ckpt-every", type=int, help="Steps between checkpoints.  [default: 500]")
 @preset_option("--image-every", type=int, help="Steps between reconstruction grids.  [default: 500]")
 @click.option("--gradient-checkpointing", is_flag=True, default=None, help="Trade compute for memory.")
-@preset_option("--teacher-cache-gb", type=float, help="Keep the teacher's features of every training image and its "
+@preset_option("--teacher-cache-gb", type=FINITE, help="Keep the teacher's features of every training image and its "
                "mirror in RAM, up to this many GB (refused if they need more); 0: recompute them every step.  [default: 0]")
 @resume_options("Continue the unfinished run in --out exactly where it stopped.")
 @device_option

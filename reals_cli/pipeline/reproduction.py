@@ -11,7 +11,10 @@ Layout (what `make repro` writes and `collect` reads; <step> is 7 digits, as tra
     ROOT/seg/eval-test/metrics.json, ROOT/depth/eval-test/metrics.json   probe evaluations
 
 The protocol names at least `variants`, `seeds`, `steps` (the kept SiT steps; the last is
-the final one) and `fid_samples`; every fid.json must hold exactly that many samples. The
+the final one) and `fid_samples`; every fid.json must hold exactly that many samples.
+`fid_steps` (default: every kept step) are the steps Inception scores: on a CPU Inception at
+299 px costs far more than sampling, so a budget may score it at the final step alone and
+draw the convergence curve with the classifier, which every kept step gets. The
 intervals are mean +- t(0.975, n - 1) * sd / sqrt(n) over the n seeds (sd with n - 1); the
 paired difference (reals - baseline, seed by seed: the same SiT seed on each latent space)
 gets one too.
@@ -89,6 +92,7 @@ def collect(root: str | os.PathLike) -> dict:
         raise UserError(f"{root} has no {PROTOCOL}: not a `make repro` experiment (its protocol is written first)")
     protocol = json.loads((root / PROTOCOL).read_text())
     seeds, steps = list(protocol["seeds"]), sorted(protocol["steps"])
+    fid_steps = set(protocol.get("fid_steps", steps))
     missing, variants = [], {}
     probes = probe_results(probe_evaluations(root))
     for variant in protocol["variants"]:
@@ -100,7 +104,7 @@ def collect(root: str | os.PathLike) -> dict:
                 for name in {m[1] for m in METRICS}:
                     path = step_folder(root, variant, seed, step) / name
                     files[name] = json_or_none(path)
-                    if files[name] is None:
+                    if files[name] is None and (name != "fid.json" or step in fid_steps):
                         missing.append(path)
                 fid = files["fid.json"]
                 if fid is not None and fid.get("num_samples") != protocol["fid_samples"]:
@@ -163,9 +167,9 @@ def plot_curves(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
     for ax, (key, label) in zip(np.atleast_1d(axes), panels):
         for variant, data in result["variants"].items():
-            steps, points = data["curves"]["steps"], data["curves"][key]
-            mean = [p["mean"] for p in points]
-            line, = ax.plot(steps, mean, marker="o", label=variant)
+            scored = [(step, p) for step, p in zip(data["curves"]["steps"], data["curves"][key]) if p["mean"] is not None]
+            steps, points = [step for step, _ in scored], [p for _, p in scored]  # Inception: its fid_steps only
+            line, = ax.plot(steps, [p["mean"] for p in points], marker="o", label=variant)
             if all(p["lo"] is not None for p in points):
                 ax.fill_between(steps, [p["lo"] for p in points], [p["hi"] for p in points],
                                 color=line.get_color(), alpha=0.2)

@@ -205,3 +205,15 @@ def test_out_in_a_read_only_folder_is_one_line_before_the_work(tmp_path, unwrita
     assert result.output.startswith(f"error: {option} {given} cannot be written: {unwritable} refuses new files (")
     assert result.output.endswith("); pass a folder you can write to\n")
     assert not (unwritable / "sub").exists()
+
+
+def test_shell_completion_as_the_readme_says():
+    """`eval "$(_REALS_COMPLETE=bash_source reals)"`: click's bash script, and completions of subcommands."""
+    import os
+
+    env = {**os.environ, "_REALS_COMPLETE": "bash_source"}
+    script = subprocess.run([sys.executable, "-m", "reals_cli"], env=env, capture_output=True, text=True, timeout=120)
+    assert script.returncode == 0 and "complete -o nosort -F _reals_completion reals" in script.stdout
+    env = {**os.environ, "_REALS_COMPLETE": "bash_complete", "COMP_WORDS": "reals train-", "COMP_CWORD": "1"}
+    words = subprocess.run([sys.executable, "-m", "reals_cli"], env=env, capture_output=True, text=True, timeout=120)
+    assert {"plain,train-vae", "plain,train-dit"} <= set(words.stdout.split())

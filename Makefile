@@ -108,7 +108,7 @@ demo: $(DEMO_STEPS)
 # ReaLS, both are sampled with and without guidance, and the table goes to docs/.
 repro-small: $(DEMO_STEPS) $(foreach v,reals baseline,$(DEMO)/$(v)/fid.json $(DEMO)/$(v)/fid-nocfg.json)
 	$(REALS) report $(DEMO) --title "ReaLS demo: Fashion-MNIST, VGG16 teacher"
-	$(REALS) report $(DEMO) --out docs/reproduction.md --title "repro-small: the baseline VAE against ReaLS"
+	$(REALS) report $(DEMO) --out docs/repro-small.md --title "repro-small: the baseline VAE against ReaLS"
 
 # The paper's Figure 5 in miniature: the KL weight against latent std and FID of a fixed SiT.
 KL_SWEEP := runs/kl-sweep

@@ -46,7 +46,7 @@ def test_repro_small_gives_the_baseline_the_same_budget(tmp_path):
     assert len(dits) == 2 and dits[0].replace("/reals/", "/baseline/") == dits[1]
     samples = sorted(c for c in plan if c.startswith("sample"))
     assert len(samples) == 4 and sum("--cfg 1.0" in c for c in samples) == 2
-    assert plan[-1].endswith('--out docs/reproduction.md --title "repro-small: the baseline VAE against ReaLS"')
+    assert plan[-1].endswith('--out docs/repro-small.md --title "repro-small: the baseline VAE against ReaLS"')
 
 
 def test_kl_sweep_varies_only_the_kl_weight(tmp_path):

@@ -140,7 +140,7 @@ REPRO_COUNT      ?= 10000
 REPRO_TEST_COUNT ?= 2000
 REPRO_VAE_STEPS  ?= 400
 REPRO_SIT_STEPS  ?= 400
-REPRO_KEEP       ?= 200
+REPRO_KEEP       ?= 400
 # Inception at 299 px costs more on a CPU than the SiTs: it scores the final step only, and the
 # classifier (cheap) draws the convergence curve over every kept step.
 REPRO_FID_STEPS  ?= $(REPRO_SIT_STEPS)

@@ -141,3 +141,19 @@ def test_inception_at_the_fid_steps_only_and_the_classifier_at_every_step(tmp_pa
     (step_folder(tmp_path, "reals", 0, 200) / "fid.json").unlink()  # a fid step's file is still required
     with pytest.raises(UserError, match="1 result files are missing"):
         collect(tmp_path)
+
+
+def test_the_page_shows_each_variants_samples_from_the_same_seed(tmp_path):
+    from PIL import Image
+
+    _experiment(tmp_path / "exp", FID)
+    for k, variant in enumerate(FID):
+        samples = step_folder(tmp_path / "exp", variant, 0, 200) / "samples"
+        samples.mkdir()
+        Image.new("RGB", (8, 4), (k * 200, 0, 0)).save(samples / "grid.png")
+    write_reproduction(tmp_path / "exp", tmp_path / "doc.json", tmp_path / "doc.md")
+    page = (tmp_path / "doc.md").read_text()
+    assert page.index("## Samples") < page.index("## Convergence")
+    for k, variant in enumerate(FID):
+        assert f"![{variant} samples](doc-images/{variant}-samples.png)" in page
+        assert Image.open(tmp_path / "doc-images" / f"{variant}-samples.png").getpixel((0, 0)) == (k * 200, 0, 0)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -184,7 +185,7 @@ def plot_curves(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def markdown(result: dict, title: str, plot_name: str) -> str:
+def markdown(result: dict, title: str, plot_name: str, grids: dict[str, str] | None = None) -> str:
     protocol, variants = result["protocol"], result["variants"]
     seeds = protocol["seeds"]
     lines = [f"# {title}", "", "## Protocol (fixed before the runs)", "",
@@ -209,6 +210,11 @@ def markdown(result: dict, title: str, plot_name: str) -> str:
                   markdown_table(["metric", "reals - baseline (paired)", "reals / baseline (means)"], rows), "",
                   f"The paper's claim (mean primary metric at least {GOAL:.0%} below the baseline's, seed intervals "
                   f"apart): {verdict}.", ""]
+    if grids:
+        seed, step = protocol["seeds"][0], max(protocol["steps"])
+        lines += ["## Samples", "", f"SiT seed {seed} at step {step}, the same noise and labels in every variant "
+                  f"(the first rows of each `samples/grid.png`).", ""]
+        lines += [f"**{variant}**\n\n![{variant} samples]({path})\n" for variant, path in grids.items()]
     lines += ["## Convergence", "", f"![FID against SiT step]({plot_name})", ""]
     for key, _, _, label, fmt in METRICS[:1] + METRICS[4:5]:
         steps = next(iter(variants.values()))["curves"]["steps"]
@@ -229,14 +235,32 @@ def markdown(result: dict, title: str, plot_name: str) -> str:
     return "\n".join(lines)
 
 
+def copy_grids(root: Path, result: dict, folder: Path) -> dict[str, str]:
+    """Each variant's sample grid at the final step of the first seed (the same seed and labels
+    in every variant), copied into `folder`; {variant: file name}."""
+    protocol, grids = result["protocol"], {}
+    for variant in result["variants"]:
+        grid = step_folder(root, variant, protocol["seeds"][0], max(protocol["steps"])) / "samples" / "grid.png"
+        if grid.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            name = f"{variant}-samples.png"
+            with atomic_path(folder / name) as tmp:
+                shutil.copyfile(grid, tmp)
+            grids[variant] = name
+    return grids
+
+
 def write_reproduction(root: str | os.PathLike, json_out: str | os.PathLike, md_out: str | os.PathLike,
                        title: str = "Reproduction: ReaLS against its baseline") -> dict:
-    """collect(), then the JSON, the Markdown page and its plot (`<md stem>-fid.png` beside it)."""
+    """collect(), then the JSON, the Markdown page, its plot (`<md stem>-fid.png` beside it) and
+    the sample grids (in `<md stem>-images/`)."""
     result = collect(root)
     md_out = Path(md_out)
     plot = md_out.with_name(f"{md_out.stem}-fid.png")
     md_out.parent.mkdir(parents=True, exist_ok=True)
     plot_curves(result, plot)
+    images = md_out.with_name(f"{md_out.stem}-images")
+    grids = {v: f"{images.name}/{name}" for v, name in copy_grids(Path(root), result, images).items()}
     atomic_write_json(json_out, result)
-    atomic_write_bytes(md_out, (markdown(result, title, plot.name) + "\n").encode())
+    atomic_write_bytes(md_out, (markdown(result, title, plot.name, grids) + "\n").encode())
     return result

@@ -98,6 +98,24 @@ def test_a_signal_saves_the_step_it_stopped_at_and_resume_goes_on_exactly(store,
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
+@pytest.mark.parametrize("death", [RuntimeError("DataLoader worker (pid 7) exited unexpectedly"),
+                                   ConnectionResetError(104, "Connection reset by peer"), EOFError()])
+def test_a_worker_killed_by_the_signal_ends_the_batches_only_after_the_signal(death):
+    """Killed mid-handover of a batch's shared memory, a worker shows as a reset connection, not
+    torch's RuntimeError (seen under torchrun on a loaded machine): after the signal, no batch."""
+    from reals_cli.pipeline.training import SignalStop
+
+    def batches():
+        raise death
+        yield
+
+    stop = SignalStop(world=1)
+    with pytest.raises(type(death)):
+        stop.next_batch(batches())
+    stop.requested = "SIGTERM"
+    assert stop.next_batch(batches()) is None
+
+
 def test_sigterm_to_torchrun_stops_every_rank_at_one_checkpointed_step(store, tmp_path, interrupt_after_log):
     """torchrun passes a cluster's SIGTERM to each rank's process group and kills them 30 s later:
     the ranks agree on a step, save it together and exit 143 (torchrun itself 1)."""

@@ -201,7 +201,9 @@ class SignalStop:
         """The next batch; None if the signal has come and the workers could not deliver it."""
         try:
             return next(batches)
-        except RuntimeError:  # "DataLoader worker ... exited unexpectedly"
+        # A worker killed by the signal: "DataLoader worker ... exited unexpectedly" (RuntimeError),
+        # or, killed while handing over a batch's shared memory, a reset connection (OSError, EOFError).
+        except (RuntimeError, OSError, EOFError):
             if not self.requested:
                 raise
             return None

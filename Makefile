@@ -139,6 +139,8 @@ REPRO_SEEDS      ?= 0 1 2
 REPRO_COUNT      ?= 10000
 REPRO_TEST_COUNT ?= 2000
 REPRO_VAE_STEPS  ?= 400
+# A second VAE seed is a second experiment (REPRO=runs/repro-vae1 REPRO_VAE_SEED=1): its VAEs, latents and SiTs.
+REPRO_VAE_SEED   ?= 0
 REPRO_SIT_STEPS  ?= 400
 REPRO_KEEP       ?= 400
 # Inception at 299 px costs more on a CPU than the SiTs: it scores the final step only, and the
@@ -152,7 +154,7 @@ REPRO_VARIANTS   := baseline reals
 REPRO_KEPT        = $(shell seq $(REPRO_KEEP) $(REPRO_KEEP) $(REPRO_SIT_STEPS))
 REPRO_FINAL       = $(shell printf %07d $(lastword $(REPRO_KEPT)))
 REPRO_FID_REF     = $(REPRO)/fid-ref/stats.npz
-REPRO_VAE_FLAGS   = --preset demo --data $(REPRO)/data --steps $(REPRO_VAE_STEPS) --teacher-cache-gb 4 --device $(DEVICE) --auto-resume
+REPRO_VAE_FLAGS   = --preset demo --data $(REPRO)/data --steps $(REPRO_VAE_STEPS) --seed $(REPRO_VAE_SEED) --teacher-cache-gb 4 --device $(DEVICE) --auto-resume
 REPRO_SIT_FLAGS   = --model SiT-T/2 --batch-size $(REPRO_SIT_BATCH) --lr 4e-4 --ema-decay 0.99 --steps $(REPRO_SIT_STEPS) \
                     --keep-every $(REPRO_KEEP) --log-every 20 --ckpt-every $(REPRO_KEEP) --sample-every 0 --workers 1 \
                     --device $(DEVICE) --auto-resume
@@ -166,7 +168,7 @@ json_list = [$(subst $(empty) $(empty),$(comma),$(strip $(1)))]
 REPRO_PROTOCOL = $(REALS) reproduction protocol $(REPRO) 'variants=["baseline","reals"]' seeds=$(call json_list,$(REPRO_SEEDS)) \
   steps=$(call json_list,$(REPRO_KEPT)) fid_steps=$(call json_list,$(REPRO_FID_STEPS)) fid_samples=$(REPRO_N) primary=fid \
   'secondary=["classifier_fd","class_accuracy"]' dataset=shapes data_seed=0 train_images=$(REPRO_COUNT) \
-  fid_reference=$(REPRO_TEST_COUNT) 'fid_reference_split="test"' vae_seed=0 vae_steps=$(REPRO_VAE_STEPS) \
+  fid_reference=$(REPRO_TEST_COUNT) 'fid_reference_split="test"' vae_seed=$(REPRO_VAE_SEED) vae_steps=$(REPRO_VAE_STEPS) \
   'vae_recipe="train-vae --preset demo (VGG16 teacher); baseline: --align-weight 0"' \
   'sit="SiT-T/2"' sit_batch=$(REPRO_SIT_BATCH) sit_steps=$(REPRO_SIT_STEPS) cfg=$(CFG) \
   'sampler="ode heun 21 steps, sample seed = SiT seed"' classifier_epochs=$(REPRO_CLF_EPOCHS) \

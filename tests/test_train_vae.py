@@ -193,6 +193,8 @@ def test_alignment_patch_size_follows_grids():
     (dict(disc_layers=3), "--disc-layers must be between 1 and 2 at --image-size 16, got 3"),
     (dict(disc_layers=0), "--disc-layers must be between 1 and 2 at --image-size 16, got 0"),
     (dict(disc_layers=-1), "--disc-layers must be between 1 and 2 at --image-size 16, got -1"),
+    (dict(align_balance="adaptive", align_weight=0), "--align-balance adaptive scales the alignment against the "
+     "reconstruction; the baseline (--align-weight 0) has no alignment gradient to scale: drop one of the two flags"),
 ])
 def test_bad_input_one_line_errors(assets_home, shapes_data, tmp_path, extra, message):
     result = CliRunner().invoke(main, ["train-vae", *_args(shapes_data, tmp_path / "o", 2, **extra)])
@@ -335,6 +337,38 @@ def test_adaptive_weight_survives_fp16_with_the_loss_scale():
     assert weight(torch.float16, loss_scale=torch.tensor(65536.0)) == pytest.approx(reference.item(), rel=1e-2)
     assert weight(torch.float32, loss_scale=65536.0) == pytest.approx(reference.item(), rel=1e-5)
     assert weight(torch.float16, loss_scale=torch.tensor(2.0**40)) == 0  # both overflow: no GAN term, not NaN
+
+
+def test_adaptive_align_balance_gives_the_alignment_the_reconstructions_gradient_norm(assets_home, shapes_data, tmp_path,
+                                                                                         monkeypatch):
+    """--align-balance adaptive (VA-VAE's): each step's weight is --align-weight x ||d nll/dW|| / ||d align/dW||
+    at the encoder's last layer, recomputed here in float64 from the same graph, and logged as align_w."""
+    import reals_cli.pipeline.train_vae as tv
+
+    seen, original = [], tv.adaptive_weight
+
+    def spy(rec, other, layer, **kw):
+        g_rec, = torch.autograd.grad(rec, layer, retain_graph=True)
+        g_align, = torch.autograd.grad(other, layer, retain_graph=True)
+        expected = g_rec.double().norm().item() / (g_align.double().norm().item() + 1e-4)
+        seen.append((layer.shape, expected, original(rec, other, layer, **kw)))
+        return seen[-1][-1]
+
+    monkeypatch.setattr(tv, "adaptive_weight", spy)
+    out = tmp_path / "o"
+    train_vae(resolve_config(**{**TINY_FLAGS, "data": str(shapes_data), "out": str(out), "steps": 3, "disc_start": 10,
+                                "align_balance": "adaptive", "align_weight": 0.5}))
+    assert len(seen) == 3  # one a step; the GAN term is off until step 10
+    for shape, expected, weight in seen:
+        assert shape[:2] == (2 * 4, 32)  # the tiny encoder's conv_out: mean and logvar of 4 channels
+        assert weight.item() == pytest.approx(expected, rel=1e-5)
+    logged = [r["align_w"] for r in read_log(out / "log.jsonl")]
+    assert logged == pytest.approx([0.5 * w.item() for *_, w in seen], rel=1e-6)
+    assert len(set(logged)) == 3  # recomputed every step
+    # The fixed balance logs the weight as given.
+    train_vae(resolve_config(**{**TINY_FLAGS, "data": str(shapes_data), "out": str(tmp_path / "f"), "steps": 2,
+                                "align_weight": 0.5}))
+    assert [r["align_w"] for r in read_log(tmp_path / "f" / "log.jsonl")] == [0.5, 0.5]
 
 
 def test_ema_warmup_follows_ldm():

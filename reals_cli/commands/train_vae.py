@@ -31,6 +31,9 @@ from .options import FINITE, device_option, precision_option, preset_option, res
 @preset_option("--disc-start", type=int, help="Step at which the discriminator switches on.  [default: 50001]")
 @preset_option("--disc-layers", type=int, help="PatchGAN depth, each layer halving the image.  [default: 3, fewer below 32 px]")
 @preset_option("--align-weight", type=FINITE, help="Alignment weight; 0 trains the baseline VAE.  [default: 1.0]")
+@preset_option("--align-balance", type=click.Choice(["fixed", "adaptive"]), help="fixed: --align-weight as given; "
+               "adaptive: --align-weight times the gradient-norm ratio of reconstruction to alignment at the "
+               "encoder's last layer (VA-VAE's balance).  [default: fixed]")
 @preset_option("--align-patch-weight", type=FINITE, help="Weight of the patch alignment term.  [default: 1.0]")
 @preset_option("--align-global-weight", type=FINITE, help="Weight of the global alignment term.  [default: 1.0]")
 @preset_option("--align-cos", type=FINITE, help="Cosine-embedding share of each alignment term.  [default: 0.9]")

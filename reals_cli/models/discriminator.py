@@ -45,16 +45,18 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return -logits_fake.mean()
 
 
-def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4,
+def adaptive_weight(rec_loss: torch.Tensor, other_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4,
                     loss_scale: torch.Tensor | float = 1.0) -> torch.Tensor:
-    """||d rec / d W|| / (||d g / d W|| + 1e-4) at the decoder's last layer W, detached.
+    """||d rec / d W|| / (||d other / d W|| + 1e-4) at a layer W both losses reach, detached: LDM's
+    weight of the adversarial term (W: the decoder's last layer), and VA-VAE's of the alignment
+    term (W: the encoder's last layer).
 
     Under fp16 autocast pass the GradScaler's scale: a per-pixel mean loss has gradients
     of 1 / (B x 3 x H x W) per pixel, which fp16 rounds (to 0 from about 10M pixels); both
     gradients and the 1e-4 are scaled alike, so the ratio is unchanged."""
     rec_grad = torch.autograd.grad(rec_loss * loss_scale, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss * loss_scale, last_layer, retain_graph=True)[0]
-    weight = rec_grad.float().norm() / (g_grad.float().norm() + 1e-4 * loss_scale)
+    other_grad = torch.autograd.grad(other_loss * loss_scale, last_layer, retain_graph=True)[0]
+    weight = rec_grad.float().norm() / (other_grad.float().norm() + 1e-4 * loss_scale)
     # A scale the GradScaler is probing may overflow both (inf / inf): it skips that step, and so
-    # must the GAN term, rather than make the loss NaN.
+    # must the weighted term, rather than make the loss NaN.
     return torch.where(torch.isfinite(weight), weight, 0.0).clamp(0.0, max_weight).detach()

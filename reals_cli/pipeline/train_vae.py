@@ -8,6 +8,13 @@ means, so `--kl 1e-6` keeps LDM's balance; the adversarial weight d_w is LDM's
 adaptive gradient-norm ratio, switched on at `--disc-start`. With `--align-weight 0`
 (the paper's control) the alignment network still trains, on detached latents.
 
+Against LDM's summed units: LDM sums L1 + LPIPS over the pixels of an image, so our nll is
+LDM's divided by the pixels (3 H W), KL/pixels keeps `--kl`'s meaning, and an alignment term
+at weight w here weighs w x 3 H W in LDM's units (3,072 at 32 px; 196,608 at 256 px).
+`--align-balance adaptive` sets the weight each step instead, as VA-VAE does: w times
+||d nll / d W|| / ||d align / d W|| at the encoder's last layer W (detached), so that
+w = 1 gives the alignment the reconstruction's gradient norm where both reach the latent.
+
 The whole state (models, EMA, both optimizers, grad scalers, step, RNG) is saved
 atomically every `ckpt_every` steps; the batch order and flips are a function of
 (seed, step), so `--resume` continues bit-for-bit.
@@ -83,6 +90,7 @@ class TrainVAEConfig:
     disc_start: int = 50_001
     disc_layers: int | None = None  # None: 3 (LDM's), fewer below 32 px
     align_weight: float = 1.0
+    align_balance: str = "fixed"  # adaptive: align_weight times VA-VAE's gradient-norm ratio (see the module docstring)
     align_patch_weight: float = 1.0
     align_global_weight: float = 1.0
     align_cos: float = 0.9
@@ -156,6 +164,11 @@ ALLOWED_VALUES = {
 def _check_config(cfg: TrainVAEConfig) -> None:
     if cfg.rec_loss not in ("l1", "mse"):
         raise UserError(f"--rec-loss must be l1 or mse, got {cfg.rec_loss!r}")
+    if cfg.align_balance not in ("fixed", "adaptive"):
+        raise UserError(f"--align-balance must be fixed or adaptive, got {cfg.align_balance!r}")
+    if cfg.align_balance == "adaptive" and cfg.align_weight == 0:
+        raise UserError("--align-balance adaptive scales the alignment against the reconstruction; the baseline "
+                        "(--align-weight 0) has no alignment gradient to scale: drop one of the two flags")
     check_values(cfg, ALLOWED_VALUES)
     # The smallest input a teacher has a feature grid for: one DINOv2 patch; VGG16 as above.
     smallest = VGG_MIN_SIZE if cfg.teacher == "vgg16" else DINOv2Teacher.stride
@@ -346,6 +359,7 @@ def _train_vae(cfg: TrainVAEConfig, resume: bool | str, held: contextlib.ExitSta
     val_loader = DataLoader(val_set, batch_size=cfg.batch_size, num_workers=0)
     pixels = 3 * cfg.image_size**2
     last_layer = vae.decoder.conv_out.weight
+    encoder_last_layer = vae.encoder.conv_out.weight  # the last layer both nll and alignment reach
     is_main = rank == 0
     if is_main:
         if not resume:
@@ -383,12 +397,15 @@ def _train_vae(cfg: TrainVAEConfig, resume: bool | str, held: contextlib.ExitSta
                 align_patch = alignment_loss(patch.float(), target_patch.float(), cfg.align_cos, cfg.align_l1)
                 align_glob = alignment_loss(glob.float(), target_glob.float(), cfg.align_cos, cfg.align_l1)
                 align_term = cfg.align_patch_weight * align_patch + cfg.align_global_weight * align_glob
-                loss = nll + cfg.kl * kl + (cfg.align_weight or 1.0) * align_term  # weight 0: align net still learns
+                loss_scale = scaler_g.scale(torch.ones((), device=device))  # 1 unless fp16
+                a_w = torch.full((), cfg.align_weight or 1.0, device=device)  # weight 0: align net still learns
+                if cfg.align_balance == "adaptive":
+                    a_w = adaptive_weight(nll, align_term, encoder_last_layer, loss_scale=loss_scale) * cfg.align_weight
+                loss = nll + cfg.kl * kl + a_w * align_term
                 d_active = step >= cfg.disc_start and cfg.disc_weight > 0
                 d_w = torch.zeros((), device=device)
                 if d_active:
                     g_loss = hinge_g_loss(model_d(recon.float()))
-                    loss_scale = scaler_g.scale(torch.ones((), device=device))  # 1 unless fp16
                     d_w = adaptive_weight(nll, g_loss, last_layer, loss_scale=loss_scale) * cfg.disc_weight
                     loss = loss + d_w * g_loss
             opt_g.zero_grad(set_to_none=True)
@@ -411,7 +428,7 @@ def _train_vae(cfg: TrainVAEConfig, resume: bool | str, held: contextlib.ExitSta
             guard.observe(loss, step)  # numbered as the log numbers steps: 1 is the first
 
             terms = {"loss": loss.item(), "rec": rec.item(), "lpips": perc.item(), "kl": kl.item(),
-                     "align_patch": align_patch.item(), "align_global": align_glob.item(),
+                     "align_patch": align_patch.item(), "align_global": align_glob.item(), "align_w": float(a_w),
                      "d_weight": float(d_w), "d_loss": d_loss.item(), "grad_norm": float(grad_norm)}
             bar.update(task, completed=step, status=f"loss {terms['loss']:.4f} rec {terms['rec']:.4f} align {align_term.item():.3f}")
             guard.check()  # the line above has synchronised already: stop at the first bad step

@@ -154,7 +154,8 @@ REPRO_VARIANTS   := baseline reals
 REPRO_KEPT        = $(shell seq $(REPRO_KEEP) $(REPRO_KEEP) $(REPRO_SIT_STEPS))
 REPRO_FINAL       = $(shell printf %07d $(lastword $(REPRO_KEPT)))
 REPRO_FID_REF     = $(REPRO)/fid-ref/stats.npz
-REPRO_VAE_FLAGS   = --preset demo --data $(REPRO)/data --steps $(REPRO_VAE_STEPS) --seed $(REPRO_VAE_SEED) --teacher-cache-gb 4 --device $(DEVICE) --auto-resume
+VAE_RECIPE        = --preset demo --data $(REPRO)/data --steps $(REPRO_VAE_STEPS) --teacher-cache-gb 4 --device $(DEVICE) --auto-resume
+REPRO_VAE_FLAGS   = $(VAE_RECIPE) --seed $(REPRO_VAE_SEED)
 REPRO_SIT_FLAGS   = --model SiT-T/2 --batch-size $(REPRO_SIT_BATCH) --lr 4e-4 --ema-decay 0.99 --steps $(REPRO_SIT_STEPS) \
                     --keep-every $(REPRO_KEEP) --log-every 20 --ckpt-every $(REPRO_KEEP) --sample-every 0 --workers 1 \
                     --device $(DEVICE) --auto-resume
@@ -230,6 +231,39 @@ repro: $(REPRO_RESULTS) $(REPRO)/seg/eval-test/manifest.json $(REPRO)/depth/eval
 	$(REPRO_PROTOCOL)
 	$(REALS) reproduction collect $(REPRO) --json $(REPRO_DOC).json --md $(REPRO_DOC).md \
 	  --title "repro: the baseline VAE against ReaLS, $(words $(REPRO_SEEDS)) SiT seeds each"
+
+# What the VAE recipe does to the latents, at make repro's VAE budget and on its data: the
+# alignment weight (0 and 1 are make repro's own VAEs, linked; VAE seed 1 is `make repro
+# REPRO=$(REPRO)-vae1 REPRO_VAE_SEED=1`'s), and VA-VAE's adaptive balance. Each VAE is scored by
+# its validation (PSNR, LPIPS, alignment cosines) and by make repro's seg and depth heads read
+# through its alignment network on the test split; the page is docs/ablations.md.
+ABL        ?= runs/ablations
+ABL_SEEDS  ?= 0
+ABL_RUNS   := align0.3:--align-weight=0.3 align3:--align-weight=3 adaptive:--align-balance=adaptive
+ABL_LINKED := align0:baseline align1:reals
+abl_root    = $(if $(filter 0,$(1)),$(REPRO),$(REPRO)-vae$(1))
+define abl_train
+$(ABL)/$(1)-s$(2)/vae/manifest.json: $(REPRO)/data/manifest.json
+	$(REALS) train-vae $(VAE_RECIPE) $(subst =, ,$(3)) --seed $(2) --out $$(@D)
+endef
+define abl_link
+$(ABL)/$(1)-s$(2)/vae/manifest.json: $(call abl_root,$(2))/$(3)/vae/manifest.json
+	mkdir -p $(ABL)/$(1)-s$(2) && ln -sfn $(abspath $(call abl_root,$(2)))/$(3)/vae $(ABL)/$(1)-s$(2)/vae
+endef
+$(foreach s,$(ABL_SEEDS),$(foreach r,$(ABL_RUNS),$(eval $(call abl_train,$(word 1,$(subst :, ,$(r))),$(s),$(word 2,$(subst :, ,$(r)))))))
+$(foreach s,0 1,$(foreach r,$(ABL_LINKED),$(eval $(call abl_link,$(word 1,$(subst :, ,$(r))),$(s),$(word 2,$(subst :, ,$(r)))))))
+$(ABL)/%/seg/eval-test/metrics.json: $(ABL)/%/vae/manifest.json $(REPRO)/seg/manifest.json
+	$(REALS) probe-seg eval --data $(REPRO)/data --limit $(REPRO_PROBE_LIMIT) --vae $(ABL)/$*/vae --head $(REPRO)/seg \
+	  --device $(DEVICE) --out $(@D)
+$(ABL)/%/depth/eval-test/metrics.json: $(ABL)/%/vae/manifest.json $(REPRO)/depth/manifest.json
+	$(REALS) probe-depth eval --data $(REPRO)/data --format png --limit $(REPRO_PROBE_LIMIT) --vae $(ABL)/$*/vae \
+	  --head $(REPRO)/depth --device $(DEVICE) --out $(@D)
+ABL_VARIANTS = $(foreach s,$(ABL_SEEDS),$(foreach r,$(ABL_RUNS),$(word 1,$(subst :, ,$(r)))-s$(s))) \
+  $(foreach s,0 $(if $(wildcard $(REPRO)-vae1/reals/vae/manifest.json),1),$(foreach r,$(ABL_LINKED),$(word 1,$(subst :, ,$(r)))-s$(s)))
+
+.PHONY: ablations
+ablations: $(foreach v,$(ABL_VARIANTS),$(ABL)/$(v)/seg/eval-test/metrics.json $(ABL)/$(v)/depth/eval-test/metrics.json)
+	$(REALS) report $(ABL) --out docs/ablations.md --title "ablations: the VAE recipe against alignment, reconstruction and the probes"
 
 # Every artifact is kept: none of them is an intermediate file for make to delete.
 .SECONDARY:

@@ -104,3 +104,27 @@ def test_cli_refuses_an_out_folder_before_writing(pipeline, tmp_path):
     assert r.exit_code == 2
     assert r.output.strip() == f"error: --out {folder} is a folder; pass a file path, e.g. {folder / 'report.md'}"
     assert list(folder.iterdir()) == []
+
+
+def test_each_variants_own_probe_evaluation_and_the_adaptive_weight_it_used(tmp_path):
+    """make ablations scores each VAE alone (ROOT/<variant>/seg/eval-test): the score lands in that
+    row, the teacher and the constant predictor above them; an adaptive run shows the weight it used."""
+    root = tmp_path / "abl"
+    _vae(root / "align0.3-s0" / "vae", 1e-6, 0.3, 22.0, [1.0])
+    _vae(root / "adaptive-s0" / "vae", 1e-6, 1.0, 21.5, [1.0])
+    manifest = json.loads((root / "adaptive-s0" / "vae" / "manifest.json").read_text())
+    manifest["config"]["align_balance"] = "adaptive"
+    atomic_write_json(root / "adaptive-s0" / "vae" / "manifest.json", manifest)
+    (root / "adaptive-s0" / "vae" / "log.jsonl").write_text(
+        "".join(json.dumps({"step": s, "align_w": w}) + "\n" for s, w in ((100, 9.0), (150, 2.0), (200, 4.0))))
+    for name, miou in (("align0.3-s0", 0.4), ("adaptive-s0", 0.6)):
+        atomic_write_json(root / name / "seg" / "eval-test" / "metrics.json", {
+            "vae": {"id": _id(root / name)}, "data": {"format": "masks", "images": 10}, "teacher": "vgg16",
+            "results": {"teacher": {"miou": 0.9}, "reals": {"miou": miou}, "constant": {"miou": 0.1}}})
+    report = write_report(root)
+    rows = report["rows"]
+    assert (rows["align0.3-s0"]["miou"], rows["adaptive-s0"]["miou"]) == (0.4, 0.6)
+    assert rows["adaptive-s0"]["align_w_used"] == 3.0 and "align_w_used" not in rows["align0.3-s0"]  # steps 101-200
+    text = (root / "report.md").read_text()
+    assert ("| features | miou |\n|---|---|\n| teacher (reference) | 0.900 |\n| constant (reference) | 0.100 |\n"
+            "| adaptive-s0 | 0.600 |\n| align0.3-s0 | 0.400 |") in text

@@ -10,6 +10,7 @@ layout (nothing is recomputed; a missing artifact is a blank cell):
     ROOT/<variant>/samples-nocfg/, fid-nocfg.json   the same without guidance
     ROOT/<variant>/analysis/analysis.json           analyze (latent linear probe)
     ROOT/seg/eval-test/metrics.json, ROOT/depth/eval-test/metrics.json   probe-seg / probe-depth eval
+    ROOT/<variant>/seg/eval-test/metrics.json, ...  the same, scoring that variant's VAE alone
 
 The probe files name the VAEs they compared (by id); each result lands in the row of its VAE.
 """
@@ -29,7 +30,8 @@ from ..errors import UserError
 from ..runtime import describe_machine
 
 COLUMNS = [  # (header, key, format)
-    ("KL weight", "kl", "{:g}"), ("align weight", "align_weight", "{:g}"), ("PSNR", "psnr", "{:.2f}"),
+    ("KL weight", "kl", "{:g}"), ("align weight", "align_weight", "{:g}"),
+    ("align weight used (adaptive, last 100 steps)", "align_w_used", "{:.3g}"), ("PSNR", "psnr", "{:.2f}"),
     ("LPIPS", "lpips", "{:.3f}"), ("cos patch", "cos_patch", "{:.3f}"), ("cos global", "cos_global", "{:.3f}"),
     ("latent std", "latent_std", "{:.2f}"), ("SiT loss", "dit_loss", "{:.3f}"),
     ("FID", "fid", "{:.1f}"), ("FID no cfg", "fid_nocfg", "{:.1f}"), ("sFID", "sfid", "{:.1f}"),
@@ -61,6 +63,11 @@ def probe_evaluations(root: Path) -> dict[str, dict]:
     return {task: m for task, m in found.items() if m}
 
 
+def variant_probe_evaluations(folders: list[Path]) -> dict[str, dict[str, dict]]:
+    """{variant: {task: metrics}} for the evaluations that scored one variant's VAE (ROOT/<variant>/<task>/eval-test)."""
+    return {p.name: e for p in folders if (e := probe_evaluations(p))}
+
+
 def probe_results(evaluations: dict[str, dict]) -> dict[str, dict]:
     """{VAE id: {"miou" or "rmse": value}}: each probe score under the VAE it was measured through."""
     by_vae: dict[str, dict] = {}
@@ -83,6 +90,12 @@ def variant_row(folder: Path, probes: dict[str, dict]) -> dict:
                 "align_weight": vae["config"].get("align_weight")}
         if v.get("latent_std"):
             row["latent_std"] = sum(v["latent_std"]) / len(v["latent_std"])
+        if vae["config"].get("align_balance") == "adaptive":  # the weight the gradient norms chose
+            from .training import read_log  # here: torch, which it imports, is slow to load for a report
+
+            steps = [r for r in read_log(folder / "vae" / "log.jsonl") if "align_w" in r]
+            last = [r["align_w"] for r in steps if r["step"] > steps[-1]["step"] - 100] if steps else []
+            row["align_w_used"] = sum(last) / len(last) if last else None
     dit = json_or_none(folder / "sit" / MANIFEST)
     if dit:
         row["dit_loss"] = dit["metrics"].get("final_loss")
@@ -172,8 +185,10 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None, 
         raise UserError(f"{root} holds no <variant>/vae/{MANIFEST}: no finished train-vae step to report on")
     out = Path(out) if out else root / "report.md"
     check_output_file(out, "--out", "report.md")  # before the pictures and the plot are written beside it
-    evaluations = probe_evaluations(root)
+    evaluations, own = probe_evaluations(root), variant_probe_evaluations(found)
     probes = probe_results(evaluations)
+    for e in own.values():
+        probes |= probe_results(e)
     rows = {p.name: variant_row(p, probes) for p in found}
     headers, cells = results_table(rows)
     md = [f"# {title or f'ReaLS pipeline report: {root}'}", "", f"Machine: {describe_machine()}.", "",
@@ -195,6 +210,15 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None, 
             md += [f"### {label} ({m['data']['format']}, {m['data']['images']} test images, teacher {m['teacher']})", "",
                    markdown_table(["features", *metrics],
                                   [[way, *[f"{r[k]:.3f}" for k in metrics]] for way, r in m["results"].items()]), ""]
+    for task, key, label in PROBES:
+        scored = {name: e[task] for name, e in own.items() if task in e}
+        if scored:
+            first = next(iter(scored.values()))
+            refs = [[f"{way} (reference)", f"{first['results'][way][key]:.3f}"] for way in ("teacher", "constant")
+                    if way in first["results"]]
+            md += [f"### {label}, each variant's VAE ({first['data']['images']} test images, teacher {first['teacher']})", "",
+                   markdown_table(["features", key], refs + [[name, f"{m['results']['reals'][key]:.3f}"]
+                                                            for name, m in scored.items()]), ""]
     md += ["## Pictures", ""]
     for p in found:
         recon = sorted((p / "vae").glob("recon_*.png"))

@@ -199,19 +199,21 @@ $(REPRO)/$(1)/sit-s$(2)/manifest.json: $(REPRO)/$(1)/latents.zarr/zarr.json
 	$$(REPRO_PROTOCOL)
 	$(REALS) train-dit $(REPRO)/$(1)/latents.zarr $(REPRO_SIT_FLAGS) --seed $(2) --out $$(@D)
 endef
+# A kept SiT step of variant $(1), seed $(2), step $(3) under experiment root $(4): sampled, then scored.
 define repro_step
-$(REPRO)/$(1)/s$(2)/step-$(3)/samples/manifest.json: $(REPRO)/$(1)/sit-s$(2)/manifest.json
-	$(REALS) sample --ckpt $(REPRO)/$(1)/sit-s$(2)/step-$(3) --cfg $(CFG) $(REPRO_SAMPLE_FLAGS) --seed $(2) --out $$(@D)
-$(REPRO)/$(1)/s$(2)/step-$(3)/fid.json: $(REPRO)/$(1)/s$(2)/step-$(3)/samples/manifest.json $(REPRO_FID_REF)
+$(4)/$(1)/s$(2)/step-$(3)/samples/manifest.json: $(4)/$(1)/sit-s$(2)/manifest.json
+	$(REALS) sample --ckpt $(4)/$(1)/sit-s$(2)/step-$(3) --cfg $(CFG) $(REPRO_SAMPLE_FLAGS) --seed $(2) --out $$(@D)
+$(4)/$(1)/s$(2)/step-$(3)/fid.json: $(4)/$(1)/s$(2)/step-$(3)/samples/manifest.json $(REPRO_FID_REF)
 	$(REALS) eval-fid $$(<D) --ref $(REPRO_FID_REF) --metrics fid,sfid,kid,pr --device $(DEVICE) --out $$@
-$(REPRO)/$(1)/s$(2)/step-$(3)/classifier.json: $(REPRO)/$(1)/s$(2)/step-$(3)/samples/manifest.json $(REPRO)/classifier/manifest.json
+$(4)/$(1)/s$(2)/step-$(3)/classifier.json: $(4)/$(1)/s$(2)/step-$(3)/samples/manifest.json $(REPRO)/classifier/manifest.json
 	$(REALS) classifier eval $$(<D) --classifier $(REPRO)/classifier --ref $(REPRO)/data/test --device $(DEVICE) --out $$@
 endef
 $(foreach v,$(REPRO_VARIANTS),$(foreach s,$(REPRO_SEEDS),$(eval $(call repro_sit,$(v),$(s)))\
-  $(foreach k,$(REPRO_KEPT),$(eval $(call repro_step,$(v),$(s),$(shell printf %07d $(k)))))))
-REPRO_RESULTS = $(foreach v,$(REPRO_VARIANTS),$(foreach s,$(REPRO_SEEDS),\
-  $(foreach k,$(REPRO_KEPT),$(REPRO)/$(v)/s$(s)/step-$(shell printf %07d $(k))/classifier.json)\
-  $(foreach k,$(REPRO_FID_STEPS),$(REPRO)/$(v)/s$(s)/step-$(shell printf %07d $(k))/fid.json)))
+  $(foreach k,$(REPRO_KEPT),$(eval $(call repro_step,$(v),$(s),$(shell printf %07d $(k)),$(REPRO))))))
+step_results = $(foreach v,$(2),$(foreach s,$(REPRO_SEEDS),\
+  $(foreach k,$(REPRO_KEPT),$(1)/$(v)/s$(s)/step-$(shell printf %07d $(k))/classifier.json)\
+  $(foreach k,$(REPRO_FID_STEPS),$(1)/$(v)/s$(s)/step-$(shell printf %07d $(k))/fid.json)))
+REPRO_RESULTS = $(call step_results,$(REPRO),$(REPRO_VARIANTS))
 
 # Depth and segmentation in the VAEs' own domain: heads fitted on teacher features of the shapes'
 # train split, scored through each VAE's alignment network on the test split (and drawn on the
@@ -231,6 +233,36 @@ repro: $(REPRO_RESULTS) $(REPRO)/seg/eval-test/manifest.json $(REPRO)/depth/eval
 	$(REPRO_PROTOCOL)
 	$(REALS) reproduction collect $(REPRO) --json $(REPRO_DOC).json --md $(REPRO_DOC).md \
 	  --title "repro: the baseline VAE against ReaLS, $(words $(REPRO_SEEDS)) SiT seeds each"
+
+# ReaLS + REPA (the paper's suggested next step) against ReaLS alone: make repro's SiT budget,
+# seeds and scoring on make repro's ReaLS latents, with REPA's loss on block REPA_DEPTH's tokens
+# against the ReaLS alignment network's features of the clean latent (--repa-vae). ReaLS alone is
+# make repro's own runs, linked in; the page is docs/repa.{md,json}.
+REPA        ?= runs/repa
+REPA_DOC    ?= docs/repa
+REPA_WEIGHT ?= 0.5
+REPA_DEPTH  ?= 2
+REPA_PROTOCOL = $(REALS) reproduction protocol $(REPA) 'variants=["reals","reals-repa"]' 'compare=["reals","reals-repa"]' \
+  seeds=$(call json_list,$(REPRO_SEEDS)) steps=$(call json_list,$(REPRO_KEPT)) fid_steps=$(call json_list,$(REPRO_FID_STEPS)) \
+  fid_samples=$(REPRO_N) primary=fid 'secondary=["classifier_fd","class_accuracy"]' 'latents="$(REPRO)/reals/latents.zarr"' \
+  repa_weight=$(REPA_WEIGHT) repa_depth=$(REPA_DEPTH) 'sit="SiT-T/2"' sit_batch=$(REPRO_SIT_BATCH) sit_steps=$(REPRO_SIT_STEPS) \
+  cfg=$(CFG) 'sampler="ode heun 21 steps, sample seed = SiT seed"' 'tuned_on_test="nothing: the test split only scores"'
+$(REPA)/reals/vae/manifest.json: $(REPRO)/reals/vae/manifest.json
+	mkdir -p $(REPA) && ln -sfn $(abspath $(REPRO))/reals $(REPA)/reals
+define repa_sit
+$(REPA)/reals-repa/sit-s$(1)/manifest.json: $(REPRO)/reals/latents.zarr/zarr.json
+	$$(REPA_PROTOCOL)
+	$(REALS) train-dit $(REPRO)/reals/latents.zarr $(REPRO_SIT_FLAGS) --repa-weight $(REPA_WEIGHT) --repa-depth $(REPA_DEPTH) \
+	  --repa-vae $(REPRO)/reals/vae --seed $(1) --out $$(@D)
+endef
+$(foreach s,$(REPRO_SEEDS),$(eval $(call repa_sit,$(s)))\
+  $(foreach k,$(REPRO_KEPT),$(eval $(call repro_step,reals-repa,$(s),$(shell printf %07d $(k)),$(REPA)))))
+
+.PHONY: repa
+repa: $(REPA)/reals/vae/manifest.json $(call step_results,$(REPRO),reals) $(call step_results,$(REPA),reals-repa)
+	$(REPA_PROTOCOL)
+	$(REALS) reproduction collect $(REPA) --json $(REPA_DOC).json --md $(REPA_DOC).md \
+	  --title "repa: ReaLS + REPA (weight $(REPA_WEIGHT), block $(REPA_DEPTH)) against ReaLS, $(words $(REPRO_SEEDS)) SiT seeds each"
 
 # What the VAE recipe does to the latents, at make repro's VAE budget and on its data: the
 # alignment weight (0 and 1 are make repro's own VAEs, linked; VAE seed 1 is `make repro

@@ -32,9 +32,9 @@ def test_t_interval_matches_scipy(n):
     assert t_interval([5.0]) == {"mean": 5.0, "lo": None, "hi": None, "n": 1, "sd": None}
 
 
-def _experiment(root, fid, fd=None, samples=2000):
+def _experiment(root, fid, fd=None, samples=2000, protocol=PROTOCOL):
     """fid[variant][step index][seed index]: writes the eval files of every run."""
-    write_protocol(root, PROTOCOL)
+    write_protocol(root, protocol)
     for variant, per_step in fid.items():
         for k, step in enumerate(PROTOCOL["steps"]):
             for i, seed in enumerate(PROTOCOL["seeds"]):
@@ -71,6 +71,19 @@ def test_collect_gathers_per_seed_values_with_intervals(tmp_path):
     # 17.4% lower, but reals's interval [30.8, 38.2] reaches into the baseline's [36.0, 47.7]
     assert r["comparison"]["goal"] == {"metric": "fid", "reduction": pytest.approx(1 - 34.5 / (125.5 / 3)),
                                        "intervals_apart": False, "met": False}
+
+
+def test_another_pair_is_compared_seed_by_seed_without_the_papers_goal(tmp_path):
+    """An ablation of ReaLS (e.g. ReaLS + REPA) names its pair in `compare`: reference, treatment."""
+    fid = {"reals": FID["reals"], "reals-repa": FID["baseline"]}
+    _experiment(tmp_path, fid, protocol=PROTOCOL | {"variants": ["reals", "reals-repa"], "compare": ["reals", "reals-repa"]})
+    r = write_reproduction(tmp_path, tmp_path / "r.json", tmp_path / "r.md")
+    diff = np.subtract(fid["reals-repa"][-1], fid["reals"][-1])
+    assert r["comparison"]["fid"]["paired_difference"]["mean"] == pytest.approx(diff.mean())
+    assert "goal" not in r["comparison"]
+    page = (tmp_path / "r.md").read_text()
+    assert "### reals-repa against reals, seed by seed" in page and "| metric | reals-repa - reals (paired) |" in page
+    assert "The paper's claim" not in page
 
 
 def test_collect_refuses_missing_runs_and_other_sample_counts(tmp_path):

@@ -17,7 +17,8 @@ the final one) and `fid_samples`; every fid.json must hold exactly that many sam
 draw the convergence curve with the classifier, which every kept step gets. The
 intervals are mean +- t(0.975, n - 1) * sd / sqrt(n) over the n seeds (sd with n - 1); the
 paired difference (reals - baseline, seed by seed: the same SiT seed on each latent space)
-gets one too.
+gets one too. `compare` ([reference, treatment], default ["baseline", "reals"]) names the pair
+of another experiment, e.g. ["reals", "reals-repa"]; the paper's goal is judged for the default pair only.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ METRICS = (
 )
 CONFIDENCE = 0.95
 GOAL = 0.15  # the paper: about 15% lower FID at an equal diffusion budget
+DEFAULT_PAIR = ["baseline", "reals"]
 
 
 def t_interval(values, confidence: float = CONFIDENCE) -> dict:
@@ -126,15 +128,17 @@ def collect(root: str | os.PathLike) -> dict:
         raise UserError(f"{len(missing)} result files are missing under {root} (e.g. {missing[0]}); run `make repro` "
                         f"to finish the experiment")
     result = {"protocol": protocol, "variants": variants, "probes": probe_evaluations(root)}
-    if "baseline" in variants and "reals" in variants:
-        base, reals = variants["baseline"], variants["reals"]
+    reference, treatment = protocol.get("compare", DEFAULT_PAIR)
+    if reference in variants and treatment in variants:
+        base, reals = variants[reference], variants[treatment]
         result["comparison"] = {
             key: {"paired_difference": t_interval([r - b for r, b in zip(reals[key], base[key])
                                                    if r is not None and b is not None]),
                   "ratio_of_means": (reals["summary"][key]["mean"] / base["summary"][key]["mean"]
                                      if base["summary"][key]["mean"] else None)}
             for key, *_ in METRICS}
-        result["comparison"]["goal"] = goal(base, reals, protocol.get("primary", "fid"))
+        if [reference, treatment] == DEFAULT_PAIR:
+            result["comparison"]["goal"] = goal(base, reals, protocol.get("primary", "fid"))
     return result
 
 
@@ -201,15 +205,18 @@ def markdown(result: dict, title: str, plot_name: str, grids: dict[str, str] | N
                  "–" if result["comparison"][key]["ratio_of_means"] is None
                  else f"{result['comparison'][key]['ratio_of_means']:.3f}"]
                 for key, _, _, label, fmt in METRICS]
-        g = result["comparison"]["goal"]
-        verdict = (f"not decidable ({g['why']})" if g["met"] is None else
-                   f"{'met' if g['met'] else 'not met'}: ReaLS's mean {g['metric']} is {100 * abs(g['reduction']):.1f}% "
-                   f"{'below' if g['reduction'] >= 0 else 'above'} the baseline's, and the 95% intervals "
-                   f"{'do not overlap' if g['intervals_apart'] else 'overlap'}")
-        lines += ["### ReaLS against the baseline, seed by seed", "",
-                  markdown_table(["metric", "reals - baseline (paired)", "reals / baseline (means)"], rows), "",
-                  f"The paper's claim (mean primary metric at least {GOAL:.0%} below the baseline's, seed intervals "
-                  f"apart): {verdict}.", ""]
+        reference, treatment = protocol.get("compare", DEFAULT_PAIR)
+        lines += [f"### {treatment} against {reference}, seed by seed", "",
+                  markdown_table(["metric", f"{treatment} - {reference} (paired)", f"{treatment} / {reference} (means)"],
+                                 rows), ""]
+        g = result["comparison"].get("goal")
+        if g:
+            verdict = (f"not decidable ({g['why']})" if g["met"] is None else
+                       f"{'met' if g['met'] else 'not met'}: ReaLS's mean {g['metric']} is {100 * abs(g['reduction']):.1f}% "
+                       f"{'below' if g['reduction'] >= 0 else 'above'} the baseline's, and the 95% intervals "
+                       f"{'do not overlap' if g['intervals_apart'] else 'overlap'}")
+            lines += [f"The paper's claim (mean primary metric at least {GOAL:.0%} below the baseline's, seed intervals "
+                      f"apart): {verdict}.", ""]
     if grids:
         seed, step = protocol["seeds"][0], max(protocol["steps"])
         lines += ["## Samples", "", f"SiT seed {seed} at step {step}, the same noise and labels in every variant "

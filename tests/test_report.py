@@ -97,6 +97,14 @@ def test_cli_prints_the_table_and_refuses_an_empty_folder(pipeline, tmp_path):
                                 "train-vae step to report on")
 
 
+def test_a_note_stands_under_the_title_and_under_the_printed_table(pipeline):
+    note = "Too small a budget to tell the variants apart; see make repro."
+    result = CliRunner().invoke(main, ["report", str(pipeline), "--title", "T", "--note", note])
+    assert result.exit_code == 0, result.output
+    assert (pipeline / "report.md").read_text().startswith(f"# T\n\n> {note}\n\nMachine: ")
+    assert result.output.rstrip().endswith(note)
+
+
 def test_cli_refuses_an_out_folder_before_writing(pipeline, tmp_path):
     folder = tmp_path / "pages"
     folder.mkdir()

@@ -9,7 +9,9 @@ import click
 @click.argument("root", type=click.Path(file_okay=False))
 @click.option("--out", default=None, help="The Markdown file to write.  [default: ROOT/report.md]")
 @click.option("--title", default=None, help="The page title.  [default: names ROOT]")
-def report_command(root, out, title):
+@click.option("--note", default=None, help="A paragraph under the title, also printed under the table: what the "
+              "experiment can and cannot show (e.g. a budget too small to tell the variants apart).")
+def report_command(root, out, title, note):
     """Collect what the pipeline in ROOT measured into one Markdown page, and print its table.
 
     ROOT holds one folder per variant (`reals/`, `baseline/`, `kl1e-06/`, ...), each with
@@ -19,4 +21,4 @@ def report_command(root, out, title):
     """
     from ..pipeline.report import print_table, write_report
 
-    print_table(write_report(root, out, title))
+    print_table(write_report(root, out, title, note))

@@ -175,8 +175,10 @@ def _image(md: list[str], out: Path, root: Path, title: str, path: Path) -> None
     md += [f"**{title}**", "", f"![{title}]({os.path.relpath(path, out.parent)})", ""]
 
 
-def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None, title: str | None = None) -> dict:
-    """Write `out` (default ROOT/report.md) from the artifacts under `root`; return the rows."""
+def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None, title: str | None = None,
+                 note: str | None = None) -> dict:
+    """Write `out` (default ROOT/report.md) from the artifacts under `root`, with `note` (Markdown)
+    under the title; return the rows."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root} is not a folder; run the pipeline first (e.g. `make demo`)")
@@ -191,7 +193,8 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None, 
         probes |= probe_results(e)
     rows = {p.name: variant_row(p, probes) for p in found}
     headers, cells = results_table(rows)
-    md = [f"# {title or f'ReaLS pipeline report: {root}'}", "", f"Machine: {describe_machine()}.", "",
+    md = [f"# {title or f'ReaLS pipeline report: {root}'}", "", *([f"> {note}", ""] if note else []),
+          f"Machine: {describe_machine()}.", "",
           "## Results", "", markdown_table(headers, cells), ""]
     labels = sorted({r["fid_label"] for r in rows.values() if "fid_label" in r})
     md += [
@@ -244,7 +247,7 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None, 
     if not out.is_file() or out.read_text() != text:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out, text.encode())
-    return {"out": str(out), "rows": rows, "headers": headers, "cells": cells}
+    return {"out": str(out), "rows": rows, "headers": headers, "cells": cells, "note": note}
 
 
 def kl_plot(rows: dict[str, dict], path: Path) -> None:
@@ -279,3 +282,5 @@ def print_table(report: dict) -> None:
     for i, header in enumerate(report["headers"][1:], start=1):
         table.add_row(header, *[row[i] for row in report["cells"]])
     console.print(table, soft_wrap=True)
+    if report.get("note"):
+        console.print(report["note"], markup=False)

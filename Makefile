@@ -157,7 +157,7 @@ REPRO_VARIANTS   := baseline reals
 REPRO_KEPT        = $(shell seq $(REPRO_KEEP) $(REPRO_KEEP) $(REPRO_SIT_STEPS))
 REPRO_FINAL       = $(shell printf %07d $(lastword $(REPRO_KEPT)))
 REPRO_FID_REF     = $(REPRO)/fid-ref/stats.npz
-VAE_RECIPE        = --preset demo --data $(REPRO)/data --steps $(REPRO_VAE_STEPS) --teacher-cache-gb 4 --device $(DEVICE) --auto-resume
+VAE_RECIPE        = --preset demo --data $(REPRO)/data --steps $(REPRO_VAE_STEPS) --val-every 50 --teacher-cache-gb 4 --device $(DEVICE) --auto-resume
 REPRO_VAE_FLAGS   = $(VAE_RECIPE) --seed $(REPRO_VAE_SEED)
 REPRO_SIT_FLAGS   = --model SiT-T/2 --batch-size $(REPRO_SIT_BATCH) --lr 4e-4 --ema-decay 0.99 --steps $(REPRO_SIT_STEPS) \
                     --keep-every $(REPRO_KEEP) --log-every 20 --ckpt-every $(REPRO_KEEP) --sample-every 0 --workers 1 \

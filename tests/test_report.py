@@ -129,8 +129,16 @@ def test_each_variants_own_probe_evaluation_and_the_adaptive_weight_it_used(tmp_
         atomic_write_json(root / name / "seg" / "eval-test" / "metrics.json", {
             "vae": {"id": _id(root / name)}, "data": {"format": "masks", "images": 10}, "teacher": "vgg16",
             "results": {"teacher": {"miou": 0.9}, "reals": {"miou": miou}, "constant": {"miou": 0.1}}})
+    (root / "align0.3-s0" / "vae" / "val.jsonl").write_text("".join(
+        json.dumps({"step": s, "psnr": p, "lpips": 0.3 - s / 1e4, "align_cos_patch": 0.5, "align_cos_global": c}) + "\n"
+        for s, p, c in ((100, 18.0, 0.5), (200, 20.0, 0.6), (300, 21.0, 0.65), (400, 21.25, 0.66))))
     report = write_report(root)
     rows = report["rows"]
+    text = (root / "report.md").read_text()
+    # Flattened or not: each curve's change from the line nearest 3/4 of the run (300) to the end.
+    assert "| VAE | steps | PSNR (dB) | LPIPS | cos patch | cos global |\n|---|---|---|---|---|---|\n" \
+           "| align0.3-s0 | 300-400 | +0.25 | -0.0100 | +0.000 | +0.010 |" in text
+    assert "![validation curves](report-val.png)" in text and (root / "report-val.png").stat().st_size > 1000
     assert (rows["align0.3-s0"]["miou"], rows["adaptive-s0"]["miou"]) == (0.4, 0.6)
     assert rows["adaptive-s0"]["align_w_used"] == 3.0 and "align_w_used" not in rows["align0.3-s0"]  # steps 101-200
     text = (root / "report.md").read_text()

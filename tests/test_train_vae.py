@@ -371,6 +371,26 @@ def test_adaptive_align_balance_gives_the_alignment_the_reconstructions_gradient
     assert [r["align_w"] for r in read_log(tmp_path / "f" / "log.jsonl")] == [0.5, 0.5]
 
 
+def test_val_every_draws_the_validation_curves_without_moving_training(assets_home, shapes_data, tmp_path):
+    """--val-every N appends the EMA's validation to val.jsonl every N steps and at the end (the
+    manifest's numbers); the weights equal a run without it; a resumed run rewrites no line twice."""
+    base = {**TINY_FLAGS, "data": str(shapes_data), "steps": 4, "ckpt_every": 2}
+    plain = train_vae(resolve_config(**base, out=str(tmp_path / "plain")))
+    curves = train_vae(resolve_config(**base, out=str(tmp_path / "curves"), val_every=2))
+    a, b = _final_weights(tmp_path / "plain"), _final_weights(tmp_path / "curves")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert curves["metrics"] == plain["metrics"]
+    lines = read_log(tmp_path / "curves" / "val.jsonl")
+    assert [r["step"] for r in lines] == [2, 4]
+    assert lines[-1] == {"step": 4, **{k: curves["metrics"][k] for k in ("psnr", "lpips", "align_cos_patch", "align_cos_global")}}
+    assert lines[0]["psnr"] != lines[1]["psnr"]
+    # Stopped at step 2 and resumed to 4 with validation every step: each step once.
+    split = tmp_path / "split"
+    train_vae(resolve_config(**{**base, "steps": 2}, out=str(split), val_every=1))
+    train_vae(resolve_config(**base, out=str(split), val_every=1), resume=True)
+    assert [r["step"] for r in read_log(split / "val.jsonl")] == [1, 2, 3, 4]
+
+
 def test_ema_warmup_follows_ldm():
     from reals_cli.pipeline.ema import ema_copy, ema_update
 

@@ -42,6 +42,9 @@ from .options import FINITE, device_option, precision_option, preset_option, res
 @preset_option("--grad-clip", type=FINITE, help="Gradient norm clip, 0 for none.  [default: 1.0]")
 @preset_option("--workers", type=int, help="DataLoader worker processes.  [default: 2]")
 @preset_option("--val-count", type=int, help="Held-out images for validation, 0 for none.  [default: 64]")
+@preset_option("--val-every", type=int, help="Steps between validations of the EMA weights, appended to val.jsonl "
+               "(PSNR, LPIPS, alignment cosines: the curves that show when training has flattened); 0: the final "
+               "validation only.  [default: 0]")
 @preset_option("--log-every", type=int, help="Steps between log.jsonl lines.  [default: 10]")
 @preset_option("--ckpt-every", type=int, help="Steps between checkpoints.  [default: 500]")
 @preset_option("--image-every", type=int, help="Steps between reconstruction grids.  [default: 500]")

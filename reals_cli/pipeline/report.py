@@ -232,6 +232,7 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None, 
     for task in ("seg", "depth"):
         _image(md, out, root, f"probe-{task}: image | ground truth | predictions", root / task / "eval-test" / "panels.png")
         _image(md, out, root, f"probe-{task} on generated latents", root / task / "eval-test" / "latents.png")
+    md += validation_curves({p.name: p / "vae" for p in found}, out.parent / f"{out.stem}-val.png")
     if len({r.get("kl") for r in rows.values()}) >= 3:
         plot = out.parent / f"{out.stem}-kl.png"
         kl_plot(rows, plot)
@@ -248,6 +249,45 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None, 
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out, text.encode())
     return {"out": str(out), "rows": rows, "headers": headers, "cells": cells, "note": note}
+
+
+VAL_PANELS = (("psnr", "PSNR (dB)", "{:+.2f}"), ("lpips", "LPIPS", "{:+.4f}"),
+              ("align_cos_patch", "cos patch", "{:+.3f}"), ("align_cos_global", "cos global", "{:+.3f}"))
+
+
+def validation_curves(vaes: dict[str, Path], plot: Path) -> list[str]:
+    """Markdown for the VAEs' validation curves (their val.jsonl, train-vae --val-every): a plot and
+    each metric's change over the last quarter of training, the test of whether it has flattened.
+    Nothing for VAEs without curves."""
+    from .training import read_log  # here: torch, which it imports, is slow to load for a report
+
+    curves = {name: lines for name, folder in vaes.items() if len(lines := read_log(folder / "val.jsonl")) >= 2}
+    if not curves:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(VAL_PANELS), figsize=(4 * len(VAL_PANELS), 3.2))
+    rows = []
+    for name, lines in curves.items():
+        steps = [r["step"] for r in lines]
+        quarter = min(lines, key=lambda r: abs(r["step"] - 0.75 * steps[-1]))  # the line nearest 3/4 of the run
+        rows.append([name, f"{quarter['step']}-{steps[-1]}",
+                     *[fmt.format(lines[-1][k] - quarter[k]) for k, _, fmt in VAL_PANELS]])
+        for ax, (key, label, _) in zip(axes, VAL_PANELS):
+            ax.plot(steps, [r[key] for r in lines], marker=".", label=name)
+            ax.set_title(label, fontsize=9)
+            ax.set_xlabel("VAE step")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(plot) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return ["## VAE validation curves", "", f"![validation curves]({plot.name})", "",
+            "Change over the last quarter of training (a curve that has flattened changes little):", "",
+            markdown_table(["VAE", "steps", *[label for _, label, _ in VAL_PANELS]], rows), ""]
 
 
 def kl_plot(rows: dict[str, dict], path: Path) -> None:

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..artifacts import atomic_path, atomic_write_bytes, atomic_write_json
 from ..errors import UserError
-from .report import json_or_none, markdown_table, probe_evaluations, probe_results, variant_row
+from .report import json_or_none, markdown_table, probe_evaluations, probe_results, validation_curves, variant_row
 
 PROTOCOL = "protocol.json"
 REQUIRED = ("variants", "seeds", "steps", "fid_samples")
@@ -268,6 +268,7 @@ def write_reproduction(root: str | os.PathLike, json_out: str | os.PathLike, md_
     plot_curves(result, plot)
     images = md_out.with_name(f"{md_out.stem}-images")
     grids = {v: f"{images.name}/{name}" for v, name in copy_grids(Path(root), result, images).items()}
+    curves = validation_curves({v: Path(root) / v / "vae" for v in result["variants"]}, md_out.with_name(f"{md_out.stem}-val.png"))
     atomic_write_json(json_out, result)
-    atomic_write_bytes(md_out, (markdown(result, title, plot.name, grids) + "\n").encode())
+    atomic_write_bytes(md_out, ("\n".join([markdown(result, title, plot.name, grids), *curves]) + "\n").encode())
     return result

@@ -51,17 +51,20 @@ from ..runtime import autocast, resolve_device, seed_everything
 from .ema import ema_copy, ema_update
 from .training import (
     AT_LEAST_ONE, FRACTION, NON_NEGATIVE, SEED, FiniteGuard, SignalStop, StepLog, already_trained, check_run_folder,
-    check_values, init_distributed, load_checkpoint, save_checkpoint, truncate_log,
+    append_log, check_values, init_distributed, load_checkpoint, save_checkpoint, truncate_log,
 )
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "log.jsonl"
+VAL_LOG = "val.jsonl"  # the validation curves (--val-every)
+VAL_CURVES = ("psnr", "lpips", "align_cos_patch", "align_cos_global")
 # Flags that may differ on --resume without changing what the run computes (steps: train longer).
 # --out is where the run is now: a run folder moved elsewhere resumes there. teacher_cache_gb too: a
 # cached row is the row the teacher computes in the step's own batch (see TeacherCache).
-RESUMABLE_CHANGES = {"steps", "device", "workers", "log_every", "ckpt_every", "image_every", "out", "teacher_cache_gb"}
+RESUMABLE_CHANGES = {"steps", "device", "workers", "log_every", "ckpt_every", "image_every", "out", "teacher_cache_gb",
+                     "val_every"}
 # What train-vae writes into --out (check_output_folder lets the hidden temporary files of a kill pass).
-RUN_FILES = (CHECKPOINT, LOG, artifacts.MANIFEST, CONFIG_NAME, WEIGHTS_NAMES[0], ALIGN_FILE, "recon_???????.png")
+RUN_FILES = (CHECKPOINT, LOG, VAL_LOG, artifacts.MANIFEST, CONFIG_NAME, WEIGHTS_NAMES[0], ALIGN_FILE, "recon_???????.png")
 # VGG16 (LPIPS on the images, and the vgg16 teacher) pools 4 times before its last block.
 VGG_MIN_SIZE = 16
 
@@ -102,6 +105,7 @@ class TrainVAEConfig:
     seed: int = 0
     workers: int = 2
     val_count: int = 64
+    val_every: int = 0  # steps between validation lines in val.jsonl; 0: the final validation only
     log_every: int = 10
     ckpt_every: int = 500
     image_every: int = 500
@@ -158,6 +162,7 @@ ALLOWED_VALUES = {
     "grad_clip": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
     "ema_decay": FRACTION,
     "val_count": (lambda v: v >= 0, ">= 0 (0: no validation)"),
+    "val_every": (lambda v: v >= 0, ">= 0 (0: the final validation only)"),
 }
 
 
@@ -264,7 +269,14 @@ class TeacherCache:
 
 @torch.no_grad()
 def evaluate(vae: AutoencoderKL, align: AlignmentNet, teacher: Teacher, lpips: LPIPS, loader, device) -> dict[str, float]:
-    """PSNR/SSIM/LPIPS of posterior-mean reconstructions, latent stats, teacher cosines."""
+    """PSNR/SSIM/LPIPS of posterior-mean reconstructions, latent stats, teacher cosines. Its latent
+    draws come from a forked RNG: validating mid-run leaves the training trajectory as it was."""
+    devices = [device] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        return _evaluate(vae, align, teacher, lpips, loader, device)
+
+
+def _evaluate(vae: AutoencoderKL, align: AlignmentNet, teacher: Teacher, lpips: LPIPS, loader, device) -> dict[str, float]:
     sums: dict[str, float] = {}
     zs, n = [], 0
     for batch in loader:
@@ -289,6 +301,10 @@ def evaluate(vae: AutoencoderKL, align: AlignmentNet, teacher: Teacher, lpips: L
     metrics["latent_std"] = z.std(1).tolist()
     metrics["val_images"] = n
     return metrics
+
+
+def _log_validation(path: Path, step: int, metrics: dict) -> None:
+    append_log(path, {"step": step, **{k: metrics[k] for k in VAL_CURVES}})
 
 
 def _save_grid(path: Path, x01: torch.Tensor, recon01: torch.Tensor) -> None:
@@ -365,6 +381,7 @@ def _train_vae(cfg: TrainVAEConfig, resume: bool | str, held: contextlib.ExitSta
         if not resume:
             held.enter_context(artifacts.hold_folder(out, "reals train-vae"))
         truncate_log(out / LOG, step)  # lines past the checkpoint, or of a run killed before its first one
+        truncate_log(out / VAL_LOG, step)
         console.print(
             f"train-vae: {len(train_set)} images at {cfg.image_size}px, VAE {cfg.vae} (latent "
             f"{vae.config.latent_channels}x{latent_grid}x{latent_grid}), teacher {cfg.teacher} "
@@ -434,6 +451,8 @@ def _train_vae(cfg: TrainVAEConfig, resume: bool | str, held: contextlib.ExitSta
             guard.check()  # the line above has synchronised already: stop at the first bad step
             if is_main and step % cfg.log_every == 0:
                 log.write(step, terms)
+            if is_main and cfg.val_every and step % cfg.val_every == 0 and step < cfg.steps and len(val_set):
+                _log_validation(out / VAL_LOG, step, evaluate(ema.vae, ema.align, teacher, lpips, val_loader, device))
             if is_main and (step % cfg.image_every == 0 or step == cfg.steps):  # the last step always shows
                 _save_grid(out / f"recon_{step:07d}.png", x01, (recon.detach().float() + 1) / 2)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
@@ -451,6 +470,8 @@ def _train_vae(cfg: TrainVAEConfig, resume: bool | str, held: contextlib.ExitSta
     # --val-count 0: no validation metrics, and the manifest says so with val_images 0.
     metrics = evaluate(ema.vae, ema.align, teacher, lpips, val_loader, device) if len(val_set) else {"val_images": 0}
     metrics["steps"] = step
+    if cfg.val_every and len(val_set):
+        _log_validation(out / VAL_LOG, step, metrics)
     if cache is not None:  # this run's (a resumed run's cache starts empty)
         metrics["teacher_cache"] = {"computed": cache.computed, "reused": cache.reused}
     inputs = {"data": artifacts.describe_input(cfg.data)}

@@ -423,24 +423,34 @@ def test_init_from_a_folder_that_is_no_model_says_what_it_is(store, tmp_path):
 
 
 def test_repa_names_the_patch_size_that_fits(store, tmp_path):
-    latents, vae = store
-    result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, tmp_path / "o", 2, model="DiT-T/4", repa_weight=0.5,
-                                                               repa_depth=2, repa_vae=vae)])
-    assert result.exit_code == 2
-    assert result.output.strip().splitlines()[-1] == ("error: REPA: the alignment network's 4x4 feature grid does not "
-                                                      "match the model's 2x2 tokens; pass --model DiT-T/2")
-
-
-def test_repa_says_when_no_patch_size_fits(store, tmp_path):
     latents, _ = store
-    # An alignment network on 1x1 latent patches: an 8x8 grid, which only a /1 model (there is none) would match.
-    latents, vae = _store_of_new_vae(latents.parent, tmp_path, AlignConfig(4, 8, 6, 8, hidden=8))
+    # An alignment network on 4x4 latent patches: a 2x2 grid, coarser than DiT-T/2's 4x4 tokens.
+    latents, vae = _store_of_new_vae(latents.parent, tmp_path, AlignConfig(4, 8, 6, 2, hidden=8))
     result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, tmp_path / "o", 2, repa_weight=0.5, repa_depth=2,
                                                                repa_vae=vae)])
     assert result.exit_code == 2
-    assert result.output.strip().splitlines()[-1] == (
-        "error: REPA: the alignment network's 8x8 feature grid does not match the model's 4x4 tokens; no patch size "
-        "(/2, /4, /8) gives 8x8 tokens on 8x8 latents, so this VAE's alignment network cannot guide a DiT here")
+    assert result.output.strip().splitlines()[-1] == ("error: REPA: the alignment network's 2x2 feature grid is not a whole "
+                                                      "multiple of the model's 4x4 tokens; pass --model DiT-T/4")
+
+
+def test_repa_pools_a_finer_feature_grid_onto_the_tokens(store, tmp_path):
+    """An alignment network on 1x1 latent patches (8x8 grid) under DiT-T/2 (4x4 tokens): each
+    token's target is the mean of the 2x2 cells it covers (float64 reference), and it trains."""
+    from reals_cli.models.reals_vae import load_reals_vae
+    from reals_cli.pipeline.train_dit import repa_target
+
+    latents, _ = store
+    latents, vae = _store_of_new_vae(latents.parent, tmp_path, AlignConfig(4, 8, 6, 8, hidden=8))
+    align = load_reals_vae(vae, need_align=True).align.eval()
+    z = torch.randn(3, 4, 8, 8)
+    cells = align(z)[0].double()  # 3 x 6 x 8 x 8
+    expected = cells.reshape(3, 6, 4, 2, 4, 2).mean((3, 5)).flatten(2).transpose(1, 2)
+    got = repa_target(align, z, 4)
+    assert got.shape == (3, 16, 6) and torch.allclose(got.double(), expected, atol=1e-6)
+    result = CliRunner().invoke(main, ["train-dit", *_cli_args(latents, tmp_path / "o", 2, repa_weight=0.5, repa_depth=2,
+                                                               repa_vae=vae)])
+    assert result.exit_code == 0, result.output
+    assert all(-1 <= r["repa"] <= 1 and r["repa"] != 0 for r in read_log(tmp_path / "o" / "log.jsonl"))  # a cosine term
 
 
 def _samples_artifact(out: Path) -> str:

@@ -10,7 +10,9 @@ of (seed, step, rank), so `--resume` after a kill continues bit-for-bit.
 `--repa-weight W --repa-depth K` adds a REPA-style loss: block K's tokens, through
 a 3-layer MLP projector, are aligned (negative cosine) with the ReaLS alignment
 network's patch features of the clean latent, computed on the fly from the cached
-latents: no images and no teacher at training time.
+latents: no images and no teacher at training time. A feature grid k times finer than the
+tokens (an alignment network on 1x1 latent patches under a /2 model) is averaged over k x k
+cells onto the tokens, as each token covers those cells.
 """
 
 from __future__ import annotations
@@ -100,6 +102,13 @@ class Trainable(nn.Module):
         return out, self.projector(tokens)
 
 
+def repa_target(align, z: torch.Tensor, tokens: int) -> torch.Tensor:
+    """REPA's target for each token, B x T x D: the alignment network's patch features of the
+    clean raw latent, averaged over the cells each token covers."""
+    patch = align(z)[0]  # B x D x grid x grid
+    return F.avg_pool2d(patch, patch.shape[-1] // tokens).flatten(2).transpose(1, 2)
+
+
 def train_dit(cfg: TrainDiTConfig, resume: bool | str = False) -> dict:
     """Train (or resume) a DiT/SiT on a latent store; writes the `dit` artifact to cfg.out.
     `resume` "auto": resume the run in cfg.out if there is one, else start it."""
@@ -148,14 +157,14 @@ def _train_dit(cfg: TrainDiTConfig, resume: bool | str, held: contextlib.ExitSta
         align = bundle.align.to(device).eval().requires_grad_(False)
         tokens = h // model.patch_size
         grid = align.config.latent_grid // align.config.patch
-        if grid != tokens:
+        if grid % tokens:  # coarser than the tokens (or no whole cells a token): nothing to pool
             patches = sorted({m["patch_size"] for m in DIT_MODELS.values()})
-            fits = [p for p in patches if grid * p == h]
+            fits = [p for p in patches if grid % (h // p) == 0]
             hint = (f"pass --model {cfg.model.rsplit('/', 1)[0]}/{fits[0]}" if fits else
-                    f"no patch size ({', '.join(f'/{p}' for p in patches)}) gives {grid}x{grid} tokens on {h}x{h} "
-                    f"latents, so this VAE's alignment network cannot guide a DiT here")
-            raise UserError(f"REPA: the alignment network's {grid}x{grid} feature grid does not match the model's "
-                            f"{tokens}x{tokens} tokens; {hint}")
+                    f"no patch size ({', '.join(f'/{p}' for p in patches)}) gives tokens that cover whole cells of it "
+                    f"on {h}x{h} latents, so this VAE's alignment network cannot guide a DiT here")
+            raise UserError(f"REPA: the alignment network's {grid}x{grid} feature grid is not a whole multiple of the "
+                            f"model's {tokens}x{tokens} tokens; {hint}")
         projector = Projector(model.blocks[0].attn.qkv.in_features, align.config.teacher_dim)
 
     trainable = Trainable(model, projector, cfg.repa_depth).to(device)
@@ -228,7 +237,7 @@ def _train_dit(cfg: TrainDiTConfig, resume: bool | str, held: contextlib.ExitSta
                 repa = torch.zeros((), device=device)
                 if projected is not None:
                     with torch.no_grad():
-                        target = align(z)[0].flatten(2).transpose(1, 2)  # B x T x D, from the clean raw latent
+                        target = repa_target(align, z, h // model.patch_size)
                     repa = -F.cosine_similarity(projected.float(), target.float(), dim=-1).mean()
                 loss = terms["loss"].mean() + cfg.repa_weight * repa
             opt.zero_grad(set_to_none=True)

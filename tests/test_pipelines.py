@@ -14,11 +14,11 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU 
 
 
 def _plan(target: str, tmp_path: Path, *extra: str) -> list[str]:
-    """The `reals ...` commands `make -n TARGET` would run, for an empty demo folder."""
+    """The `reals ...` commands `make -n TARGET` would run, for empty experiment folders."""
     out = subprocess.run(["make", "-n", "-C", str(REPO), target, f"DEMO={tmp_path}/demo",
-                          f"KL_SWEEP={tmp_path}/kl", *extra], capture_output=True, text=True, check=True).stdout
+                          f"KL_SWEEP={tmp_path}/kl", f"REPRO={tmp_path}/r", f"ABL={tmp_path}/a", f"REPA={tmp_path}/p", *extra], capture_output=True, text=True, check=True).stdout
     lines = [line.split("bin/reals ", 1)[1] for line in out.replace("\\\n", " ").splitlines() if "bin/reals " in line]
-    return [line for line in lines if not line.startswith("assets")]
+    return [" ".join(line.split()) for line in lines if not line.startswith("assets")]  # an empty $(if) leaves 2 spaces
 
 
 def _sub(command: str) -> str:
@@ -46,7 +46,8 @@ def test_repro_small_gives_the_baseline_the_same_budget(tmp_path):
     assert len(dits) == 2 and dits[0].replace("/reals/", "/baseline/") == dits[1]
     samples = sorted(c for c in plan if c.startswith("sample"))
     assert len(samples) == 4 and sum("--cfg 1.0" in c for c in samples) == 2
-    assert plan[-1].endswith('--out docs/repro-small.md --title "repro-small: the baseline VAE against ReaLS"')
+    assert '--out docs/repro-small.md --title "repro-small: the baseline VAE against ReaLS" --note "A single-seed ' \
+           'miniature' in plan[-1] and "too small to tell ReaLS from the baseline" in plan[-1]
 
 
 def test_kl_sweep_varies_only_the_kl_weight(tmp_path):
@@ -56,13 +57,48 @@ def test_kl_sweep_varies_only_the_kl_weight(tmp_path):
     assert "--out docs/kl-sweep.md" in plan[-1]
 
 
+def test_a_second_vae_seed_reaches_both_vaes_and_the_protocol(tmp_path):
+    plan = _plan("repro", tmp_path, f"REPRO={tmp_path}/r", f"REPRO_DOC={tmp_path}/doc", "REPRO_VAE_SEED=1")
+    vaes = [c for c in plan if c.startswith("train-vae")]
+    assert len(vaes) == 2 and all("--seed 1" in v for v in vaes)
+    assert vaes[0].replace(" --align-weight 0", "").replace("/baseline/", "/reals/") == vaes[1]  # one change
+    assert all("vae_seed=1" in c for c in plan if c.startswith("reproduction protocol"))
+
+
+def test_ablations_change_one_flag_of_the_repro_vae_recipe(tmp_path):
+    root = f"{tmp_path}/r"
+    plan = _plan("ablations", tmp_path, f"REPRO={root}", f"ABL={tmp_path}/a")
+    vaes = {c.split("--out ")[1]: c for c in plan if c.startswith("train-vae")}
+    recipe = vaes[f"{root}/reals/vae"].replace(f" --seed 0 --out {root}/reals/vae", "")
+    for name, change in (("align0.3", "--align-weight 0.3"), ("align3", "--align-weight 3"),
+                         ("adaptive", "--align-balance adaptive")):
+        assert vaes[f"{tmp_path}/a/{name}-s0/vae"] == f"{recipe} {change} --seed 0 --out {tmp_path}/a/{name}-s0/vae"
+    evals = [c for c in plan if c.startswith("probe-seg eval")]
+    assert {c.split("--vae ")[1].split()[0] for c in evals} == {
+        f"{tmp_path}/a/{v}-s0/vae" for v in ("align0.3", "align3", "adaptive", "align0", "align1")}
+    assert all(f"--head {root}/seg" in c for c in evals)
+    assert "--out docs/ablations.md" in plan[-1]
+
+
+def test_repa_is_repros_reals_sit_plus_the_repa_flags(tmp_path):
+    root = f"{tmp_path}/r"
+    plan = _plan("repa", tmp_path, f"REPRO={root}", f"REPA={tmp_path}/p", f"REPA_DOC={tmp_path}/doc")
+    dits = {c.split("--out ")[1]: c for c in plan if c.startswith("train-dit")}
+    for seed in (0, 1, 2):
+        alone, repa = dits[f"{root}/reals/sit-s{seed}"], dits[f"{tmp_path}/p/reals-repa/sit-s{seed}"]
+        assert repa == alone.replace(f" --seed {seed} --out {root}/reals/sit-s{seed}",
+                                     f" --repa-weight 0.5 --repa-depth 2 --repa-vae {root}/reals/vae --seed {seed} "
+                                     f"--out {tmp_path}/p/reals-repa/sit-s{seed}")
+    assert plan[-1].startswith(f"reproduction collect {tmp_path}/p --json {tmp_path}/doc.json")
+
+
 def test_scale_multiplies_the_budgets(tmp_path):
     plan = _plan("demo", tmp_path, "SCALE=10", "DEVICE=cuda")
     assert "--steps 1500" in plan[2] and "--steps 3000" in plan[4] and "-n 5000" in plan[5]
     assert all("--device cuda" in c for c in plan if _sub(c) in ("train-vae", "train-dit", "sample", "eval-fid"))
 
 
-@pytest.mark.parametrize("target", ["demo", "repro-small", "kl-sweep"])
+@pytest.mark.parametrize("target", ["demo", "repro-small", "kl-sweep", "repro", "ablations", "repa"])
 def test_an_interrupted_pipeline_continues_when_run_again(tmp_path, target):
     """The trainers refuse a folder with an unfinished run unless told to resume; the recipes say
     --auto-resume, so a rerun after Ctrl-C continues the step instead of stopping."""

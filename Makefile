@@ -169,14 +169,15 @@ json_list = [$(subst $(empty) $(empty),$(comma),$(strip $(1)))]
 
 # Written before the first run, and checked again before every training run and before the results are
 # gathered: `reals reproduction protocol` refuses a protocol that differs from the one on disk.
-REPRO_PROTOCOL = $(REALS) reproduction protocol $(REPRO) 'variants=["baseline","reals"]' seeds=$(call json_list,$(REPRO_SEEDS)) \
-  steps=$(call json_list,$(REPRO_KEPT)) fid_steps=$(call json_list,$(REPRO_FID_STEPS)) fid_samples=$(REPRO_N) primary=fid \
-  'secondary=["classifier_fd","class_accuracy"]' dataset=shapes data_seed=0 train_images=$(REPRO_COUNT) \
-  fid_reference=$(REPRO_TEST_COUNT) 'fid_reference_split="test"' vae_seed=$(REPRO_VAE_SEED) vae_steps=$(REPRO_VAE_STEPS) \
-  'vae_recipe="train-vae --preset demo (VGG16 teacher); baseline: --align-weight 0"' \
-  'sit="SiT-T/2"' sit_batch=$(REPRO_SIT_BATCH) sit_steps=$(REPRO_SIT_STEPS) cfg=$(CFG) \
-  'sampler="ode heun 21 steps, sample seed = SiT seed"' classifier_epochs=$(REPRO_CLF_EPOCHS) \
-  'tuned_on_test="nothing: the test split only scores"'
+# The SiT side of a protocol, shared by make repro and make repa: seeds, kept steps, sampling and scoring.
+SIT_PROTOCOL = seeds=$(call json_list,$(REPRO_SEEDS)) steps=$(call json_list,$(REPRO_KEPT)) \
+  fid_steps=$(call json_list,$(REPRO_FID_STEPS)) fid_samples=$(REPRO_N) primary=fid \
+  'secondary=["classifier_fd","class_accuracy"]' 'sit="SiT-T/2"' sit_batch=$(REPRO_SIT_BATCH) sit_steps=$(REPRO_SIT_STEPS) \
+  cfg=$(CFG) 'sampler="ode heun 21 steps, sample seed = SiT seed"' 'tuned_on_test="nothing: the test split only scores"'
+REPRO_PROTOCOL = $(REALS) reproduction protocol $(REPRO) 'variants=["baseline","reals"]' $(SIT_PROTOCOL) \
+  dataset=shapes data_seed=0 train_images=$(REPRO_COUNT) fid_reference=$(REPRO_TEST_COUNT) 'fid_reference_split="test"' \
+  vae_seed=$(REPRO_VAE_SEED) vae_steps=$(REPRO_VAE_STEPS) \
+  'vae_recipe="train-vae --preset demo (VGG16 teacher); baseline: --align-weight 0"' classifier_epochs=$(REPRO_CLF_EPOCHS)
 
 
 $(REPRO)/data/manifest.json: | install assets
@@ -246,10 +247,7 @@ REPA_DOC    ?= docs/repa
 REPA_WEIGHT ?= 0.5
 REPA_DEPTH  ?= 2
 REPA_PROTOCOL = $(REALS) reproduction protocol $(REPA) 'variants=["reals","reals-repa"]' 'compare=["reals","reals-repa"]' \
-  seeds=$(call json_list,$(REPRO_SEEDS)) steps=$(call json_list,$(REPRO_KEPT)) fid_steps=$(call json_list,$(REPRO_FID_STEPS)) \
-  fid_samples=$(REPRO_N) primary=fid 'secondary=["classifier_fd","class_accuracy"]' 'latents="$(REPRO)/reals/latents.zarr"' \
-  repa_weight=$(REPA_WEIGHT) repa_depth=$(REPA_DEPTH) 'sit="SiT-T/2"' sit_batch=$(REPRO_SIT_BATCH) sit_steps=$(REPRO_SIT_STEPS) \
-  cfg=$(CFG) 'sampler="ode heun 21 steps, sample seed = SiT seed"' 'tuned_on_test="nothing: the test split only scores"'
+  $(SIT_PROTOCOL) 'latents="$(REPRO)/reals/latents.zarr"' repa_weight=$(REPA_WEIGHT) repa_depth=$(REPA_DEPTH)
 $(REPA)/reals/vae/manifest.json: $(REPRO)/reals/vae/manifest.json
 	mkdir -p $(REPA) && ln -sfn $(abspath $(REPRO))/reals $(REPA)/reals
 define repa_sit

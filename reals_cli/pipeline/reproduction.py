@@ -137,6 +137,7 @@ def collect(root: str | os.PathLike) -> dict:
                   "ratio_of_means": (reals["summary"][key]["mean"] / base["summary"][key]["mean"]
                                      if base["summary"][key]["mean"] else None)}
             for key, *_ in METRICS}
+        result["comparison"]["pair"] = [reference, treatment]
         if [reference, treatment] == DEFAULT_PAIR:
             result["comparison"]["goal"] = goal(base, reals, protocol.get("primary", "fid"))
     return result
@@ -205,7 +206,7 @@ def markdown(result: dict, title: str, plot_name: str, grids: dict[str, str] | N
                  "–" if result["comparison"][key]["ratio_of_means"] is None
                  else f"{result['comparison'][key]['ratio_of_means']:.3f}"]
                 for key, _, _, label, fmt in METRICS]
-        reference, treatment = protocol.get("compare", DEFAULT_PAIR)
+        reference, treatment = result["comparison"]["pair"]
         lines += [f"### {treatment} against {reference}, seed by seed", "",
                   markdown_table(["metric", f"{treatment} - {reference} (paired)", f"{treatment} / {reference} (means)"],
                                  rows), ""]

@@ -50,11 +50,21 @@ def test_repro_small_gives_the_baseline_the_same_budget(tmp_path):
            'miniature' in plan[-1] and "too small to tell ReaLS from the baseline" in plan[-1]
 
 
-def test_kl_sweep_varies_only_the_kl_weight(tmp_path):
-    plan = _plan("kl-sweep", tmp_path, "KLS=1e-5 1e-3")
-    vaes = [c for c in plan if c.startswith("train-vae")]
-    assert [v.split("--kl ")[1].split()[0] for v in vaes[-2:]] == ["1e-5", "1e-3"]
-    assert "--out docs/kl-sweep.md" in plan[-1]
+def test_kl_sweep_is_repros_reals_vae_with_only_the_kl_weight_changed(tmp_path):
+    root = f"{tmp_path}/r"
+    plan = _plan("kl-sweep", tmp_path, f"REPRO={root}", "KLS=1e-5 1e-3", f"KL_DOC={tmp_path}/doc")
+    vaes = {c.split("--out ")[1]: c for c in plan if c.startswith("train-vae")}
+    recipe = vaes[f"{root}/reals/vae"].replace(f" --out {root}/reals/vae", "")
+    for kl in ("1e-5", "1e-3"):
+        assert vaes[f"{tmp_path}/kl/kl{kl}/vae"] == f"{recipe} --kl {kl} --out {tmp_path}/kl/kl{kl}/vae"
+    dits = {c.split("--out ")[1]: c for c in plan if c.startswith("train-dit")}
+    for seed in (0, 1, 2):  # repro's SiT on each latent space; 1e-6 is repro's own runs
+        assert dits[f"{tmp_path}/kl/kl1e-3/sit-s{seed}"] == dits[f"{root}/reals/sit-s{seed}"].replace(
+            f"{root}/reals/", f"{tmp_path}/kl/kl1e-3/")
+    assert not any("kl1e-6/" in c for c in plan if c.split()[0] in ("train-vae", "train-dit", "sample"))
+    protocols = {c for c in plan if c.startswith(f"reproduction protocol {tmp_path}/kl ")}
+    assert len(protocols) == 1 and '\'variants=["kl1e-6","kl1e-5","kl1e-3"]\'' in protocols.pop()
+    assert plan[-1].startswith(f"reproduction collect {tmp_path}/kl --json {tmp_path}/doc.json --md {tmp_path}/doc.md")
 
 
 def test_a_second_vae_seed_reaches_both_vaes_and_the_protocol(tmp_path):

@@ -170,3 +170,32 @@ def test_the_page_shows_each_variants_samples_from_the_same_seed(tmp_path):
     for k, variant in enumerate(FID):
         assert f"![{variant} samples](doc-images/{variant}-samples.png)" in page
         assert Image.open(tmp_path / "doc-images" / f"{variant}-samples.png").getpixel((0, 0)) == (k * 200, 0, 0)
+
+
+def _vaes(root, kls):
+    for v, (kl, std) in kls.items():
+        (root / v / "vae").mkdir()
+        (root / v / "vae" / "manifest.json").write_text(json.dumps({
+            "id": v, "config": {"kl": kl, "align_weight": 1.0}, "metrics": {"psnr": 20.0, "latent_std": std}}))
+
+
+def test_a_kl_sweep_gets_its_setting_and_latent_std_in_the_table_and_a_plot_against_it(tmp_path):
+    """make kl-sweep: the variants differ in the VAE's KL weight; the page tabulates it beside the
+    latent std and draws FID (with the seeds' interval) against it."""
+    kls = {"kl1e-6": (1e-6, [3.0, 3.4]), "kl1e-2": (1e-2, [2.8, 3.0]), "kl1": (1.0, [0.9, 1.1])}
+    fid = {v: FID["reals"] for v in kls}
+    _experiment(tmp_path, fid, protocol=PROTOCOL | {"variants": list(kls)})
+    _vaes(tmp_path, kls)
+    r = write_reproduction(tmp_path, tmp_path / "k.json", tmp_path / "k.md")
+    assert "comparison" not in r  # no pair named: each variant's mean and interval only
+    page = (tmp_path / "k.md").read_text()
+    assert "| variant | KL weight | PSNR | LPIPS | cos patch | cos global | latent std | mIoU | depth RMSE |" in page
+    assert "| kl1e-6 | 1e-06 | 20.00 | – | – | – | 3.20 |" in page and "| kl1 | 1 | 20.00 | – | – | – | 1.00 |" in page
+    assert "![FID and latent std against the KL weight](k-sweep.png)" in page
+    assert (tmp_path / "k-sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    two = {v: kls[v] for v in ("kl1e-6", "kl1")}
+    _experiment(tmp_path / "two", {v: FID["reals"] for v in two}, protocol=PROTOCOL | {"variants": list(two)})
+    _vaes(tmp_path / "two", two)
+    write_reproduction(tmp_path / "two", tmp_path / "t.json", tmp_path / "t.md")
+    page = (tmp_path / "t.md").read_text()
+    assert "| kl1 | 1 | 20.00 |" in page and not (tmp_path / "t-sweep.png").exists()  # two points: no curve

@@ -46,6 +46,8 @@ METRICS = (
     ("classifier_fd", "classifier.json", "fd", "classifier FD", "{:.2f}"),
     ("class_accuracy", "classifier.json", "class_accuracy", "class accuracy", "{:.3f}"),
 )
+# VAE settings a sweep varies across variants (key in a variant's vae_and_probes, label, format)
+SWEPT = (("kl", "KL weight", "{:g}"), ("align_weight", "alignment weight", "{:g}"))
 CONFIDENCE = 0.95
 GOAL = 0.15  # the paper: about 15% lower FID at an equal diffusion budget
 DEFAULT_PAIR = ["baseline", "reals"]
@@ -190,7 +192,50 @@ def plot_curves(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def markdown(result: dict, title: str, plot_name: str, grids: dict[str, str] | None = None) -> str:
+def swept_setting(result: dict) -> tuple[str, str, str] | None:
+    """The VAE setting that differs between the variants (a sweep such as make kl-sweep), if one does."""
+    rows = [d["vae_and_probes"] for d in result["variants"].values()]
+    for key, label, fmt in SWEPT:
+        values = [r.get(key) for r in rows]
+        if None not in values and len(set(values)) == len(values) > 1:
+            return key, label, fmt
+    return None
+
+
+def plot_sweep(result: dict, path: Path) -> None:
+    """The paper's Figure 5 layout: FID and classifier FD (mean, 95% bar) and the latent std
+    against the swept setting, at the final SiT step; a log axis when the setting spans decades."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key, label, _ = swept_setting(result)
+    data = sorted(result["variants"].values(), key=lambda d: d["vae_and_probes"][key])
+    x = [d["vae_and_probes"][key] for d in data]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, metric in zip(axes[:2], ("fid", "classifier_fd")):
+        s = [d["summary"][metric] for d in data]
+        err = [[0 if p["lo"] is None else p["mean"] - p["lo"] for p in s], [0 if p["hi"] is None else p["hi"] - p["mean"] for p in s]]
+        ax.errorbar(x, [p["mean"] for p in s], yerr=err, marker="o", capsize=4)
+        ax.set_ylabel(next(m[3] for m in METRICS if m[0] == metric) + f" ({result['protocol']['fid_samples']} samples)")
+    axes[2].plot(x, [d["vae_and_probes"].get("latent_std") for d in data], marker="o")
+    axes[2].set_ylabel("latent std (mean over channels)")
+    for ax in axes:
+        ax.set_xlabel(label)
+        if min(x) > 0 and max(x) / min(x) >= 100:
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"final SiT step, mean over {len(result['protocol']['seeds'])} SiT seeds, bars: 95% t-interval; "
+                 f"one VAE per point", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def markdown(result: dict, title: str, plot_name: str, grids: dict[str, str] | None = None,
+             sweep_plot: str | None = None) -> str:
     protocol, variants = result["protocol"], result["variants"]
     seeds = protocol["seeds"]
     lines = [f"# {title}", "", "## Protocol (fixed before the runs)", "",
@@ -218,6 +263,9 @@ def markdown(result: dict, title: str, plot_name: str, grids: dict[str, str] | N
                        f"{'do not overlap' if g['intervals_apart'] else 'overlap'}")
             lines += [f"The paper's claim (mean primary metric at least {GOAL:.0%} below the baseline's, seed intervals "
                       f"apart): {verdict}.", ""]
+    swept = swept_setting(result)
+    if swept and sweep_plot:
+        lines += [f"## Against the {swept[1]}", "", f"![FID and latent std against the {swept[1]}]({sweep_plot})", ""]
     if grids:
         seed, step = protocol["seeds"][0], max(protocol["steps"])
         lines += ["## Samples", "", f"SiT seed {seed} at step {step}, the same noise and labels in every variant "
@@ -230,8 +278,9 @@ def markdown(result: dict, title: str, plot_name: str, grids: dict[str, str] | N
         lines += [f"**{label} by SiT step**", "", markdown_table(["variant", *map(str, steps)], rows), ""]
     vae_rows = {v: d["vae_and_probes"] for v, d in variants.items() if d["vae_and_probes"]}
     if vae_rows:
-        keys = [("psnr", "PSNR", "{:.2f}"), ("lpips", "LPIPS", "{:.3f}"), ("cos_patch", "cos patch", "{:.3f}"),
-                ("cos_global", "cos global", "{:.3f}"), ("miou", "mIoU", "{:.3f}"), ("rmse", "depth RMSE", "{:.3f}")]
+        keys = [*([swept] if swept else []), ("psnr", "PSNR", "{:.2f}"), ("lpips", "LPIPS", "{:.3f}"),
+                ("cos_patch", "cos patch", "{:.3f}"), ("cos_global", "cos global", "{:.3f}"), ("latent_std", "latent std", "{:.2f}"),
+                ("miou", "mIoU", "{:.3f}"), ("rmse", "depth RMSE", "{:.3f}")]
         rows = [[v, *[fmt.format(r[k]) if k in r else "–" for k, _, fmt in keys]] for v, r in vae_rows.items()]
         lines += ["## VAEs and probes (one VAE per variant: no interval)", "",
                   markdown_table(["variant", *[h for _, h, _ in keys]], rows), ""]
@@ -260,16 +309,20 @@ def copy_grids(root: Path, result: dict, folder: Path) -> dict[str, str]:
 
 def write_reproduction(root: str | os.PathLike, json_out: str | os.PathLike, md_out: str | os.PathLike,
                        title: str = "Reproduction: ReaLS against its baseline") -> dict:
-    """collect(), then the JSON, the Markdown page, its plot (`<md stem>-fid.png` beside it) and
-    the sample grids (in `<md stem>-images/`)."""
+    """collect(), then the JSON, the Markdown page, its plot (`<md stem>-fid.png` beside it; for a
+    sweep of a VAE setting over 3 or more variants also `<md stem>-sweep.png`) and the sample grids (in `<md stem>-images/`)."""
     result = collect(root)
     md_out = Path(md_out)
     plot = md_out.with_name(f"{md_out.stem}-fid.png")
     md_out.parent.mkdir(parents=True, exist_ok=True)
     plot_curves(result, plot)
+    # a curve needs three points; two variants are a comparison, which the tables above show
+    sweep = md_out.with_name(f"{md_out.stem}-sweep.png") if swept_setting(result) and len(result["variants"]) >= 3 else None
+    if sweep:
+        plot_sweep(result, sweep)
     images = md_out.with_name(f"{md_out.stem}-images")
     grids = {v: f"{images.name}/{name}" for v, name in copy_grids(Path(root), result, images).items()}
     curves = validation_curves({v: Path(root) / v / "vae" for v in result["variants"]}, md_out.with_name(f"{md_out.stem}-val.png"))
     atomic_write_json(json_out, result)
-    atomic_write_bytes(md_out, ("\n".join([markdown(result, title, plot.name, grids), *curves]) + "\n").encode())
+    atomic_write_bytes(md_out, ("\n".join([markdown(result, title, plot.name, grids, sweep and sweep.name), *curves]) + "\n").encode())
     return result

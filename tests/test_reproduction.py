@@ -11,7 +11,8 @@ from scipy import stats
 
 from reals_cli.cli import main
 from reals_cli.errors import UserError
-from reals_cli.pipeline.reproduction import collect, step_folder, t_interval, write_protocol, write_reproduction
+from reals_cli.metrics.intervals import t_interval
+from reals_cli.pipeline.reproduction import collect, step_folder, write_protocol, write_reproduction
 
 PROTOCOL = {"variants": ["baseline", "reals"], "seeds": [0, 1, 2], "steps": [100, 200], "fid_samples": 2000,
             "primary": "fid"}

@@ -24,7 +24,6 @@ of another experiment, e.g. ["reals", "reals-repa"]; the paper's goal is judged 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 
 from ..artifacts import atomic_path, atomic_write_bytes, atomic_write_json
 from ..errors import UserError
+from ..metrics.intervals import format_interval, t_interval
 from .report import json_or_none, markdown_table, probe_evaluations, probe_results, validation_curves, variant_row
 
 PROTOCOL = "protocol.json"
@@ -48,24 +48,8 @@ METRICS = (
 )
 # VAE settings a sweep varies across variants (key in a variant's vae_and_probes, label, format)
 SWEPT = (("kl", "KL weight", "{:g}"), ("align_weight", "alignment weight", "{:g}"))
-CONFIDENCE = 0.95
 GOAL = 0.15  # the paper: about 15% lower FID at an equal diffusion budget
 DEFAULT_PAIR = ["baseline", "reals"]
-
-
-def t_interval(values, confidence: float = CONFIDENCE) -> dict:
-    """Mean and the two-sided Student-t interval of the mean; no interval for fewer than 2 values."""
-    x = np.asarray([v for v in values if v is not None], dtype=np.float64)
-    if not len(x):
-        return {"mean": None, "lo": None, "hi": None, "n": 0, "sd": None}
-    mean = float(x.mean())
-    if len(x) < 2:
-        return {"mean": mean, "lo": None, "hi": None, "n": 1, "sd": None}
-    from scipy import stats
-
-    sd = float(x.std(ddof=1))
-    half = float(stats.t.ppf((1 + confidence) / 2, len(x) - 1)) * sd / math.sqrt(len(x))
-    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": int(len(x)), "sd": sd}
 
 
 def write_protocol(root: str | os.PathLike, settings: dict) -> dict:
@@ -156,14 +140,6 @@ def goal(base: dict, reals: dict, primary: str) -> dict:
     return {"metric": primary, "reduction": reduction, "intervals_apart": apart, "met": reduction >= GOAL and apart}
 
 
-def _interval(summary: dict, fmt: str) -> str:
-    if summary["mean"] is None:
-        return "–"
-    if summary["lo"] is None:
-        return fmt.format(summary["mean"]) + " (1 seed)"
-    return f"{fmt.format(summary['mean'])} [{fmt.format(summary['lo'])}, {fmt.format(summary['hi'])}]"
-
-
 def plot_curves(result: dict, path: Path) -> None:
     """FID and classifier FD against SiT step, one line per variant (the mean) with its 95% band."""
     import matplotlib
@@ -243,11 +219,11 @@ def markdown(result: dict, title: str, plot_name: str, grids: dict[str, str] | N
              "## Results at the final SiT step", "",
              f"Mean over {len(seeds)} SiT seeds ({', '.join(map(str, seeds))}) with its 95% t-interval "
              f"[lo, hi]; every FID is over {protocol['fid_samples']} samples.", ""]
-    rows = [[variant, *[_interval(data["summary"][key], fmt) for key, *_, fmt in METRICS]]
+    rows = [[variant, *[format_interval(data["summary"][key], fmt) for key, *_, fmt in METRICS]]
             for variant, data in variants.items()]
     lines += [markdown_table(["variant", *[m[3] for m in METRICS]], rows), ""]
     if "comparison" in result:
-        rows = [[label, _interval(result["comparison"][key]["paired_difference"], fmt),
+        rows = [[label, format_interval(result["comparison"][key]["paired_difference"], fmt),
                  "–" if result["comparison"][key]["ratio_of_means"] is None
                  else f"{result['comparison'][key]['ratio_of_means']:.3f}"]
                 for key, _, _, label, fmt in METRICS]
@@ -274,7 +250,7 @@ def markdown(result: dict, title: str, plot_name: str, grids: dict[str, str] | N
     lines += ["## Convergence", "", f"![FID against SiT step]({plot_name})", ""]
     for key, _, _, label, fmt in METRICS[:1] + METRICS[4:5]:
         steps = next(iter(variants.values()))["curves"]["steps"]
-        rows = [[variant, *[_interval(p, fmt) for p in data["curves"][key]]] for variant, data in variants.items()]
+        rows = [[variant, *[format_interval(p, fmt) for p in data["curves"][key]]] for variant, data in variants.items()]
         lines += [f"**{label} by SiT step**", "", markdown_table(["variant", *map(str, steps)], rows), ""]
     vae_rows = {v: d["vae_and_probes"] for v, d in variants.items() if d["vae_and_probes"]}
     if vae_rows:

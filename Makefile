@@ -284,12 +284,13 @@ kl-sweep: $(KL_SWEEP)/kl1e-6/vae/manifest.json $(call step_results,$(REPRO),real
 
 # What the VAE recipe does to the latents, at make repro's VAE budget and on its data: the
 # alignment weight (0 and 1 are make repro's own VAEs, linked; VAE seed 1 is `make repro
-# REPRO=$(REPRO)-vae1 REPRO_VAE_SEED=1`'s), and VA-VAE's adaptive balance. Each VAE is scored by
+# REPRO=$(REPRO)-vae1 REPRO_VAE_SEED=1`'s), VA-VAE's adaptive balance, and 8 latent channels
+# instead of 4 (does segmentation lack numbers per latent position?). Each VAE is scored by
 # its validation (PSNR, LPIPS, alignment cosines) and by make repro's seg and depth heads read
 # through its alignment network on the test split; the page is docs/ablations.md.
 ABL        ?= runs/ablations
 ABL_SEEDS  ?= 0
-ABL_RUNS   := align0.3:--align-weight=0.3 align3:--align-weight=3 adaptive:--align-balance=adaptive
+ABL_RUNS   := latent8:--latent-channels=8 align0.3:--align-weight=0.3 align3:--align-weight=3 adaptive:--align-balance=adaptive
 ABL_LINKED := align0:baseline align1:reals
 abl_root    = $(if $(filter 0,$(1)),$(REPRO),$(REPRO)-vae$(1))
 define abl_train

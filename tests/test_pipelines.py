@@ -81,11 +81,11 @@ def test_ablations_change_one_flag_of_the_repro_vae_recipe(tmp_path):
     vaes = {c.split("--out ")[1]: c for c in plan if c.startswith("train-vae")}
     recipe = vaes[f"{root}/reals/vae"].replace(f" --seed 0 --out {root}/reals/vae", "")
     for name, change in (("align0.3", "--align-weight 0.3"), ("align3", "--align-weight 3"),
-                         ("adaptive", "--align-balance adaptive")):
+                         ("adaptive", "--align-balance adaptive"), ("latent8", "--latent-channels 8")):
         assert vaes[f"{tmp_path}/a/{name}-s0/vae"] == f"{recipe} {change} --seed 0 --out {tmp_path}/a/{name}-s0/vae"
     evals = [c for c in plan if c.startswith("probe-seg eval")]
     assert {c.split("--vae ")[1].split()[0] for c in evals} == {
-        f"{tmp_path}/a/{v}-s0/vae" for v in ("align0.3", "align3", "adaptive", "align0", "align1")}
+        f"{tmp_path}/a/{v}-s0/vae" for v in ("latent8", "align0.3", "align3", "adaptive", "align0", "align1")}
     assert all(f"--head {root}/seg" in c for c in evals)
     assert "--out docs/ablations.md" in plan[-1]
 

@@ -190,6 +190,7 @@ def test_alignment_patch_size_follows_grids():
     (dict(teacher_resolution=-64), "--teacher-resolution must be at least 16 for --teacher vgg16, got -64"),
     (dict(teacher="dinov2-s", teacher_resolution=7), "--teacher-resolution must be at least 14 for --teacher dinov2-s, got 7"),
     # 16 px: 3 layers would leave 2 px for the last two 4x4 convolutions (they crashed at --disc-start).
+    (dict(latent_channels=0), "--latent-channels must be at least 1, got 0"),
     (dict(disc_layers=3), "--disc-layers must be between 1 and 2 at --image-size 16, got 3"),
     (dict(disc_layers=0), "--disc-layers must be between 1 and 2 at --image-size 16, got 0"),
     (dict(disc_layers=-1), "--disc-layers must be between 1 and 2 at --image-size 16, got -1"),
@@ -272,6 +273,27 @@ def test_init_folder_of_another_architecture(assets_home, shapes_data, tmp_path)
     assert result.exit_code == 2
     assert result.output.startswith(f"error: --init folder {other} holds a VAE with block_out_channels [32, 64, 128]")
     assert len(result.output.strip().splitlines()) <= 2  # one line, maybe wrapped by the terminal width
+
+
+def test_latent_channels_replace_the_presets_and_reach_encode_and_the_alignment_net(assets_home, shapes_data, tmp_path):
+    """--latent-channels 8 on the tiny preset (4): the VAE, its diffusers config, the alignment
+    network's input and the encoded store all have 8 channels; an --init VAE of 4 is refused."""
+    from reals_cli.models.reals_vae import load_reals_vae
+    from reals_cli.data.latent_store import open_store
+
+    out = tmp_path / "vae8"
+    manifest = train_vae(resolve_config(**{**TINY_FLAGS, "data": str(shapes_data), "out": str(out), "steps": 2,
+                                           "latent_channels": 8}))
+    assert json.loads((out / "config.json").read_text())["latent_channels"] == 8
+    assert len(manifest["metrics"]["latent_std"]) == 8 and manifest["config"]["latent_channels"] == 8
+    bundle = load_reals_vae(out, need_align=True)
+    assert bundle.vae.config.latent_channels == 8 and bundle.align.config.latent_channels == 8
+    r = CliRunner().invoke(main, ["encode", str(shapes_data), str(tmp_path / "z.zarr"), "--vae", str(out), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert open_store(tmp_path / "z.zarr").latent_shape[0] == 8
+    four = save_diffusers_vae(AutoencoderKL(vae_config("tiny")), tmp_path / "four")
+    r = CliRunner().invoke(main, ["train-vae", *_args(shapes_data, tmp_path / "o", 2, init=four, latent_channels=8)])
+    assert r.exit_code == 2 and r.output.startswith(f"error: --init folder {four} holds a VAE with latent_channels 4")
 
 
 def test_corrupt_checkpoint_on_resume(assets_home, shapes_data, tmp_path):

@@ -14,6 +14,8 @@ from .options import FINITE, device_option, precision_option, preset_option, res
 @click.option("--extra-data", multiple=True, help="More image folders mixed into training (repeatable); validation uses --data.")
 @preset_option("--out", help="Output folder: the VAE artifact, checkpoints, logs and image grids.")
 @preset_option("--vae", help="Architecture preset: sd-f8c4 (SD's KL-f8, the paper's), demo, tiny.  [default: sd-f8c4]")
+@preset_option("--latent-channels", type=int, help="Latent channels, in place of the --vae preset's 4: what each "
+               "latent position can carry, for reconstruction and alignment both.  [default: the preset's]")
 @preset_option("--init", help="A diffusers AutoencoderKL folder to fine-tune from (e.g. sd-vae-ft-ema).")
 @preset_option("--image-size", type=int, help="Training resolution (ADM center crop), at least 16.  [default: 256]")
 @preset_option("--teacher", help="dinov2-s|b|l|g or vgg16.  [default: dinov2-b]")

@@ -77,6 +77,7 @@ class TrainVAEConfig:
     vae: str = "sd-f8c4"
     init: str | None = None
     image_size: int = 256
+    latent_channels: int | None = None  # None: the --vae preset's (4 in each)
     teacher: str = "dinov2-b"
     teacher_weights: str | None = None
     teacher_resolution: int | None = None
@@ -175,6 +176,8 @@ def _check_config(cfg: TrainVAEConfig) -> None:
         raise UserError("--align-balance adaptive scales the alignment against the reconstruction; the baseline "
                         "(--align-weight 0) has no alignment gradient to scale: drop one of the two flags")
     check_values(cfg, ALLOWED_VALUES)
+    if cfg.latent_channels is not None and cfg.latent_channels < 1:
+        raise UserError(f"--latent-channels must be at least 1, got {cfg.latent_channels}")
     # The smallest input a teacher has a feature grid for: one DINOv2 patch; VGG16 as above.
     smallest = VGG_MIN_SIZE if cfg.teacher == "vgg16" else DINOv2Teacher.stride
     if cfg.teacher_resolution is not None and cfg.teacher_resolution < smallest:
@@ -188,10 +191,12 @@ def _check_config(cfg: TrainVAEConfig) -> None:
 
 
 def _build_vae(cfg: TrainVAEConfig) -> AutoencoderKL:
+    arch = vae_config(cfg.vae)
+    arch.latent_channels = cfg.latent_channels or arch.latent_channels
     if cfg.init:
-        vae = load_diffusers_vae(cfg.init, expected=vae_config(cfg.vae), role="--init folder")
+        vae = load_diffusers_vae(cfg.init, expected=arch, role="--init folder")
     else:
-        vae = AutoencoderKL(vae_config(cfg.vae))
+        vae = AutoencoderKL(arch)
     if cfg.image_size % vae.downsample_factor:
         raise UserError(
             f"--image-size {cfg.image_size} is not divisible by the VAE's downsampling factor {vae.downsample_factor}"

@@ -185,7 +185,6 @@ $(REPRO_FID_REF): $(REPRO)/data/manifest.json
 $(REPRO)/classifier/manifest.json: $(REPRO)/data/manifest.json
 	$(REALS) classifier fit $(REPRO)/data --epochs $(REPRO_CLF_EPOCHS) --device $(DEVICE) --out $(@D)
 
-# One SiT per (variant, seed); each kept step sampled and scored.
 # One SiT of variant $(1), seed $(2) under experiment root $(3), whose protocol command is $$($(4)).
 define repro_sit
 $(3)/$(1)/sit-s$(2)/manifest.json: $(3)/$(1)/latents.zarr/zarr.json
@@ -263,7 +262,7 @@ KL_SWEEP ?= runs/kl-sweep
 KL_DOC   ?= docs/kl-sweep
 KLS      ?= 1e-2 1e-1 1
 KL_VARIANTS = kl1e-6 $(foreach k,$(KLS),kl$(k))
-KL_PROTOCOL = $(REALS) reproduction protocol $(KL_SWEEP) 'variants=[$(subst $(empty) $(empty),$(comma),$(foreach v,$(KL_VARIANTS),"$(v)"))]' \
+KL_PROTOCOL = $(REALS) reproduction protocol $(KL_SWEEP) 'variants=$(call json_list,$(foreach v,$(KL_VARIANTS),"$(v)"))' \
   $(SIT_PROTOCOL) 'data="$(REPRO)/data"' vae_seed=$(REPRO_VAE_SEED) vae_steps=$(REPRO_VAE_STEPS) \
   'vae_recipe="make repro'"'"'s ReaLS VAE with --kl <weight>; kl1e-6 is make repro'"'"'s own"'
 $(KL_SWEEP)/kl1e-6/vae/manifest.json: $(REPRO)/reals/vae/manifest.json

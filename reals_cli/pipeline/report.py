@@ -42,6 +42,9 @@ COLUMNS = [  # (header, key, format)
 ]
 
 
+SETTINGS = ("kl", "align_weight")  # the VAE recipe's knobs among COLUMNS: shown only where they vary
+
+
 def json_or_none(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -121,9 +124,8 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 def results_table(rows: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     """Headers and cells: the columns some row has; a setting (KL, alignment weight) only where it varies."""
-    settings = {"kl", "align_weight"}
     cols = [c for c in COLUMNS if any(c[1] in r for r in rows.values())
-            and (c[1] not in settings or len({r.get(c[1]) for r in rows.values()}) > 1)]
+            and (c[1] not in SETTINGS or len({r.get(c[1]) for r in rows.values()}) > 1)]
     return ["variant", *[h for h, _, _ in cols]], [[name, *[_cell(r, k, f) for _, k, f in cols]] for name, r in rows.items()]
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from ..artifacts import atomic_path, atomic_write_bytes, atomic_write_json
 from ..errors import UserError
 from ..metrics.intervals import format_interval, t_interval
-from .report import json_or_none, markdown_table, probe_evaluations, probe_results, validation_curves, variant_row
+from .report import COLUMNS, SETTINGS, json_or_none, markdown_table, probe_evaluations, probe_results, validation_curves, variant_row
 
 PROTOCOL = "protocol.json"
 REQUIRED = ("variants", "seeds", "steps", "fid_samples")
@@ -46,8 +46,6 @@ METRICS = (
     ("classifier_fd", "classifier.json", "fd", "classifier FD", "{:.2f}"),
     ("class_accuracy", "classifier.json", "class_accuracy", "class accuracy", "{:.3f}"),
 )
-# VAE settings a sweep varies across variants (key in a variant's vae_and_probes, label, format)
-SWEPT = (("kl", "KL weight", "{:g}"), ("align_weight", "alignment weight", "{:g}"))
 GOAL = 0.15  # the paper: about 15% lower FID at an equal diffusion budget
 DEFAULT_PAIR = ["baseline", "reals"]
 
@@ -171,7 +169,7 @@ def plot_curves(result: dict, path: Path) -> None:
 def swept_setting(result: dict) -> tuple[str, str, str] | None:
     """The VAE setting that differs between the variants (a sweep such as make kl-sweep), if one does."""
     rows = [d["vae_and_probes"] for d in result["variants"].values()]
-    for key, label, fmt in SWEPT:
+    for label, key, fmt in (c for c in COLUMNS if c[1] in SETTINGS):
         values = [r.get(key) for r in rows]
         if None not in values and len(set(values)) == len(values) > 1:
             return key, label, fmt
@@ -254,9 +252,8 @@ def markdown(result: dict, title: str, plot_name: str, grids: dict[str, str] | N
         lines += [f"**{label} by SiT step**", "", markdown_table(["variant", *map(str, steps)], rows), ""]
     vae_rows = {v: d["vae_and_probes"] for v, d in variants.items() if d["vae_and_probes"]}
     if vae_rows:
-        keys = [*([swept] if swept else []), ("psnr", "PSNR", "{:.2f}"), ("lpips", "LPIPS", "{:.3f}"),
-                ("cos_patch", "cos patch", "{:.3f}"), ("cos_global", "cos global", "{:.3f}"), ("latent_std", "latent std", "{:.2f}"),
-                ("miou", "mIoU", "{:.3f}"), ("rmse", "depth RMSE", "{:.3f}")]
+        shown = ("psnr", "lpips", "cos_patch", "cos_global", "latent_std", "miou", "rmse")
+        keys = [*([swept] if swept else []), *((k, h, f) for h, k, f in COLUMNS if k in shown)]
         rows = [[v, *[fmt.format(r[k]) if k in r else "–" for k, _, fmt in keys]] for v, r in vae_rows.items()]
         lines += ["## VAEs and probes (one VAE per variant: no interval)", "",
                   markdown_table(["variant", *[h for _, h, _ in keys]], rows), ""]

@@ -208,17 +208,18 @@ step_results = $(foreach v,$(2),$(foreach s,$(REPRO_SEEDS),\
 REPRO_RESULTS = $(call step_results,$(REPRO),$(REPRO_VARIANTS))
 
 # Depth and segmentation in the VAEs' own domain: heads fitted on teacher features of the shapes'
-# train split, scored through each VAE's alignment network on the test split (and drawn on the
-# latents the first seed's final SiT generated).
-REPRO_LATENTS = $(REPRO)/reals/s$(firstword $(REPRO_SEEDS))/step-$(REPRO_FINAL)/samples
+# train split, scored through each VAE's alignment network on the test split, and on the latents
+# each variant's first-seed final SiT generated (against the teacher on their decoded images).
+repro_latents = $(REPRO)/$(1)/s$(firstword $(REPRO_SEEDS))/step-$(REPRO_FINAL)/samples
 $(REPRO)/seg/manifest.json $(REPRO)/depth/manifest.json: $(REPRO)/%/manifest.json: $(REPRO)/reals/vae/manifest.json
 	$(REALS) probe-$(if $(filter seg,$*),seg,depth) fit --data $(REPRO)/data $(if $(filter depth,$*),--format png) \
 	  --limit $(REPRO_PROBE_LIMIT) --vae $(REPRO)/reals/vae --device $(DEVICE) --out $(REPRO)/$*
 $(REPRO)/seg/eval-test/manifest.json $(REPRO)/depth/eval-test/manifest.json: $(REPRO)/%/eval-test/manifest.json: \
-  $(REPRO)/%/manifest.json $(REPRO)/baseline/vae/manifest.json $(REPRO_LATENTS)/manifest.json
+  $(REPRO)/%/manifest.json $(REPRO)/baseline/vae/manifest.json $(foreach v,$(REPRO_VARIANTS),$(call repro_latents,$(v))/manifest.json)
 	$(REALS) probe-$* eval --data $(REPRO)/data $(if $(filter depth,$*),--format png) --limit $(REPRO_PROBE_LIMIT) \
 	  --vae $(REPRO)/reals/vae --head $(REPRO)/$* --baseline-vae $(REPRO)/baseline/vae \
-	  --latents $(REPRO_LATENTS)/latents.zarr --device $(DEVICE)
+	  --latents $(call repro_latents,reals)/latents.zarr --baseline-latents $(call repro_latents,baseline)/latents.zarr \
+	  --device $(DEVICE)
 
 .PHONY: repro
 repro: $(REPRO_RESULTS) $(REPRO)/seg/eval-test/manifest.json $(REPRO)/depth/eval-test/manifest.json

@@ -73,6 +73,11 @@ def test_a_second_vae_seed_reaches_both_vaes_and_the_protocol(tmp_path):
     assert len(vaes) == 2 and all("--seed 1" in v for v in vaes)
     assert vaes[0].replace(" --align-weight 0", "").replace("/baseline/", "/reals/") == vaes[1]  # one change
     assert all("vae_seed=1" in c for c in plan if c.startswith("reproduction protocol"))
+    # Both probes read each variant's own generated latents: the first seed's final SiT step.
+    evals = [c for c in plan if c.startswith(("probe-seg eval", "probe-depth eval"))]
+    assert len(evals) == 2 and all(f"--latents {tmp_path}/r/reals/s0/step-0000400/samples/latents.zarr" in c and
+                                   f"--baseline-latents {tmp_path}/r/baseline/s0/step-0000400/samples/latents.zarr"
+                                   in c for c in evals)
 
 
 def test_ablations_change_one_flag_of_the_repro_vae_recipe(tmp_path):

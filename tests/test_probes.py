@@ -255,19 +255,23 @@ def test_seg_fit_cache_and_three_way_eval(vaes, mask_data, cache, tmp_path):
     heads = [load_weights(tmp_path / name / "head.safetensors") for name in ("seg", "seg2")]
     assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
 
-    # Generated latents stand-in: any N x C x h x w unnormalised latents, here from the VAE itself.
+    # Generated latents stand-in: any N x C x h x w unnormalised latents, here from each VAE itself
+    # (5 of them, a batch of 2: the scores must gather over batches).
     from reals_cli.models.reals_vae import load_reals_vae
 
-    images = torch.stack([open_probe_data("seg", mask_data, "test", 16)[i][0] for i in range(3)])
+    images = torch.stack([open_probe_data("seg", mask_data, "test", 16)[i][0] for i in range(5)])
+    bundles = {way: load_reals_vae(vaes[way]) for way in ("reals", "baseline")}
     with torch.no_grad():
-        z = load_reals_vae(vaes["reals"]).vae.encode(images * 2 - 1)[0]
-    np.savez(tmp_path / "samples.npz", latents=z.numpy())
+        z = {way: b.vae.encode(images * 2 - 1)[0] for way, b in bundles.items()}
+    for way in z:
+        np.savez(tmp_path / f"{way}.npz", latents=z[way].numpy())
 
     out = tmp_path / "eval"
     result = CliRunner().invoke(main, [
         "probe-seg", "eval", "--data", str(mask_data), "--vae", str(vaes["reals"]), "--head", str(tmp_path / "seg"),
-        "--baseline-vae", str(vaes["baseline"]), "--latents", str(tmp_path / "samples.npz"), "--out", str(out),
-        "--device", "cpu", "--cache-dir", str(cache), "--panels", "4"])
+        "--baseline-vae", str(vaes["baseline"]), "--latents", str(tmp_path / "reals.npz"), "--baseline-latents",
+        str(tmp_path / "baseline.npz"), "--out", str(out), "--device", "cpu", "--cache-dir", str(cache),
+        "--panels", "3", "--batch-size", "2"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "metrics.json").read_text())
     assert set(report["results"]) == {"teacher", "reals", "baseline", "constant"}
@@ -282,15 +286,37 @@ def test_seg_fit_cache_and_three_way_eval(vaes, mask_data, cache, tmp_path):
     assert isinstance(report["reals_beats_constant"], bool)
     assert isinstance(report["reals_beats_baseline"], bool)
     assert "teacher (upper bound)" in result.output and "baseline VAE" in result.output
-    assert Image.open(out / "panels.png").size[1] > 4 * 96 and report["latents"]["count"] == 3
-    assert Image.open(out / "latents.png").size[0] == 4 + 2 * (96 + 4)
+    assert Image.open(out / "panels.png").size[1] > 3 * 96
+    # Generated latents, scored against the head on the teacher's features of their decoded images:
+    # the same numbers computed here step by step, with mIoU in float64 over the classes present.
+    from reals_cli.models.teachers import build_teacher
+    from reals_cli.pipeline.probes import load_head, predict
+
+    head = load_head(tmp_path / "seg", manifest)
+    teacher = build_teacher("vgg16")
+    for way, bundle in bundles.items():
+        with torch.no_grad():
+            target = predict(head, "seg", *teacher((bundle.vae.decode(z[way]).clamp(-1, 1) + 1) / 2), 16).numpy()
+            aligned = predict(head, "seg", *bundle.align(z[way]), 16).numpy()
+        generated = report["generated"][way]
+        assert generated["count"] == 5 and generated["latents"] == str(tmp_path / f"{way}.npz")
+        for pred, scores in ((aligned, generated["results"]["aligned"]),
+                             (np.full_like(target, majority), generated["results"]["constant"])):
+            ious = [((pred == c) & (target == c)).sum() / ((pred == c) | (target == c)).sum()
+                    for c in range(2) if ((pred == c) | (target == c)).any()]
+            assert scores["miou"] == pytest.approx(np.mean(ious), abs=1e-12)
+            assert scores["pixel_acc"] == pytest.approx((pred == target).mean(), abs=1e-12)
+        assert Image.open(out / f"generated-{way}.png").size[0] == 4 + 3 * (96 + 4)
+    assert "on generated latents" in result.output
     # The evaluation is an artifact like the others: its manifest, written last, vouches for its files.
     made = read_manifest(out, "probe-seg-eval", 1)
     verify_files(out, made)
-    assert set(made["files"]) == {"metrics.json", "panels.png", "latents.png"}
+    assert set(made["files"]) == {"metrics.json", "panels.png", "generated-reals.png", "generated-baseline.png"}
     assert made["inputs"]["head"]["id"] == manifest["id"] and made["inputs"]["baseline_vae"]["kind"] == "vae"
-    assert made["inputs"]["latents"]["path"] == str(tmp_path / "samples.npz") and "sha256" in made["inputs"]["latents"]
-    assert made["metrics"]["reals_miou"] == report["results"]["reals"]["miou"] and made["config"]["panels"] == 4
+    assert made["inputs"]["latents"]["path"] == str(tmp_path / "reals.npz") and "sha256" in made["inputs"]["latents"]
+    assert made["inputs"]["baseline_latents"]["path"] == str(tmp_path / "baseline.npz")
+    assert made["metrics"]["reals_miou"] == report["results"]["reals"]["miou"] and made["config"]["panels"] == 3
+    assert made["metrics"]["generated_baseline_miou"] == report["generated"]["baseline"]["results"]["aligned"]["miou"]
 
 
 def test_depth_fit_and_three_way_eval_on_motorcycle(vaes, cache, tmp_path):
@@ -317,15 +343,15 @@ def test_depth_fit_and_three_way_eval_on_motorcycle(vaes, cache, tmp_path):
     assert set(read_manifest(tmp_path / "eval", "probe-depth-eval", 1)["files"]) == {"metrics.json", "panels.png"}
 
     # --panels 0 draws nothing, and says so; run again into its own folder, the earlier panels go too.
-    # With --latents (which only draws) it is refused.
+    # Generated latents of a baseline VAE that was not given are refused.
     eval0 = ["probe-depth", "eval", *common, "--head", str(tmp_path / "depth"), "--panels", "0"]
     result = CliRunner().invoke(main, [*eval0, "--out", str(tmp_path / "eval")])
     assert result.exit_code == 0 and "no panels (--panels 0)" in result.output, result.output
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["manifest.json", "metrics.json"]
     assert json.loads((tmp_path / "eval/metrics.json").read_text())["panels"] is None
-    result = CliRunner().invoke(main, [*eval0, "--latents", str(tmp_path / "z.npz")])
-    assert _error_line(result) == ("error: --latents only draws panels, and --panels 0 draws none; "
-                                   "pass --panels 1 or more, or drop --latents")
+    result = CliRunner().invoke(main, [*eval0, "--baseline-latents", str(tmp_path / "z.npz")])
+    assert _error_line(result) == ("error: --baseline-latents are read through the baseline VAE's alignment network; "
+                                   "pass --baseline-vae too")
 
 
 # -- bad input: one red line, exit 2 --------------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 from scipy import stats
 
+from reals_cli.artifacts import atomic_write_json
 from reals_cli.cli import main
 from reals_cli.errors import UserError
 from reals_cli.metrics.intervals import t_interval
@@ -126,6 +127,24 @@ def test_docs_and_cli(tmp_path):
     assert (tmp_path / "r-fid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "r.json").read_text())["variants"]["reals"]["fid"] == FID["reals"][-1]
     assert write_reproduction(root, tmp_path / "r2.json", tmp_path / "r2.md")["variants"].keys() == {"baseline", "reals"}
+
+
+def test_the_page_scores_the_probes_on_generated_latents_under_their_own_heading(tmp_path):
+    root = tmp_path / "exp"
+    _experiment(root, FID)
+    seg = {"miou": 0.5, "pixel_acc": 0.9, "pixels": 64}
+    generated = {way: {"latents": f"{way}.zarr", "count": 7, "results": {
+        "aligned": {"miou": miou, "pixel_acc": 0.8, "pixels": 64}, "constant": {"miou": 0.125, "pixel_acc": 0.5}}}
+        for way, miou in (("reals", 0.625), ("baseline", 0.25))}
+    atomic_write_json(root / "seg" / "eval-test" / "metrics.json", {
+        "task": "seg", "results": {"teacher": seg, "reals": seg, "constant": seg}, "generated": generated})
+    page = write_reproduction(root, tmp_path / "r.json", tmp_path / "r.md") and (tmp_path / "r.md").read_text()
+    table = page[page.index("### seg probe on generated latents"):]
+    assert page.index("### seg probe\n") < page.index("### seg probe on generated latents")
+    assert "| VAE: features | latents | miou | pixel_acc |" in table
+    assert "| reals: aligned | 7 | 0.625 | 0.800 |" in table and "| baseline: aligned | 7 | 0.250 | 0.800 |" in table
+    assert "| reals: constant | 7 | 0.125 | 0.500 |" in table
+    assert json.loads((tmp_path / "r.json").read_text())["probes"]["seg"]["generated"] == generated
 
 
 def test_goal_needs_both_the_reduction_and_apart_intervals():

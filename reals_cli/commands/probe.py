@@ -127,13 +127,17 @@ def _make_group(task: str) -> click.Group:
             " (a DINOv2 .pth goes through `fit --dinov2-head` first)." if task == "depth" else ".")),
         click.option("--baseline-vae", default=None, help="A VAE trained with --align-weight 0, scored the same way (c)."),
         click.option("--latents", default=None,
-                     help="Latents without ground truth, e.g. `reals sample`'s latents.zarr (or a .safetensors/.npz "
-                          "with 'latents' N x C x h x w, unnormalised): decoded | prediction panels."),
+                     help="Generated latents of --vae, e.g. `reals sample`'s latents.zarr (or a .safetensors/.npz "
+                          "with 'latents' N x C x h x w, unnormalised). They have no ground truth: the head on "
+                          "align(latent) is scored against the head on the teacher's features of the decoded image."),
+        click.option("--baseline-latents", default=None, help="Generated latents of --baseline-vae, scored the same way."),
+        click.option("--latent-count", default=1000, show_default=True, type=click.IntRange(min=1),
+                     help="Generated latents scored, from the first."),
         click.option("--out", default=None, help="Folder for metrics.json, panels and a manifest: new, empty or an "
                                                  "earlier eval's [default: HEAD/eval-SPLIT]."),
         click.option("--split", default="test", show_default=True, help="Held-out split (VOC: test reads val.txt)."),
         click.option("--panels", default=8, show_default=True, type=click.IntRange(min=0),
-                     help="Images drawn in panels.png (and latents drawn with --latents); 0: no panels."),
+                     help="Images drawn in panels.png (and generated latents in generated-*.png); 0: no panels."),
     ]
     group.command("eval", help="Score the head on teacher features (a), the VAE's aligned latents (b) and a "
                                "baseline VAE's (c); write a table, metrics.json, panels and a manifest.")(

@@ -59,7 +59,8 @@ KINDS = {"seg": "probe-seg", "depth": "probe-depth"}
 EVAL_KINDS = {"seg": "probe-seg-eval", "depth": "probe-depth-eval"}
 FORMAT_VERSION = 1
 HEAD_FILE = "head.safetensors"
-METRICS_FILE, PANELS_FILE, LATENTS_FILE = "metrics.json", "panels.png", "latents.png"
+METRICS_FILE, PANELS_FILE = "metrics.json", "panels.png"
+GENERATED_FILE = "generated-{}.png"  # decoded | teacher on decoded | aligned latent, per VAE (--latents)
 DEPTH_UPSAMPLE = 4  # DINOv2's BNHead upsamples the patch grid 4x before predicting bins
 SIG_LAMBDA, SIG_EPS = 0.15, 1e-3  # DINOv2's SigLoss
 # (table row, panel column) of each feature source
@@ -478,24 +479,26 @@ def load_latents(path: str | os.PathLike, bundle: RealsVAE, count: int) -> torch
 
 
 def evaluate_head(data: DataSpec, vae: str | os.PathLike, head_path: str | os.PathLike, *, split: str = "test",
-                  baseline_vae: str | None = None, latents: str | None = None, out: str | None = None,
-                  panels: int = 8, batch_size: int = 64, cache_dir: str | None = None, device: str = "auto",
-                  precision: str = "fp32") -> dict:
-    """Score the head three ways on `split`; write metrics.json, PNG panels (none when `panels` is 0)
-    and, last, a manifest into the artifact `out`."""
+                  baseline_vae: str | None = None, latents: str | None = None, baseline_latents: str | None = None,
+                  latent_count: int = 1000, out: str | None = None, panels: int = 8, batch_size: int = 64,
+                  cache_dir: str | None = None, device: str = "auto", precision: str = "fp32") -> dict:
+    """Score the head three ways on `split`, and on generated latents of each VAE (`latents`,
+    `baseline_latents`) against the head on the teacher's features of their decoded images; write
+    metrics.json, PNG panels (none when `panels` is 0) and, last, a manifest into the artifact `out`."""
     kind, command = KINDS[data.task], f"reals {KINDS[data.task]}"
     if Path(head_path).is_file():
         hint = (f" (to import DINOv2's released head: `{command} fit --dinov2-head {head_path} --vae VAE --out DIR`, "
                 f"then --head DIR)" if data.task == "depth" else "")
         raise UserError(f"--head {head_path} is a file; --head takes a head folder made by `{command} fit`{hint}")
-    if latents is not None and panels < 1:
-        raise UserError("--latents only draws panels, and --panels 0 draws none; "
-                        "pass --panels 1 or more, or drop --latents")
+    if baseline_latents is not None and baseline_vae is None:
+        raise UserError("--baseline-latents are read through the baseline VAE's alignment network; "
+                        "pass --baseline-vae too")
     dev = resolve_device(device)
     head_manifest = read_manifest(head_path, kind, FORMAT_VERSION)
     config = head_manifest["config"]
     out = Path(out) if out else Path(head_path) / f"eval-{split}"
-    check_output_folder(out, EVAL_KINDS[data.task], [METRICS_FILE, PANELS_FILE, LATENTS_FILE], f"{command} eval")
+    check_output_folder(out, EVAL_KINDS[data.task], [METRICS_FILE, PANELS_FILE, *[GENERATED_FILE.format(w) for w in WAYS]],
+                        f"{command} eval")
     vaes = {"reals": (vae, load_reals_vae(vae, need_align=True))}
     if baseline_vae is not None:
         vaes["baseline"] = (baseline_vae, load_reals_vae(baseline_vae, need_align=True))
@@ -522,9 +525,19 @@ def evaluate_head(data: DataSpec, vae: str | os.PathLike, head_path: str | os.Pa
 
     beats, informative = better("reals", "baseline"), better("reals", "constant")
 
+    generated_paths = {w: p for w, p in (("reals", latents), ("baseline", baseline_latents)) if p is not None}
+    generated, generated_cells = {}, {}
+    if generated_paths:
+        from ..models.teachers import build_teacher
+
+        teacher = build_teacher(spec.name, spec.weights, spec.resolution).to(dev)
+        for way, path in generated_paths.items():
+            generated[way], generated_cells[way] = _score_generated(path, vaes[way][1], teacher, head, config,
+                                                                    latent_count, panels, batch_size, dev, precision)
+
     out.mkdir(parents=True, exist_ok=True)
     # An earlier run's: a re-run killed halfway must not look finished, nor keep pictures it did not draw.
-    for name in (MANIFEST, PANELS_FILE, LATENTS_FILE):
+    for name in (MANIFEST, PANELS_FILE, *[GENERATED_FILE.format(w) for w in WAYS]):
         (out / name).unlink(missing_ok=True)
     files = [METRICS_FILE]
     if panels > 0:
@@ -534,27 +547,33 @@ def evaluate_head(data: DataSpec, vae: str | os.PathLike, head_path: str | os.Pa
                  for i in range(len(shown["image"]))]
         _save_png(out / PANELS_FILE, _panel(columns, cells, config))
         files.append(PANELS_FILE)
+        for way, cells in generated_cells.items():
+            name = GENERATED_FILE.format(way)
+            _save_png(out / name, _panel(["decoded latent", "teacher on decoded", "aligned latent"], cells, config))
+            generated[way]["panels"] = str(out / name)
+            files.append(name)
     report = {
         "task": data.task, "split": split, "data": test.describe(), "head": describe_input(head_path),
         "vae": describe_input(vae), "baseline_vae": describe_input(baseline_vae) if baseline_vae else None,
         "teacher": spec.name, "results": results, "primary_metric": key, "reals_beats_baseline": beats,
-        "reals_beats_constant": informative, "panels": str(out / PANELS_FILE) if panels > 0 else None, **provenance(),
+        "reals_beats_constant": informative, "panels": str(out / PANELS_FILE) if panels > 0 else None,
+        "generated": generated, **provenance(),
     }
-    if latents is not None:
-        report["latents"] = _latent_panels(latents, vaes["reals"][1], head, config, out, panels, dev, precision)
-        files.append(LATENTS_FILE)
     atomic_write_json(out / METRICS_FILE, report)
     inputs = {"head": report["head"], "vae": report["vae"], "data": describe_input(data.path)}
     if baseline_vae is not None:
         inputs["baseline_vae"] = report["baseline_vae"]
-    if latents is not None:
-        inputs["latents"] = describe_input(latents)
+    for way, path in generated_paths.items():
+        inputs["latents" if way == "reals" else "baseline_latents"] = describe_input(path)
     eval_config = {"task": data.task, "split": split, "data": test.describe(), "teacher": spec.name,
-                   "panels": panels, "batch_size": batch_size, "precision": precision}
+                   "panels": panels, "batch_size": batch_size, "precision": precision, "latent_count": latent_count}
     metrics = {**{f"{way}_{key}": r[key] for way, r in results.items()},
+               **{f"generated_{way}_{key}": g["results"]["aligned"][key] for way, g in generated.items()},
                "reals_beats_baseline": beats, "reals_beats_constant": informative}
     write_manifest(out, EVAL_KINDS[data.task], FORMAT_VERSION, eval_config, inputs, metrics, files=files)
     _print_results(data.task, results, test, beats, informative)
+    if generated:
+        _print_generated(data.task, generated)
     drew = f"panels: {out / PANELS_FILE}" if panels > 0 else "no panels (--panels 0)"
     console.print(f"metrics: {out / METRICS_FILE}; {drew}", soft_wrap=True)
     return report
@@ -591,16 +610,30 @@ def _score_split(data: ProbeData, feats: dict, head, config: dict, vaes: dict[st
 
 
 @torch.no_grad()
-def _latent_panels(path: str, bundle: RealsVAE, head, config: dict, out: Path, count: int, dev, precision) -> dict:
-    """decoded latent | prediction, for latents that have no ground truth (generated ones)."""
-    z = load_latents(path, bundle, count).to(dev)
-    with autocast(dev, precision):
-        images = ((bundle.vae.decode(z).float().clamp(-1, 1) + 1) / 2).cpu()
-        patch, glob = bundle.align(z)
-    preds = predict(head, config["task"], patch, glob, config["image_size"])
-    cells = [[_rgb(images[i]), _colorize(preds[i], config)] for i in range(len(z))]
-    _save_png(out / LATENTS_FILE, _panel(["decoded latent", "prediction"], cells, config))
-    return {"path": str(path), "count": len(z), "panels": str(out / LATENTS_FILE)}
+def _score_generated(path: str, bundle: RealsVAE, teacher: nn.Module, head, config: dict, count: int, panels: int,
+                     batch_size: int, dev, precision) -> tuple[dict, list]:
+    """Generated latents have no ground truth; what the training-free path must give is what the
+    image shows. So the target of each latent is the head on the teacher's features of its decoded
+    image, and the head on align(latent) is scored against it (so is the constant). Returns the
+    scores and the panel cells of the first `panels` latents."""
+    task, size = config["task"], config["image_size"]
+    z = load_latents(path, bundle, count)
+    meters = {w: _meter(task, config.get("classes")) for w in ("aligned", *(["constant"] if "constant" in config else []))}
+    cells = []
+    for part in z.split(batch_size):
+        part = part.to(dev)
+        with autocast(dev, precision):
+            images = (bundle.vae.decode(part).float().clamp(-1, 1) + 1) / 2
+            target = predict(head, task, *teacher(images), size)
+            preds = {"aligned": predict(head, task, *bundle.align(part), size)}
+        if "constant" in meters:
+            preds["constant"] = torch.full_like(target, config["constant"])
+        for way, meter in meters.items():
+            meter.add(preds[way].numpy(), target.numpy())
+        for i in range(min(len(part), panels - len(cells))):
+            cells.append([_rgb(images[i].cpu()), _colorize(target[i], config), _colorize(preds["aligned"][i], config)])
+    return {"latents": str(path), "count": len(z), "target": "the head on the teacher's features of the decoded latent",
+            "results": {w: m.result() for w, m in meters.items()}}, cells
 
 
 def _print_results(task: str, results: dict, data: ProbeData, beats: bool | None, informative: bool | None) -> None:
@@ -619,6 +652,19 @@ def _print_results(task: str, results: dict, data: ProbeData, beats: bool | None
         what = "segmentation" if task == "seg" else "depth"
         warn(f"ReaLS aligned features do not beat the constant training prior: they carry no {what} information "
              f"on this data (the alignment does not reach it)")
+
+
+def _print_generated(task: str, generated: dict) -> None:
+    key, label = ("miou", "mIoU") if task == "seg" else ("rmse", "RMSE (m)")
+    table = Table(title=f"{KINDS[task]} on generated latents, against the teacher on their decoded images",
+                  title_justify="left")
+    for column in ("VAE", "latents", f"align(latent) {label}", f"constant {label}"):
+        table.add_column(column, justify="left" if column == "VAE" else "right")
+    for way, g in generated.items():
+        constant = g["results"].get("constant", {}).get(key)
+        table.add_row(WAYS[way][1], str(g["count"]), f"{g['results']['aligned'][key]:.4g}",
+                      "–" if constant is None else f"{constant:.4g}")
+    console.print(table)
 
 
 # -- panels ---------------------------------------------------------------------------------------

@@ -262,7 +262,21 @@ def markdown(result: dict, title: str, plot_name: str, grids: dict[str, str] | N
         rows = [[way, *[("{:.3f}" if isinstance(scores[k], float) else "{}").format(scores[k]) if k in scores else "–"
                         for k in names]] for way, scores in m["results"].items()]
         lines += [f"### {task} probe", "", markdown_table(["features", *names], rows), ""]
+        if m.get("generated"):
+            lines += _generated_table(task, m["generated"])
     return "\n".join(lines)
+
+
+def _generated_table(task: str, generated: dict) -> list[str]:
+    """Each VAE's generated latents read through its alignment network, against the head on the
+    teacher's features of the same latents decoded (they have no ground truth)."""
+    keys = ("miou", "pixel_acc") if task == "seg" else ("rmse", "absrel", "delta1")
+    rows = [[f"{way}: {source}", str(g["count"]), *[f"{g['results'][source][k]:.3f}" for k in keys]]
+            for way, g in generated.items() for source in g["results"]]
+    return [f"### {task} probe on generated latents", "",
+            "Target: the head on the teacher's features of each decoded latent; `aligned`: the head on "
+            "align(latent), the training-free path; `constant`: the training prior.", "",
+            markdown_table(["VAE: features", "latents", *keys], rows), ""]
 
 
 def copy_grids(root: Path, result: dict, folder: Path) -> dict[str, str]:

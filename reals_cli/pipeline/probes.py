@@ -60,7 +60,8 @@ EVAL_KINDS = {"seg": "probe-seg-eval", "depth": "probe-depth-eval"}
 FORMAT_VERSION = 1
 HEAD_FILE = "head.safetensors"
 METRICS_FILE, PANELS_FILE = "metrics.json", "panels.png"
-GENERATED_FILE = "generated-{}.png"  # decoded | teacher on decoded | aligned latent, per VAE (--latents)
+# decoded | teacher on decoded | aligned latent, for each VAE's generated latents (--latents, --baseline-latents)
+GENERATED_FILES = {"reals": "generated-reals.png", "baseline": "generated-baseline.png"}
 DEPTH_UPSAMPLE = 4  # DINOv2's BNHead upsamples the patch grid 4x before predicting bins
 SIG_LAMBDA, SIG_EPS = 0.15, 1e-3  # DINOv2's SigLoss
 # (table row, panel column) of each feature source
@@ -497,7 +498,7 @@ def evaluate_head(data: DataSpec, vae: str | os.PathLike, head_path: str | os.Pa
     head_manifest = read_manifest(head_path, kind, FORMAT_VERSION)
     config = head_manifest["config"]
     out = Path(out) if out else Path(head_path) / f"eval-{split}"
-    check_output_folder(out, EVAL_KINDS[data.task], [METRICS_FILE, PANELS_FILE, *[GENERATED_FILE.format(w) for w in WAYS]],
+    check_output_folder(out, EVAL_KINDS[data.task], [METRICS_FILE, PANELS_FILE, *GENERATED_FILES.values()],
                         f"{command} eval")
     vaes = {"reals": (vae, load_reals_vae(vae, need_align=True))}
     if baseline_vae is not None:
@@ -537,7 +538,7 @@ def evaluate_head(data: DataSpec, vae: str | os.PathLike, head_path: str | os.Pa
 
     out.mkdir(parents=True, exist_ok=True)
     # An earlier run's: a re-run killed halfway must not look finished, nor keep pictures it did not draw.
-    for name in (MANIFEST, PANELS_FILE, *[GENERATED_FILE.format(w) for w in WAYS]):
+    for name in (MANIFEST, PANELS_FILE, *GENERATED_FILES.values()):
         (out / name).unlink(missing_ok=True)
     files = [METRICS_FILE]
     if panels > 0:
@@ -548,7 +549,7 @@ def evaluate_head(data: DataSpec, vae: str | os.PathLike, head_path: str | os.Pa
         _save_png(out / PANELS_FILE, _panel(columns, cells, config))
         files.append(PANELS_FILE)
         for way, cells in generated_cells.items():
-            name = GENERATED_FILE.format(way)
+            name = GENERATED_FILES[way]
             _save_png(out / name, _panel(["decoded latent", "teacher on decoded", "aligned latent"], cells, config))
             generated[way]["panels"] = str(out / name)
             files.append(name)

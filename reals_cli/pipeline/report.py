@@ -259,7 +259,7 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None, 
         _image(md, out, root, f"{p.name}: latent t-SNE coloured by class", next(iter(sorted((p / "analysis").glob("*.png"))), Path()))
     for task in ("seg", "depth"):
         _image(md, out, root, f"probe-{task}: image | ground truth | predictions", root / task / "eval-test" / "panels.png")
-        for way in ("reals", "baseline"):  # probes.GENERATED_FILE, named here: probes imports torch
+        for way in ("reals", "baseline"):  # probes.GENERATED_FILES, named here: probes imports torch
             _image(md, out, root, f"probe-{task} on {way}'s generated latents: decoded | teacher on decoded | aligned",
                    root / task / "eval-test" / f"generated-{way}.png")
     md += validation_curves({p.name: p / "vae" for p in found}, out.parent / f"{out.stem}-val.png")

@@ -137,7 +137,8 @@ def test_the_page_scores_the_probes_on_generated_latents_under_their_own_heading
         "aligned": {"miou": miou, "pixel_acc": 0.8, "pixels": 64}, "constant": {"miou": 0.125, "pixel_acc": 0.5}}}
         for way, miou in (("reals", 0.625), ("baseline", 0.25))}
     atomic_write_json(root / "seg" / "eval-test" / "metrics.json", {
-        "task": "seg", "results": {"teacher": seg, "reals": seg, "constant": seg}, "generated": generated})
+        "task": "seg", "results": {"teacher": seg, "reals": seg, "constant": seg}, "primary_metric": "miou",
+        "generated": generated})
     page = write_reproduction(root, tmp_path / "r.json", tmp_path / "r.md") and (tmp_path / "r.md").read_text()
     table = page[page.index("### seg probe on generated latents"):]
     assert page.index("### seg probe\n") < page.index("### seg probe on generated latents")

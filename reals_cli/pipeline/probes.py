@@ -64,6 +64,9 @@ METRICS_FILE, PANELS_FILE = "metrics.json", "panels.png"
 GENERATED_FILES = {"reals": "generated-reals.png", "baseline": "generated-baseline.png"}
 DEPTH_UPSAMPLE = 4  # DINOv2's BNHead upsamples the patch grid 4x before predicting bins
 SIG_LAMBDA, SIG_EPS = 0.15, 1e-3  # DINOv2's SigLoss
+# (key, label) of each task's scores as printed; the first is the primary one (lower is better for depth)
+SCORES = {"seg": [("miou", "mIoU"), ("pixel_acc", "pixel accuracy")],
+          "depth": [("rmse", "RMSE (m)"), ("absrel", "AbsRel"), ("delta1", "delta1"), ("images", "images scored")]}
 # (table row, panel column) of each feature source
 WAYS = {"teacher": ("teacher (upper bound)", "teacher"), "reals": ("ReaLS VAE: align(latent)", "ReaLS"),
         "baseline": ("baseline VAE: align(latent)", "baseline"), "constant": ("constant (training prior)", "constant")}
@@ -516,7 +519,7 @@ def evaluate_head(data: DataSpec, vae: str | os.PathLike, head_path: str | os.Pa
     feats = teacher_features(test, spec, cache_dir, dev, precision, batch_size)
     results, shown = _score_split(test, feats, head, config, {w: b for w, (_, b) in vaes.items()}, panels, batch_size,
                                   dev, precision)
-    key, higher_is_better = ("miou", True) if data.task == "seg" else ("rmse", False)
+    key, higher_is_better = SCORES[data.task][0][0], data.task == "seg"
 
     def better(way: str, other: str) -> bool | None:
         if other not in results:
@@ -638,8 +641,7 @@ def _score_generated(path: str, bundle: RealsVAE, teacher: nn.Module, head, conf
 
 
 def _print_results(task: str, results: dict, data: ProbeData, beats: bool | None, informative: bool | None) -> None:
-    metrics = [("miou", "mIoU"), ("pixel_acc", "pixel accuracy")] if task == "seg" else \
-        [("rmse", "RMSE (m)"), ("absrel", "AbsRel"), ("delta1", "delta1"), ("images", "images scored")]
+    metrics = SCORES[task]
     table = Table(title=f"{KINDS[task]} on {data.path} ({data.split}, {len(data)} images)", title_justify="left")
     table.add_column("features")
     for _, label in metrics:
@@ -656,7 +658,7 @@ def _print_results(task: str, results: dict, data: ProbeData, beats: bool | None
 
 
 def _print_generated(task: str, generated: dict) -> None:
-    key, label = ("miou", "mIoU") if task == "seg" else ("rmse", "RMSE (m)")
+    key, label = SCORES[task][0]
     table = Table(title=f"{KINDS[task]} on generated latents, against the teacher on their decoded images",
                   title_justify="left")
     for column in ("VAE", "latents", f"align(latent) {label}", f"constant {label}"):

@@ -263,14 +263,15 @@ def markdown(result: dict, title: str, plot_name: str, grids: dict[str, str] | N
                         for k in names]] for way, scores in m["results"].items()]
         lines += [f"### {task} probe", "", markdown_table(["features", *names], rows), ""]
         if m.get("generated"):
-            lines += _generated_table(task, m["generated"])
+            lines += _generated_table(task, m["generated"], m["primary_metric"])
     return "\n".join(lines)
 
 
-def _generated_table(task: str, generated: dict) -> list[str]:
+def _generated_table(task: str, generated: dict, primary: str) -> list[str]:
     """Each VAE's generated latents read through its alignment network, against the head on the
-    teacher's features of the same latents decoded (they have no ground truth)."""
-    keys = ("miou", "pixel_acc") if task == "seg" else ("rmse", "absrel", "delta1")
+    teacher's features of the same latents decoded (they have no ground truth); primary score first."""
+    scores = next(iter(generated.values()))["results"]["aligned"]
+    keys = [primary, *sorted(k for k, v in scores.items() if isinstance(v, float) and k != primary)]
     rows = [[f"{way}: {source}", str(g["count"]), *[f"{g['results'][source][k]:.3f}" for k in keys]]
             for way, g in generated.items() for source in g["results"]]
     return [f"### {task} probe on generated latents", "",
